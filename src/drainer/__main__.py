@@ -1,0 +1,3 @@
+from drainer.cli import main
+
+raise SystemExit(main())

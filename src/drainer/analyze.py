@@ -1,0 +1,716 @@
+"""Post-hoc analysis of one drain session: exact figures and recommendations.
+
+:func:`load_session` reads a session written by drainer (journal or snapshot) or by Autopack's
+``batch_drain_controller.py`` (its session JSON), :func:`analyze` turns it into a JSON-ready
+report, and :func:`render_text` lays that report out for a terminal.
+
+Percentiles (medians included) use the **nearest-rank** method, so a hand computation matches:
+sort the ``n`` values ascending; the P-th percentile is the value at 1-based rank
+``ceil(P / 100 * n)`` (rank 1 when that is 0). The median is the 50th percentile by the same
+rule, so for an even count it is the *lower* of the two middle values, never an average. An
+empty list has no percentile (``None``, ``null`` in JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import textwrap
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import SessionError
+from .journal import read_journal
+from .models import Attempt
+from .resume import LIFECYCLE, RESUMABLE_STOPS, replay
+
+LATEST = "latest"
+JOURNAL_NAME = "journal.jsonl"
+TOP_FINGERPRINTS = 10  #: how many fingerprints the report lists
+FINGERPRINT_WIDTH = 100  #: fingerprints are cut to this many characters in text and advice
+#: Autopack records carry no ``timed_out``; its controller treats these return codes as timeouts.
+AUTOPACK_TIMEOUT_RETURNCODES = frozenset({-1, 143})
+
+# Thresholds of the recommendations (module constants so tests and docs can name them).
+LOW_MEDIAN_YIELD = 0.5  #: events/min under which telemetry looks broken (with mostly zeros)
+GOOD_MEDIAN_YIELD = 2.0  #: events/min from which a bigger batch is worth it
+# Shares are whole percentages, compared in integers so 3 of 15 is exactly 20%.
+BLOCKER_PCT = 50  #: % of failures one or two fingerprints must reach to be a blocker
+BLOCKER_MIN_FAILURES = 3  #: fewer failures than this prove nothing systemic
+DIVERSE_TOP_PCT = 30  #: the top fingerprint stays under this % of failures when they are diverse
+TIMEOUT_PCT = 20  #: % of attempts timing out that calls for a longer phase timeout
+DURATION_KEYS = ("min", "median", "p90", "max")
+TEXT_WIDTH = 100  #: recommendations are wrapped to this width in text
+
+# Attempt fields whose ``None`` in a record means "use the default" (Autopack writes null for
+# excerpts, durations, flags it never measured); fields whose default is None keep their null.
+_NULL_MEANS_DEFAULT = frozenset(
+    f.name for f in dataclasses.fields(Attempt) if f.default is not None
+)
+
+
+@dataclass
+class LoadedSession:
+    """One session as read from disk, whatever wrote it."""
+
+    session_id: str
+    source: Path  #: the file the results were read from (journal or snapshot)
+    results: list[Attempt] = field(default_factory=list)
+    stop_reason: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    stopped_runs: dict[str, str] = field(default_factory=dict)
+    unfinished: int = 0  #: attempts the journal shows started but never finished
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+def load_session(target: str, session_dir: Path) -> LoadedSession:
+    """Load the session ``target`` names.
+
+    ``target`` is ``"latest"`` (the session in ``session_dir`` that started last, complete or
+    not), a session id (``session_dir/<id>/journal.jsonl`` and/or ``session_dir/<id>.json``), or
+    a path to a session ``.json`` (drainer's or Autopack's), a ``journal.jsonl`` or a session's
+    directory. The journal is preferred whenever it exists: it is the source of truth, while a
+    snapshot of a large session may lag behind it. Raises :class:`SessionError`.
+    """
+    if target == LATEST:
+        return _load_latest(session_dir)
+    if _looks_like_id(target):
+        found = _load_by_id(target, session_dir)
+        if found is not None:
+            return found
+    path = Path(target)
+    if path.is_dir() and (path / JOURNAL_NAME).is_file():
+        return _load_journal(path / JOURNAL_NAME)
+    if path.is_file():
+        return _load_path(path)
+    raise SessionError(
+        f"no session {target!r} in {session_dir} and no such file: pass 'latest', a session id "
+        "from that directory (see --session-dir), or the path of a session .json or journal.jsonl"
+    )
+
+
+def _looks_like_id(target: str) -> bool:
+    return (
+        bool(target)
+        and target not in {".", ".."}
+        and "/" not in target
+        and os.sep not in target
+        and not target.endswith((".json", ".jsonl"))
+    )
+
+
+def _load_by_id(session_id: str, session_dir: Path) -> LoadedSession | None:
+    journal = session_dir / session_id / JOURNAL_NAME
+    snapshot = session_dir / f"{session_id}.json"
+    if journal.is_file():
+        try:
+            return _load_journal(journal)
+        except SessionError as exc:
+            if snapshot.is_file():
+                raise SessionError(
+                    f"{exc}; its snapshot may still be readable: analyse {snapshot}"
+                ) from exc
+            raise
+    if snapshot.is_file():
+        return _load_snapshot(snapshot)
+    return None
+
+
+def _load_path(path: Path) -> LoadedSession:
+    if path.suffix == ".jsonl":
+        return _load_journal(path)
+    sibling = path.parent / path.stem / JOURNAL_NAME
+    if path.suffix == ".json" and sibling.is_file():
+        try:
+            return _load_journal(sibling)
+        except SessionError:
+            pass  # the journal is damaged: read the snapshot the caller named instead
+    return _load_snapshot(path)
+
+
+def _load_journal(path: Path) -> LoadedSession:
+    try:
+        state = replay(path)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SessionError(
+            f"corrupt journal {path}: an event lacks a field or has a wrong type ({exc})"
+        ) from exc
+    # Replay does not keep completed_at; it is on the session_stopped event that ended the
+    # session (a later session_resumed means it did not stay ended).
+    last = next((e for e in reversed(read_journal(path)) if e.get("type") in LIFECYCLE), None)
+    completed_at = None
+    if last is not None and last["type"] == "session_stopped":
+        completed_at = _text(last.get("completed_at") or last.get("at"))
+    return LoadedSession(
+        session_id=state.session_id,
+        source=path,
+        results=list(state.results),
+        stop_reason=state.stop_reason,
+        started_at=_text(state.started_at),
+        completed_at=completed_at,
+        stopped_runs=dict(state.stopped_runs),
+        unfinished=len(state.dangling),
+    )
+
+
+def _load_snapshot(path: Path) -> LoadedSession:
+    data = _read_json(path)
+    if not _is_session(data):
+        raise SessionError(
+            f"{path} is not a drainer or Autopack session file (expected a JSON object with "
+            "session_id and results[]); pass a file from the session directory"
+        )
+    results: list[Attempt] = []
+    for number, item in enumerate(data["results"]):
+        try:
+            results.append(attempt_from_record(item))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SessionError(
+                f"{path}: results[{number}] is not an attempt record ({exc}); "
+                "the file is damaged or not a session file"
+            ) from exc
+    return LoadedSession(
+        session_id=str(data["session_id"]),
+        source=path,
+        results=results,
+        stop_reason=_text(data.get("stop_reason")),
+        started_at=_text(data.get("started_at")),
+        completed_at=_text(data.get("completed_at")),
+        stopped_runs=_stopped_runs(data.get("stopped_runs")),
+    )
+
+
+def attempt_from_record(item: Any) -> Attempt:
+    """An :class:`Attempt` from a ``results[]`` item written by drainer or by Autopack.
+
+    Autopack's records lack drainer's fields (``Attempt.from_json`` fills them) and hold null
+    where drainer has a non-null default; those nulls take the default. Without ``timed_out``,
+    a return code of -1 or 143 counts as a timeout, as in Autopack's controller.
+    """
+    if not isinstance(item, dict):
+        raise TypeError(f"expected an object, got {type(item).__name__}")
+    for key in ("run_id", "phase_id"):
+        if not isinstance(item.get(key), str):
+            raise ValueError(f"{key} is missing or not a string")
+    record = {k: v for k, v in item.items() if not (v is None and k in _NULL_MEANS_DEFAULT)}
+    record.setdefault("phase_index", 0)
+    if "timed_out" not in record:
+        record["timed_out"] = record.get("subprocess_returncode") in AUTOPACK_TIMEOUT_RETURNCODES
+    return Attempt.from_json(record)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SessionError(f"cannot read session file {path}: {exc.strerror}") from exc
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise SessionError(
+            f"corrupt session file {path}: not valid JSON ({exc}); if the session has a "
+            f"journal, analyse {path.parent / path.stem / JOURNAL_NAME} instead"
+        ) from exc
+
+
+def _is_session(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("session_id"), str)
+        and isinstance(data.get("results"), list)
+    )
+
+
+def _stopped_runs(value: Any) -> dict[str, str]:
+    """drainer stores ``{run: reason}``; Autopack stores a list of run ids."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return {str(run): "stopped" for run in value}
+    return {}
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _load_latest(session_dir: Path) -> LoadedSession:
+    if not session_dir.is_dir():
+        raise SessionError(
+            f"no sessions in {session_dir}: the directory does not exist; "
+            "pass the --session-dir the drain used"
+        )
+    starts: dict[str, str] = {}
+    for journal in session_dir.glob(f"*/{JOURNAL_NAME}"):
+        started = _peek_journal(journal)
+        if started is not None:
+            starts[journal.parent.name] = started
+    for snapshot in session_dir.glob("*.json"):
+        if starts.get(snapshot.stem):
+            continue
+        started = _peek_snapshot(snapshot)
+        if started is not None:
+            starts[snapshot.stem] = started or starts.get(snapshot.stem, "")
+    if not starts:
+        raise SessionError(
+            f"no sessions in {session_dir}: drain one first, or pass the --session-dir it used"
+        )
+    newest = max(starts, key=lambda sid: (*_start_key(starts[sid]), sid))
+    found = _load_by_id(newest, session_dir)
+    if found is None:  # pragma: no cover - the files were there a moment ago
+        raise SessionError(f"session {newest} disappeared from {session_dir} while reading it")
+    return found
+
+
+def _peek_journal(path: Path) -> str | None:
+    """The journal's started_at ("" when absent), or None when it starts no session."""
+    try:
+        with path.open("rb") as fh:
+            first = orjson.loads(fh.readline())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(first, dict) or first.get("type") != "session_started":
+        return None
+    return str(first.get("started_at") or "")
+
+
+def _peek_snapshot(path: Path) -> str | None:
+    """The snapshot's started_at ("" when absent), or None when it is no session file."""
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not _is_session(data):
+        return None
+    return str(data.get("started_at") or "")
+
+
+_OLDEST = datetime.min.replace(tzinfo=UTC)
+
+
+def _start_key(started_at: str) -> tuple[bool, datetime]:
+    """Sort key of a start time; naive times (old Autopack files) are taken as UTC."""
+    try:
+        parsed = datetime.fromisoformat(started_at)
+    except ValueError:
+        return (False, _OLDEST)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return (True, parsed)
+
+
+# -- figures --------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The nearest-rank P-th percentile of ``values``: the value at 1-based rank
+    ``ceil(p / 100 * n)`` of the sorted values (rank 1 at least); None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    n = len(ordered)
+    rank = -(-p * n // 100)  # ceil without float error for integral p and n
+    return ordered[max(1, int(rank)) - 1]
+
+
+def _round(value: float | None, places: int) -> float | None:
+    return None if value is None else round(value, places)
+
+
+def _ranked(counts: Counter[str]) -> list[tuple[str, int]]:
+    """Most frequent first, ties by name: a stable order for reports and tests."""
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def analyze(session: LoadedSession) -> dict[str, Any]:
+    """Exact figures of ``session`` and the recommendations they call for, JSON-ready.
+
+    Counting rules: ``processed`` is every recorded attempt; ``failed`` follows
+    :attr:`Attempt.failed`, so interrupted attempts (listed under ``interrupted``) are not
+    failures; fingerprints count failed attempts only. Telemetry figures cover the attempts
+    whose event count is known (a null yield there counts as 0); ``total_events`` is null when
+    no attempt's count is known. Durations cover attempts that ran and recorded a duration
+    (interrupted attempts and Autopack records with a null duration are left out).
+    Percentiles: nearest rank, see the module docstring.
+    """
+    results = session.results
+    processed = len(results)
+    succeeded = sum(1 for a in results if a.success)
+    failed = [a for a in results if a.failed]
+
+    known = [a for a in results if a.telemetry_events_collected is not None]
+    events = [a.telemetry_events_collected or 0 for a in known]
+    total_events = sum(events)
+    with_events = sum(1 for n in events if n > 0)
+    known_minutes = sum(a.subprocess_duration_seconds for a in known) / 60
+    yields = [a.telemetry_yield_per_minute or 0.0 for a in known]
+
+    fingerprints = Counter(a.failure_fingerprint for a in failed if a.failure_fingerprint)
+    reasons = Counter(a.zero_yield_reason for a in results if a.zero_yield_reason)
+    durations = [
+        a.subprocess_duration_seconds
+        for a in results
+        if not a.interrupted and a.subprocess_duration_seconds > 0
+    ]
+
+    by_run: dict[str, list[Attempt]] = defaultdict(list)
+    for a in results:
+        by_run[a.run_id].append(a)
+
+    leaks = [
+        {
+            "run_id": a.run_id,
+            "phase_id": a.phase_id,
+            "pid": p.pid,
+            "name": p.name,
+            "cmdline": list(p.cmdline),
+        }
+        for a in results
+        for p in a.leaked_processes
+    ]
+
+    report: dict[str, Any] = {
+        "session_id": session.session_id,
+        "source": str(session.source),
+        "started_at": session.started_at,
+        "completed_at": session.completed_at,
+        "stop_reason": session.stop_reason,
+        "totals": {
+            "processed": processed,
+            "succeeded": succeeded,
+            "failed": len(failed),
+            "timeouts": sum(1 for a in results if a.timed_out),
+            "cancelled": sum(1 for a in results if a.cancelled),
+            "interrupted": sum(1 for a in results if a.interrupted),
+            "success_rate": round(succeeded / processed, 4) if processed else None,
+        },
+        "unfinished_attempts": session.unfinished,
+        "telemetry": {
+            "total_events": total_events if known else None,
+            "attempts_with_known_telemetry": len(known),
+            "attempts_with_events": with_events,
+            "pct_attempts_with_events": (
+                round(100 * with_events / len(known), 1) if known else None
+            ),
+            "overall_yield_per_minute": (
+                round(total_events / known_minutes, 3) if known_minutes > 0 else None
+            ),
+            "median_yield": _round(percentile(yields, 50), 3),
+            "p90_yield": _round(percentile(yields, 90), 3),
+        },
+        "zero_yield_reasons": dict(_ranked(reasons)),
+        "top_fingerprints": [[fp, n] for fp, n in _ranked(fingerprints)[:TOP_FINGERPRINTS]],
+        "durations": {
+            "min": _round(min(durations), 3) if durations else None,
+            "median": _round(percentile(durations, 50), 3),
+            "p90": _round(percentile(durations, 90), 3),
+            "max": _round(max(durations), 3) if durations else None,
+        },
+        "by_run": {
+            run: {
+                "attempts": len(items),
+                "succeeded": sum(1 for a in items if a.success),
+                "failed": sum(1 for a in items if a.failed),
+                "timeouts": sum(1 for a in items if a.timed_out),
+            }
+            for run, items in sorted(by_run.items())
+        },
+        "leaks": {"total": len(leaks), "processes": leaks},
+        "stopped_runs": dict(sorted(session.stopped_runs.items())),
+    }
+    report["recommendations"] = _recommendations(session, report, failed, fingerprints)
+    return report
+
+
+# -- recommendations -------------------------------------------------------------------------
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%"
+
+
+def _short(text: str, width: int = FINGERPRINT_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def run_prefix(run_id: str) -> str:
+    """The run-id prefix a run belongs to: the text before its last ``-`` segment."""
+    head, sep, _ = run_id.rpartition("-")
+    return head if sep and head else run_id
+
+
+def _common_run_prefix(runs: Iterable[str], weights: Counter[str]) -> str:
+    """The prefix shared by ``runs``; without one, the heaviest of their own prefixes."""
+    ordered = sorted(runs)
+    if len(ordered) == 1:
+        return run_prefix(ordered[0])
+    first, last = ordered[0], ordered[-1]  # sorted: their shared start is everyone's
+    size = 0
+    while size < min(len(first), len(last)) and first[size] == last[size]:
+        size += 1
+    common = first[:size].rstrip("-")
+    if common:
+        return common
+    by_prefix: Counter[str] = Counter()
+    for run in ordered:
+        by_prefix[run_prefix(run)] += weights[run]
+    return _ranked(by_prefix)[0][0]
+
+
+def _recommendations(
+    session: LoadedSession,
+    report: dict[str, Any],
+    failed: list[Attempt],
+    fingerprints: Counter[str],
+) -> list[str]:
+    """Advice in a fixed order: nothing drained, unfinished attempts, systemic blocker,
+    telemetry, timeouts, leaks, batch size."""
+    totals = report["totals"]
+    telemetry = report["telemetry"]
+    processed: int = totals["processed"]
+    results = session.results
+    advice: list[str] = []
+
+    # (f) nothing drained
+    if processed == 0:
+        advice.append(
+            f"Nothing was drained (stop reason: {session.stop_reason or 'unknown'}, 0 attempts): "
+            "run `drainer plan` to see which FAILED phases are eligible and why others are skipped."
+        )
+
+    resumable = session.stop_reason is None or session.stop_reason in RESUMABLE_STOPS
+    if session.unfinished and resumable:
+        advice.append(
+            f"{session.unfinished} attempt(s) started but never finished (drainer stopped while "
+            f"they ran): `drainer run --resume {session.session_id}` (same --session-dir and "
+            "database) kills what they left running and restores their phases."
+        )
+
+    # (b) one or two fingerprints behind most failures
+    n_failed = len(failed)
+    ranked = _ranked(fingerprints)
+    repeated = [(fp, n) for fp, n in ranked[:2] if n >= 2]
+    blocker_count = sum(n for _, n in repeated)
+    if (
+        n_failed >= BLOCKER_MIN_FAILURES
+        and repeated
+        and 100 * blocker_count >= BLOCKER_PCT * n_failed
+    ):
+        top_fp, top_n = repeated[0]
+        hit = Counter(a.run_id for a in failed if a.failure_fingerprint == top_fp)
+        prefix = _common_run_prefix(hit, hit)
+        matching = sum(1 for run in report["by_run"] if run.startswith(prefix))
+        which = (
+            f"fingerprint '{_short(top_fp)}' accounts for {top_n}"
+            if len(repeated) == 1
+            else f"2 fingerprints account for {blocker_count} (top: '{_short(top_fp)}', {top_n})"
+        )
+        advice.append(
+            f"Systemic blocker: {which} of {n_failed} failures "
+            f"({_pct(blocker_count, n_failed)}); fix it first, retrying only repeats it. "
+            f"The top fingerprint hit {len(hit)} run(s); if they cannot be fixed now, leave them "
+            f"out with --skip-run-prefix {shlex.quote(prefix)} (matches {matching} of the "
+            f"{len(report['by_run'])} run(s) in this session)."
+        )
+
+    # (a) telemetry broken, or workers die before the LLM
+    known = [a for a in results if a.telemetry_events_collected is not None]
+    zero = [a for a in known if not a.telemetry_events_collected]
+    median_yield: float | None = telemetry["median_yield"]
+    if median_yield is not None and median_yield < LOW_MEDIAN_YIELD and 2 * len(zero) > len(known):
+        zero_reasons = Counter(a.zero_yield_reason or "unknown" for a in zero)
+        reason, reason_n = _ranked(zero_reasons)[0]
+        advice.append(
+            f"Telemetry collection looks broken or workers fail before the LLM: median yield "
+            f"{median_yield:g} events/min (< {LOW_MEDIAN_YIELD:g}) and {len(zero)} of "
+            f"{len(known)} attempts with known telemetry ({_pct(len(zero), len(known))}) "
+            "collected no events. Check that workers run with TELEMETRY_DB_ENABLED=1 and write "
+            f"the telemetry tables, then look at the top zero-yield reason '{reason}' "
+            f"({reason_n} attempt(s))."
+        )
+    elif processed and not known:
+        advice.append(
+            f"Telemetry was not counted for any of the {processed} attempts: the telemetry "
+            "tables (token_estimation_v2_events, token_budget_escalation_events) are missing or "
+            "unreadable in the backlog database; create them so yield can guide the drain."
+        )
+
+    # (d) timeouts
+    timeouts: int = totals["timeouts"]
+    if processed and 100 * timeouts >= TIMEOUT_PCT * processed:
+        longest = max(a.subprocess_duration_seconds for a in results if a.timed_out)
+        advice.append(
+            f"{timeouts} of {processed} attempts ({_pct(timeouts, processed)}) timed out "
+            f"(longest ran {longest:.1f}s): raise --phase-timeout-seconds or investigate hangs "
+            "in the timed-out attempts' stderr logs."
+        )
+
+    # (e) leaks
+    leaked = report["leaks"]["processes"]
+    if leaked:
+        names = Counter(str(p["name"]) for p in leaked)
+        name, name_n = _ranked(names)[0]
+        attempts = len({(p["run_id"], p["phase_id"]) for p in leaked})
+        advice.append(
+            f"Workers leave processes behind: {len(leaked)} leaked process(es) from {attempts} "
+            f"phase(s), most often '{name}' ({name_n}); make the worker stop what it starts "
+            "(for an API server, share one with --api-url)."
+        )
+
+    # (c) good yield, diverse failures: drain more per session
+    top_count = ranked[0][1] if ranked else 0
+    diverse = n_failed == 0 or 100 * top_count < DIVERSE_TOP_PCT * n_failed
+    if (
+        median_yield is not None
+        and median_yield >= GOOD_MEDIAN_YIELD
+        and diverse
+        and session.stop_reason != "no_candidates"
+    ):
+        diversity = (
+            f"the top fingerprint is {_pct(ranked[0][1], n_failed)} of {n_failed} failures"
+            if ranked and n_failed
+            else "no failure has a fingerprint"
+        )
+        advice.append(
+            f"Yield is good (median {median_yield:g} events/min >= {GOOD_MEDIAN_YIELD:g}) and "
+            f"failures are diverse ({diversity}, under {DIVERSE_TOP_PCT}%): drain more per "
+            f"session, e.g. --batch-size {2 * processed} (this session processed {processed})."
+        )
+    return advice
+
+
+# -- text -------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}".rstrip("0").rstrip(".")  # figures carry at most 4 places
+    return str(value)
+
+
+def _table(rows: list[list[str]], align: str = "", indent: str = "  ") -> list[str]:
+    """Rows as aligned columns; ``align`` has one ``l``/``r`` per column (default: the first
+    column left, the others right)."""
+    if not rows:
+        return []
+    ncols = len(rows[0])
+    align = align or "l" + "r" * (ncols - 1)
+    widths = [max(len(row[i]) for row in rows) for i in range(ncols)]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.ljust(width) if how == "l" else cell.rjust(width)
+            for cell, width, how in zip(row, widths, align, strict=True)
+        ]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def render_text(report: dict[str, Any]) -> list[str]:
+    """The report of :func:`analyze` as plain-text lines, recommendations last."""
+    totals = report["totals"]
+    tel = report["telemetry"]
+    rate = totals["success_rate"]
+    lines = [
+        f"==== Analysis of session {report['session_id']} ====",
+        f"Source:      {report['source']}",
+        f"Started:     {_fmt(report.get('started_at'))}",
+        f"Completed:   {_fmt(report.get('completed_at'))}",
+        f"Stop reason: {_fmt(report['stop_reason'])}",
+        "",
+        "Totals",
+        *_table(
+            [
+                ["processed", str(totals["processed"])],
+                ["succeeded", str(totals["succeeded"])],
+                ["failed", str(totals["failed"])],
+                ["timeouts", str(totals["timeouts"])],
+                ["cancelled", str(totals["cancelled"])],
+                ["interrupted (not failures)", str(totals["interrupted"])],
+                ["success rate", "n/a" if rate is None else f"{100 * rate:.2f}%"],
+            ]
+        ),
+    ]
+    if report.get("unfinished_attempts"):
+        lines.append(f"  ({report['unfinished_attempts']} attempt(s) started, never finished)")
+    pct = tel["pct_attempts_with_events"]
+    lines += [
+        "",
+        "Telemetry",
+        *_table(
+            [
+                ["total events", _fmt(tel["total_events"])],
+                ["attempts with known telemetry", str(tel["attempts_with_known_telemetry"])],
+                ["attempts with events", str(tel["attempts_with_events"])],
+                ["attempts with events (%)", "n/a" if pct is None else f"{_fmt(pct)}%"],
+                ["overall yield (events/min)", _fmt(tel["overall_yield_per_minute"])],
+                ["median yield (events/min)", _fmt(tel["median_yield"])],
+                ["p90 yield (events/min)", _fmt(tel["p90_yield"])],
+            ]
+        ),
+        "",
+        "Zero-yield reasons",
+    ]
+    reasons = report["zero_yield_reasons"]
+    lines += _table([[r, str(n)] for r, n in reasons.items()]) if reasons else ["  none"]
+
+    lines += ["", f"Top failure fingerprints (top {TOP_FINGERPRINTS})"]
+    fps = report["top_fingerprints"]
+    if fps:
+        lines += _table([[str(n), _short(" ".join(fp.split()))] for fp, n in fps], align="rl")
+    else:
+        lines.append("  none")
+
+    d = report["durations"]
+    lines += [
+        "",
+        "Durations (seconds, nearest-rank percentiles)",
+        *_table([list(DURATION_KEYS), [_fmt(d[k]) for k in DURATION_KEYS]], align="rrrr"),
+        "",
+        "By run",
+    ]
+    runs = report["by_run"]
+    if runs:
+        rows = [["run", "attempts", "succeeded", "failed", "timeouts", "stopped"]]
+        for run, c in runs.items():
+            rows.append([run, str(c["attempts"]), str(c["succeeded"]), str(c["failed"]),
+                         str(c["timeouts"]), report["stopped_runs"].get(run, "")])
+        lines += _table(rows, align="lrrrrl")
+    else:
+        lines.append("  none")
+    other_stops = {r: why for r, why in report["stopped_runs"].items() if r not in runs}
+    lines += [f"  stopped {r}: {why}" for r, why in other_stops.items()]
+
+    leaks = report["leaks"]
+    lines += ["", f"Leaked processes: {leaks['total']}"]
+    lines += _table(
+        [
+            [f"{p['run_id']} / {p['phase_id']}", f"pid {p['pid']}", p["name"],
+             _short(shlex.join(p["cmdline"]))]
+            for p in leaks["processes"]
+        ],
+        align="lrll",
+    )
+
+    lines += ["", "Recommendations"]
+    recs = report["recommendations"]
+    if recs:
+        for rec in recs:  # wrapped between words only, so options stay whole for copying
+            lines += textwrap.wrap(rec, width=TEXT_WIDTH, initial_indent="  - ",
+                                   subsequent_indent="    ", break_long_words=False,
+                                   break_on_hyphens=False)
+    else:
+        lines.append("  - none: nothing in the figures calls for a change")
+    return lines

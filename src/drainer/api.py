@@ -1,0 +1,133 @@
+"""The embedding API: ``async with open_drainer(config) as d: await d.run()``.
+
+Runs inside the caller's event loop (asyncio, via anyio): it never calls ``asyncio.run``,
+installs no signal handlers and prints nothing unless asked, and logs to the ``drainer``
+logger. Cancelling the caller's scope cleans up like Ctrl-C: worker trees killed, phases
+restored, journal and snapshot written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .config import DrainConfig
+from .errors import UsageError
+from .events import DrainEvent
+from .session import DrainSession, Echo, SessionSummary
+
+
+@dataclass(frozen=True, slots=True)
+class DrainStatistics:
+    """A point-in-time view of a running (or finished) session."""
+
+    session_id: str
+    processed: int
+    succeeded: int
+    failed: int
+    timeouts: int
+    in_flight: int
+    stop_reason: str | None
+
+
+class Drainer:
+    """One drain session owned by an embedding application. Use :func:`open_drainer`."""
+
+    def __init__(self, config: DrainConfig, *, echo: Echo | None = None) -> None:
+        self._send: MemoryObjectSendStream[DrainEvent]
+        self._receive: MemoryObjectReceiveStream[DrainEvent]
+        # Unbounded: a slow (or absent) event consumer must never slow a drain down.
+        self._send, self._receive = anyio.create_memory_object_stream[DrainEvent](math.inf)
+        self._session = DrainSession(config, echo=echo, on_event=self._publish)
+        self._state = "new"  # new -> open -> closed
+        self._ran = False
+        self._subscribed = False
+
+    def _publish(self, event: DrainEvent) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait(event)  # closed: nobody listens any more
+
+    async def __aenter__(self) -> Drainer:
+        if self._state != "new":
+            raise UsageError("a Drainer cannot be reopened; create a new one with open_drainer")
+        self._state = "open"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the event stream. Idempotent."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        self._send.close()
+        self._receive.close()
+
+    @property
+    def session_id(self) -> str:
+        return self._session.session_id
+
+    async def run(self) -> SessionSummary:
+        """Drain until a stop condition, :meth:`stop`, or cancellation; return the summary."""
+        if self._state != "open":
+            raise UsageError("use the Drainer inside 'async with open_drainer(config) as d'")
+        if self._ran:
+            raise UsageError("Drainer.run() was already called; a session runs once")
+        self._ran = True
+        try:
+            return await self._session.run()
+        finally:
+            self._send.close()  # the events iterator ends with the session
+
+    def stop(self, reason: str = "cancelled") -> None:
+        """Stop picking new phases; in-flight attempts get ``stop_grace_period`` to finish."""
+        if not self._ran:
+            raise UsageError("stop() before run(): there is nothing to stop yet")
+        self._session.request_stop(reason)
+
+    def statistics(self) -> DrainStatistics:
+        s = self._session
+        results = s.results
+        return DrainStatistics(
+            session_id=s.session_id,
+            processed=len(results),
+            succeeded=sum(1 for r in results if r.success),
+            failed=sum(1 for r in results if r.failed),
+            timeouts=sum(1 for r in results if r.timed_out),
+            in_flight=len(s.in_flight_runs),
+            stop_reason=s.policy.stop_reason,
+        )
+
+    async def events(self) -> AsyncIterator[DrainEvent]:
+        """Every event of the session, in order; ends when the session ends. One subscriber
+        per Drainer (two would split the events between them)."""
+        if self._state != "open":
+            raise UsageError("events() is only available inside 'async with open_drainer(...)'")
+        if self._subscribed:
+            raise UsageError("events() already has a subscriber; a Drainer has one event stream")
+        self._subscribed = True
+        async with self._receive.clone() as receive:
+            async for event in receive:
+                yield event
+
+
+@asynccontextmanager
+async def open_drainer(
+    config: DrainConfig, *, echo: Echo | None = None
+) -> AsyncIterator[Drainer]:
+    """Open a :class:`Drainer` for ``config``; ``await d.run()`` drains."""
+    async with Drainer(config, echo=echo) as drainer:
+        yield drainer

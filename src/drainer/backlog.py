@@ -1,0 +1,627 @@
+"""The backlog store: every SQL statement drainer runs lives here.
+
+Transactions are short and never held while a worker runs: each method opens a connection
+from the pool, runs one statement (or a few reads) and commits. Writes are conditional
+(``WHERE state IN (non-final)``) so a worker that finishes at the same moment is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from sqlalchemy import (
+    bindparam,
+    column,
+    event,
+    exists,
+    func,
+    inspect,
+    select,
+    table,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.types import String
+
+from .dburl import DatabaseURL
+from .errors import DatabaseError
+from .models import NON_FINAL_STATES, PhaseRef, PhaseState
+from .schema import Schema
+
+log = logging.getLogger(__name__)
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+FINAL_STATE_POLL_INTERVAL = 0.1
+LOAD_CHUNK = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """What one load of the backlog found."""
+
+    failed: list[PhaseRef]
+    queued: list[PhaseRef]  #: QUEUED phases in the scanned runs (never drained)
+    failed_per_run: Counter[str] = field(default_factory=Counter)
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Backlog:
+    """Async access to one backlog database (Autopack schema).
+
+    Use :func:`open_backlog`; call :meth:`check_schema` before anything else.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        db: DatabaseURL,
+        telemetry_tables: Iterable[str],
+        schema: Schema | None = None,
+    ):
+        self._engine = engine
+        self.db = db
+        self.schema = schema = schema or Schema()
+        self._wanted_telemetry = tuple(telemetry_tables)
+        self.telemetry_tables: tuple[str, ...] = ()
+        self.missing_telemetry_tables: tuple[str, ...] = ()
+        self.has_updated_at = False
+        self._telemetry_stmt: Any = None
+        names = dict.fromkeys([*schema.required_columns, schema.updated_at or schema.state])
+        self._phases = table(schema.phases_table, *(column(n) for n in names))
+        c = self._phases.c
+        self._run, self._phase, self._index = c[schema.run_id], c[schema.phase_id], \
+            c[schema.phase_index]
+        self._state, self._reason = c[schema.state], c[schema.failure_reason]
+        self._updated = c[schema.updated_at] if schema.updated_at else None
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _error(self, action: str, exc: BaseException) -> DatabaseError:
+        return DatabaseError(f"{action} {self.db.redacted} failed: {_first_line(exc)}")
+
+    # -- schema ------------------------------------------------------------------------
+
+    async def check_schema(self) -> None:
+        """Fail with a message naming what is missing; learn which optional parts exist."""
+        try:
+            async with self._engine.connect() as conn:
+                tables, phase_cols = await conn.run_sync(
+                    _inspect_schema, self.schema.phases_table
+                )
+        except SQLAlchemyError as exc:
+            raise self._error("reading the schema of", exc) from exc
+        except OSError as exc:
+            raise self._error("connecting to", exc) from exc
+        sc = self.schema
+        if phase_cols is None:
+            raise DatabaseError(
+                f"{self.db.redacted} has no '{sc.phases_table}' table; is this the backlog "
+                f"database? (expected {sc.phases_table}({', '.join(sc.required_columns)}); "
+                "other names can be mapped in [tool.drainer.schema])"
+            )
+        missing = [c for c in sc.required_columns if c not in phase_cols]
+        if missing:
+            raise DatabaseError(
+                f"table '{sc.phases_table}' in {self.db.redacted} lacks column(s) "
+                f"{', '.join(missing)}"
+            )
+        for name in (sc.run_id, sc.phase_id):
+            kind = phase_cols[name]
+            if not isinstance(kind, String):
+                raise DatabaseError(
+                    f"column '{sc.phases_table}.{name}' is {kind}, but drainer needs text ids "
+                    "(run and phase ids are compared and stored as text)"
+                )
+        self.has_updated_at = bool(sc.updated_at) and sc.updated_at in phase_cols
+        self.telemetry_tables = tuple(t for t in self._wanted_telemetry if t in tables)
+        self.missing_telemetry_tables = tuple(
+            t for t in self._wanted_telemetry if t not in tables
+        )
+
+    @property
+    def telemetry_available(self) -> bool:
+        return bool(self.telemetry_tables)
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def counts_by_state(self) -> dict[str, int]:
+        stmt = select(self._state, func.count()).group_by(self._state)
+        try:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(stmt)).all()
+        except SQLAlchemyError as exc:
+            raise self._error("counting phases in", exc) from exc
+        out: dict[str, int] = {}
+        for state, n in rows:
+            key = self.schema.canonical(state)
+            out[key] = out.get(key, 0) + int(n)
+        return out
+
+    async def counts_by_run(self) -> dict[str, dict[str, int]]:
+        """``{run_id: {state: count}}`` for every run with phases."""
+        stmt = select(self._run, self._state, func.count()).group_by(self._run, self._state)
+        try:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(stmt)).all()
+        except SQLAlchemyError as exc:
+            raise self._error("counting phases in", exc) from exc
+        out: dict[str, dict[str, int]] = {}
+        for run, state, n in rows:
+            counts = out.setdefault(str(run), {})
+            key = self.schema.canonical(state)
+            counts[key] = counts.get(key, 0) + int(n)
+        return out
+
+    async def non_final_phases(self) -> tuple[list[tuple[str, str, str, Any]], Any]:
+        """Phases in a non-final state with their ``updated_at``, and the database's now."""
+        cols = [self._run, self._phase, self._state]
+        if self.has_updated_at and self._updated is not None:
+            cols.append(self._updated)
+        stmt = select(*cols).where(self._state.in_(self.schema.non_final_db))
+        try:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(stmt)).all()
+                now = (await conn.execute(select(func.current_timestamp()))).scalar_one()
+        except SQLAlchemyError as exc:
+            raise self._error("reading non-final phases in", exc) from exc
+        out = [(str(r[0]), str(r[1]), self.schema.canonical(r[2]), r[3] if len(r) > 3 else None)
+               for r in rows]
+        return out, now
+
+    async def load_candidates(self, *, run_id: str | None = None) -> Candidates:
+        """All FAILED and QUEUED phases (of ``run_id`` when given), in no particular order."""
+        stmt = select(
+            self._run, self._phase, self._index, self._state, self._reason
+        ).where(self._state.in_([self.schema.db(PhaseState.FAILED),
+                                 self.schema.db(PhaseState.QUEUED)]))
+        if run_id is not None:
+            stmt = stmt.where(self._run == run_id)
+        failed: list[PhaseRef] = []
+        queued: list[PhaseRef] = []
+        per_run: Counter[str] = Counter()
+        # Streamed in chunks, with one shared string per run id and state: memory stays
+        # proportional to the candidates, not to the driver's row objects.
+        try:
+            async with self._engine.connect() as conn:
+                result = await conn.stream(stmt.execution_options(yield_per=LOAD_CHUNK))
+                async for chunk in result.partitions():
+                    for run, phase, index, state, reason in chunk:
+                        ref = PhaseRef(
+                            run_id=sys.intern(str(run)),
+                            phase_id=str(phase),
+                            phase_index=int(index) if index is not None else 0,
+                            state=sys.intern(self.schema.canonical(state)),
+                            # Reasons repeat across a backlog: one shared string each.
+                            last_failure_reason=None if reason is None else sys.intern(reason),
+                        )
+                        if ref.state == PhaseState.FAILED:
+                            failed.append(ref)
+                            per_run[ref.run_id] += 1
+                        else:
+                            queued.append(ref)
+        except SQLAlchemyError as exc:
+            raise self._error("loading candidates from", exc) from exc
+        return Candidates(failed=failed, queued=queued, failed_per_run=per_run)
+
+    async def read_phase(self, run_id: str, phase_id: str) -> tuple[str, str | None] | None:
+        """``(state, last_failure_reason)`` of one phase, or None if it does not exist."""
+        stmt = select(self._state, self._reason).where(
+            self._run == run_id, self._phase == phase_id
+        )
+        try:
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(stmt)).first()
+        except SQLAlchemyError as exc:
+            raise self._error("reading a phase from", exc) from exc
+        return None if row is None else (self.schema.canonical(row[0]), row[1])
+
+    async def wait_final_state(
+        self, run_id: str, phase_id: str, *, wait: float
+    ) -> tuple[str, str | None] | None:
+        """Read a phase; while it is non-final, re-read for up to ``wait`` seconds.
+
+        A worker that exits cleanly may have committed through another connection a moment
+        before; the short re-read avoids judging it on a stale read.
+        """
+        row = await self.read_phase(run_id, phase_id)
+        with anyio.move_on_after(wait):
+            while row is not None and row[0] in NON_FINAL_STATES:
+                await anyio.sleep(FINAL_STATE_POLL_INTERVAL)
+                row = await self.read_phase(run_id, phase_id)
+        return row
+
+    async def telemetry_count(self, run_id: str, phase_id: str) -> int | None:
+        """Telemetry rows for one phase across the telemetry tables; None when unavailable."""
+        if not self.telemetry_tables:
+            return None
+        try:
+            async with self._engine.connect() as conn:
+                return await self._telemetry_in(conn, run_id, phase_id)
+        except SQLAlchemyError as exc:
+            raise self._error("counting telemetry in", exc) from exc
+
+    async def _telemetry_in(
+        self, conn: AsyncConnection, run_id: str, phase_id: str
+    ) -> int | None:
+        if not self.telemetry_tables:
+            return None
+        if self._telemetry_stmt is None:
+            counts = []
+            for name in self.telemetry_tables:
+                sc = self.schema
+                t = table(name, column(sc.telemetry_run_id), column(sc.telemetry_phase_id))
+                counts.append(
+                    select(func.count()).select_from(t)
+                    .where(t.c[sc.telemetry_run_id] == bindparam("r"),
+                           t.c[sc.telemetry_phase_id] == bindparam("p"))
+                    .scalar_subquery()
+                )
+            total: Any = counts[0]
+            for more in counts[1:]:
+                total = total + more
+            self._telemetry_stmt = select(total)  # one round trip for every table
+        result = await conn.execute(self._telemetry_stmt, {"r": run_id, "p": phase_id})
+        return int(result.scalar_one())
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def restore_failed(self, run_id: str, phase_id: str, reason: str) -> bool:
+        """Set a phase left non-final back to FAILED. True when a row was changed."""
+        try:
+            async with self._write() as conn:
+                return await self._restore_in(conn, run_id, phase_id, reason)
+        except SQLAlchemyError as exc:
+            raise self._error("restoring a phase in", exc) from exc
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A short write transaction (BEGIN IMMEDIATE on SQLite)."""
+        async with self._engine.connect() as conn:
+            if self.db.is_sqlite:
+                conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
+            async with conn.begin():
+                yield conn
+
+    # -- leases (DESIGN.md §6) ---------------------------------------------------------
+
+    def _now_sql(self) -> str:
+        """The database's clock as epoch seconds: expiry is judged by one clock for all."""
+        if self.db.is_sqlite:
+            return "((julianday('now') - 2440587.5) * 86400.0)"
+        return "extract(epoch from clock_timestamp())::double precision"
+
+    async def ensure_lease_table(self) -> None:
+        ddl = (
+            f"CREATE TABLE IF NOT EXISTS {LEASE_TABLE} ("
+            "run_id VARCHAR(512) PRIMARY KEY, session_id VARCHAR(64) NOT NULL, "
+            "attempt_id VARCHAR(64) NOT NULL, phase_id VARCHAR(512) NOT NULL, "
+            "host VARCHAR(255) NOT NULL, pid INTEGER NOT NULL, "
+            "acquired_at DOUBLE PRECISION NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL, "
+            "expires_at DOUBLE PRECISION NOT NULL)"
+        )
+        try:
+            async with self._write() as conn:
+                await conn.execute(text(ddl))
+        except IntegrityError:
+            pass  # another drainer created it at the same moment (PostgreSQL catalog race)
+        except SQLAlchemyError as exc:
+            raise self._error(f"creating {LEASE_TABLE} in", exc) from exc
+
+    async def claim_run(self, lease: Lease, ttl: float) -> Claim:
+        """Claim ``lease.run_id``: one transaction that inserts the lease, or takes over an
+        expired one after restoring the phase it names, then reads ``lease.phase_id`` and its
+        telemetry count under it (the "before" of the attempt)."""
+        now = self._now_sql()
+        lock = "" if self.db.is_sqlite else " FOR UPDATE"
+        params = lease.params(ttl)
+        try:
+            async with self._write() as conn:
+                row = (await conn.execute(text(
+                    f"SELECT run_id, session_id, attempt_id, phase_id, host, pid, acquired_at, "
+                    f"heartbeat_at, expires_at, expires_at < {now} AS expired "
+                    f"FROM {LEASE_TABLE} WHERE run_id = :run_id{lock}"
+                ), params)).first()
+                if row is not None and not row.expired:
+                    return Claim(holder=Lease.from_row(row))
+                if row is not None:
+                    await self._restore_in(conn, str(row.run_id), str(row.phase_id),
+                                           _expired_reason(row))
+                    await conn.execute(text(
+                        f"UPDATE {LEASE_TABLE} SET session_id = :session_id, "
+                        f"attempt_id = :attempt_id, phase_id = :phase_id, host = :host, "
+                        f"pid = :pid, acquired_at = {now}, heartbeat_at = {now}, "
+                        f"expires_at = {now} + :ttl WHERE run_id = :run_id"
+                    ), params)
+                else:
+                    await conn.execute(text(
+                        f"INSERT INTO {LEASE_TABLE} (run_id, session_id, attempt_id, phase_id, "
+                        f"host, pid, acquired_at, heartbeat_at, expires_at) VALUES (:run_id, "
+                        f":session_id, :attempt_id, :phase_id, :host, :pid, {now}, {now}, "
+                        f"{now} + :ttl)"
+                    ), params)
+                phase = (await conn.execute(
+                    select(self._state, self._reason)
+                    .where(self._run == lease.run_id, self._phase == lease.phase_id)
+                )).first()
+                telemetry = await self._telemetry_in(conn, lease.run_id, lease.phase_id)
+        except IntegrityError:
+            other = Lease(run_id=lease.run_id, session_id="?", attempt_id="?", phase_id="?",
+                          host="?", pid=0)  # another drainer inserted first
+            return Claim(holder=other)
+        except SQLAlchemyError as exc:
+            raise self._error("claiming a lease in", exc) from exc
+        row_state = None if phase is None else (self.schema.canonical(phase[0]), phase[1])
+        return Claim(holder=None, phase=row_state, telemetry=telemetry)
+
+    async def finish_attempt(
+        self, run_id: str, phase_id: str, attempt_id: str, *, restore: str | None, release: bool
+    ) -> tuple[bool, int | None]:
+        """After an attempt, in one transaction: restore the phase to FAILED with reason
+        ``restore`` (when given and it is still non-final), count its telemetry, and release
+        the lease. Without ``release`` (our lease was lost) the restore happens only if no
+        other drainer leases the run now. Returns (restored, telemetry count)."""
+        try:
+            async with self._write() as conn:
+                restored = False
+                if restore is not None:
+                    restored = await self._restore_in(conn, run_id, phase_id, restore,
+                                                      unless_leased=not release)
+                telemetry = await self._telemetry_in(conn, run_id, phase_id)
+                if release:
+                    await conn.execute(text(
+                        f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id "
+                        "AND attempt_id = :attempt_id"
+                    ), {"run_id": run_id, "attempt_id": attempt_id})
+        except SQLAlchemyError as exc:
+            raise self._error("finishing an attempt in", exc) from exc
+        return restored, telemetry
+
+    async def renew_lease(self, run_id: str, attempt_id: str, ttl: float) -> bool:
+        now = self._now_sql()
+        try:
+            async with self._write() as conn:
+                result = await conn.execute(text(
+                    f"UPDATE {LEASE_TABLE} SET heartbeat_at = {now}, expires_at = {now} + :ttl "
+                    "WHERE run_id = :run_id AND attempt_id = :attempt_id"
+                ), {"ttl": ttl, "run_id": run_id, "attempt_id": attempt_id})
+        except SQLAlchemyError as exc:
+            raise self._error("renewing a lease in", exc) from exc
+        return bool(result.rowcount)
+
+    async def release_lease(self, run_id: str, attempt_id: str) -> None:
+        try:
+            async with self._write() as conn:
+                await conn.execute(text(
+                    f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id "
+                    "AND attempt_id = :attempt_id"
+                ), {"run_id": run_id, "attempt_id": attempt_id})
+        except SQLAlchemyError as exc:
+            raise self._error("releasing a lease in", exc) from exc
+
+    async def release_session_leases(self, session_id: str) -> int:
+        """On resume: leases the crashed run of this session still held."""
+        try:
+            async with self._write() as conn:
+                result = await conn.execute(text(
+                    f"DELETE FROM {LEASE_TABLE} WHERE session_id = :session_id"
+                ), {"session_id": session_id})
+        except SQLAlchemyError as exc:
+            raise self._error("releasing leases in", exc) from exc
+        return int(result.rowcount or 0)
+
+    async def sweep_expired_leases(self) -> list[Lease]:
+        """Restore the phase each expired lease names (if non-final), then delete the lease."""
+        now = self._now_sql()
+        lock = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
+        swept: list[Lease] = []
+        try:
+            async with self._write() as conn:
+                rows = (await conn.execute(text(
+                    f"SELECT run_id, session_id, attempt_id, phase_id, host, pid, acquired_at, "
+                    f"heartbeat_at, expires_at FROM {LEASE_TABLE} "
+                    f"WHERE expires_at < {now}{lock}"
+                ))).all()
+                for row in rows:
+                    await self._restore_in(conn, str(row.run_id), str(row.phase_id),
+                                           _expired_reason(row))
+                    await conn.execute(text(
+                        f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id "
+                        "AND attempt_id = :attempt_id"
+                    ), {"run_id": row.run_id, "attempt_id": row.attempt_id})
+                    swept.append(Lease.from_row(row))
+        except SQLAlchemyError as exc:
+            raise self._error("sweeping expired leases in", exc) from exc
+        return swept
+
+    async def live_leases(self) -> list[tuple[Lease, float]]:
+        """Leases not expired, with their age in seconds (for status)."""
+        now = self._now_sql()
+        try:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(text(
+                    f"SELECT run_id, session_id, attempt_id, phase_id, host, pid, acquired_at, "
+                    f"heartbeat_at, expires_at, {now} - acquired_at AS age "
+                    f"FROM {LEASE_TABLE} WHERE expires_at >= {now} ORDER BY run_id"
+                ))).all()
+        except SQLAlchemyError:
+            return []  # no lease table yet: no leases
+        return [(Lease.from_row(r), float(r.age)) for r in rows]
+
+    async def _restore_in(
+        self,
+        conn: AsyncConnection,
+        run_id: str,
+        phase_id: str,
+        reason: str,
+        *,
+        unless_leased: bool = False,
+    ) -> bool:
+        """Set a non-final phase to FAILED. ``unless_leased``: only while no drainer holds a
+        lease on its run (after our own lease was lost, the run may have a new owner)."""
+        p = self._phases
+        sc = self.schema
+        values: dict[str, Any] = {sc.state: sc.db(PhaseState.FAILED), sc.failure_reason: reason}
+        if self.has_updated_at and sc.updated_at:
+            values[sc.updated_at] = func.current_timestamp()
+        stmt = update(p).where(self._run == run_id, self._phase == phase_id,
+                               self._state.in_(self.schema.non_final_db))
+        if unless_leased:
+            leases = table(LEASE_TABLE, column("run_id"))
+            stmt = stmt.where(~exists().where(leases.c.run_id == run_id))
+        result = await conn.execute(stmt.values(**values))
+        return bool(result.rowcount)
+
+    async def prepare_for_writes(self) -> None:
+        """Called once input is known good: SQLite gets WAL so workers and drainer coexist,
+        and the lease table is created if missing."""
+        if self.db.is_sqlite:
+            try:
+                async with self._engine.connect() as conn:
+                    conn = await conn.execution_options(sqlite_begin="NONE")
+                    await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            except SQLAlchemyError as exc:
+                raise self._error("switching to WAL mode in", exc) from exc
+        await self.ensure_lease_table()
+
+    async def aclose(self) -> None:
+        await self._engine.dispose()
+
+
+LEASE_TABLE = "drainer_leases"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The answer to a lease claim: who blocks it, or the phase as read under the lease."""
+
+    holder: Lease | None  #: a live lease of someone else: the run is not ours now
+    phase: tuple[str, str | None] | None = None  #: (state, reason); None: the phase is gone
+    telemetry: int | None = None  #: telemetry rows of the phase before the attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One row of ``drainer_leases``: who drains which run right now."""
+
+    run_id: str
+    session_id: str
+    attempt_id: str
+    phase_id: str
+    host: str
+    pid: int
+    expires_at: float | None = None
+
+    def params(self, ttl: float) -> dict[str, Any]:
+        return {"run_id": self.run_id, "session_id": self.session_id,
+                "attempt_id": self.attempt_id, "phase_id": self.phase_id, "host": self.host,
+                "pid": self.pid, "ttl": ttl}
+
+    @classmethod
+    def from_row(cls, row: Any) -> Lease:
+        return cls(run_id=str(row.run_id), session_id=str(row.session_id),
+                   attempt_id=str(row.attempt_id), phase_id=str(row.phase_id),
+                   host=str(row.host), pid=int(row.pid),
+                   expires_at=float(row.expires_at) if row.expires_at is not None else None)
+
+
+def _expired_reason(row: Any) -> str:
+    return (f"drainer: lease expired (drainer {row.host} pid {row.pid}, session "
+            f"{row.session_id} stopped renewing it); restored to FAILED")
+
+
+def _inspect_schema(
+    conn: Connection, phases: str
+) -> tuple[set[str], dict[str, Any] | None]:
+    """The tables, and the phases table's columns with their types."""
+    insp = inspect(conn)
+    tables = set(insp.get_table_names())
+    if phases not in tables:
+        return tables, None
+    return tables, {c["name"]: c["type"] for c in insp.get_columns(phases)}
+
+
+def _check_sqlite_file(db: DatabaseURL) -> None:
+    path = db.sqlite_path
+    assert path is not None
+    if not path.exists():
+        raise DatabaseError(
+            f"SQLite database {path} does not exist; check --database-url / DATABASE_URL"
+        )
+    if not path.is_file():
+        raise DatabaseError(f"SQLite database {path} is not a file")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise DatabaseError(f"cannot read SQLite database {path}: {exc.strerror}") from exc
+    if head != SQLITE_MAGIC:
+        raise DatabaseError(f"{path} is not a SQLite database (bad header)")
+
+
+def make_engine(db: DatabaseURL) -> AsyncEngine:
+    if db.is_sqlite:
+        # timeout = sqlite3's busy timeout: wait for a worker's write lock instead of failing.
+        engine = create_async_engine(db.async_url, connect_args={"timeout": 30})
+        _sqlite_transactions(engine)
+        return engine
+    return create_async_engine(
+        db.async_url, pool_size=4, max_overflow=8, connect_args={"timeout": 10}
+    )
+
+
+def _sqlite_transactions(engine: AsyncEngine) -> None:
+    """Let drainer choose BEGIN DEFERRED (reads) or BEGIN IMMEDIATE (writes) on SQLite.
+
+    The driver's own implicit transactions are switched off; every transaction then starts
+    with the BEGIN this listener emits. A write transaction that takes the write lock up
+    front never fails half-way with "database is locked": it waits (busy timeout) at BEGIN.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        if mode != "NONE":  # NONE: statements that must run outside a transaction (PRAGMA)
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+@asynccontextmanager
+async def open_backlog(
+    db: DatabaseURL, telemetry_tables: Iterable[str] = (), schema: Schema | None = None
+) -> AsyncIterator[Backlog]:
+    """Open and schema-check a backlog; nothing is written here."""
+    if db.is_sqlite:
+        _check_sqlite_file(db)
+    try:
+        engine = make_engine(db)
+    except (SQLAlchemyError, ImportError) as exc:
+        raise DatabaseError(f"cannot open {db.redacted}: {_first_line(exc)}") from exc
+    backlog = Backlog(engine, db, telemetry_tables, schema)
+    try:
+        try:
+            await backlog.check_schema()
+        except DBAPIError as exc:
+            raise backlog._error("connecting to", exc) from exc
+        yield backlog
+    finally:
+        with anyio.CancelScope(shield=True):
+            await backlog.aclose()

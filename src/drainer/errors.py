@@ -1,0 +1,24 @@
+"""drainer's one error hierarchy.
+
+Every message is one line that says what is wrong and what to do about it. The CLI prints
+``str(error)`` and exits 2 for :class:`UsageError` and its kin; library code never exits.
+"""
+
+from __future__ import annotations
+
+
+class DrainerError(Exception):
+    """Base class of every error drainer raises on purpose."""
+
+
+class UsageError(DrainerError):
+    """An option, a config value or a combination of them is invalid."""
+
+
+class DatabaseError(DrainerError):
+    """The backlog database is missing, unreadable, unreachable or of the wrong schema."""
+
+
+class SessionError(DrainerError):
+    """The session directory or a session's files cannot be used (unwritable, corrupt, unknown)."""
+

@@ -1,0 +1,342 @@
+"""One self-contained HTML page for a session's analysis: the figures as tables, four SVG charts.
+
+:func:`render_html` takes a :class:`~drainer.analyze.LoadedSession` and the report
+:func:`~drainer.analyze.analyze` made of it, and returns a single document with inline CSS and
+inline SVG: no script, no external URL, so it opens offline, can be mailed or attached to a CI
+run, and prints. The charts are drawn here by hand on purpose: a few hundred lines of SVG, no
+dependency. A plotting library like matplotlib or plotly would add a large dependency (or several
+MB of inline JavaScript) for four simple charts.
+
+Every text that comes from the session (run ids, fingerprints, error text, process names) is data
+and goes through :func:`html.escape`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import shlex
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from .analyze import DURATION_KEYS, TOP_FINGERPRINTS, LoadedSession, _fmt
+from .models import Attempt
+
+#: Fill colour of each outcome in the timeline (tests look for these pixels in a screenshot).
+COLOURS = {"success": "#2ca02c", "failed": "#d62728", "timeout": "#ff7f0e", "stopped": "#999999"}
+LEGEND = {"success": "success", "failed": "failed", "timeout": "timed out",
+          "stopped": "cancelled / interrupted"}
+BAR_COLOUR = "#4a72b0"
+UNKNOWN_COLOUR = "#bbbbbb"
+WIDTH = 1000  #: width of every chart in SVG units
+LEFT = 110  #: room for row and axis labels left of a plot
+PLOT = WIDTH - LEFT - 30
+LABEL_CHARS = 60  #: fingerprint labels are cut to this; the full text is in a tooltip
+
+_CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1100px; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 8px 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.fp, td.cmd { font-family: ui-monospace, monospace; font-size: 12px; word-break: break-all; }
+.note { color: #666; font-style: italic; }
+svg { display: block; max-width: 100%; height: auto; margin: 8px 0; }
+svg text { font: 11px system-ui, sans-serif; fill: #333; }
+svg .axis { stroke: #555; stroke-width: 1; } svg .grid { stroke: #e4e4e4; stroke-width: 1; }
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def outcome(attempt: Attempt) -> str:
+    """The timeline category of ``attempt``: a key of :data:`COLOURS`."""
+    if attempt.cancelled or attempt.interrupted:
+        return "stopped"
+    if attempt.timed_out:
+        return "timeout"
+    return "success" if attempt.success else "failed"
+
+
+def _when(stamp: str | None) -> datetime | None:
+    """An ISO timestamp as an aware datetime (naive ones taken as UTC); None if unreadable."""
+    if not stamp:
+        return None
+    try:
+        parsed = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _num(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _nice_step(span: float, ticks: int = 8) -> float:
+    """A 1/2/5 x 10^k step that cuts ``span`` into at most about ``ticks`` parts."""
+    raw = span / ticks if span > 0 else 1.0
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+
+
+def _nice_top(value: float, whole: bool) -> float:
+    """The value axis' top: ``value`` rounded up to a whole tick, so the tallest bar ends at
+    a labelled line instead of above the last label."""
+    step = max(1.0, _nice_step(value, 5)) if whole else _nice_step(value, 5)
+    return math.ceil(value / step - 1e-9) * step
+
+
+def _text(x: float, y: float, text: str, anchor: str = "start") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}">{_e(text)}</text>'
+
+
+def _rect(x: float, y: float, w: float, h: float, fill: str, tip: str = "", cls: str = "") -> str:
+    attrs = f' class="{cls}"' if cls else ""
+    inner = f"<title>{_e(tip)}</title>" if tip else ""
+    return (f'<rect{attrs} x="{x:.1f}" y="{y:.1f}" width="{max(w, 1.0):.1f}" '
+            f'height="{h:.1f}" fill="{fill}">{inner}</rect>')
+
+
+def _line(x1: float, y1: float, x2: float, y2: float, cls: str = "axis") -> str:
+    return f'<line class="{cls}" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}"/>'
+
+
+def _x_axis(lo: float, hi: float, y: float, top: float, label: str) -> list[str]:
+    """A horizontal axis under a plot spanning ``LEFT..LEFT+PLOT``, with grid lines to ``top``."""
+    step = _nice_step(hi - lo)
+    parts = [_line(LEFT, y, LEFT + PLOT, y)]
+    for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1):
+        x = LEFT + PLOT * (k * step - lo) / (hi - lo)
+        parts += [_line(x, top, x, y, "grid"), _line(x, y, x, y + 4),
+                  _text(x, y + 16, _num(k * step), "middle")]
+    parts.append(_text(LEFT + PLOT / 2, y + 32, label, "middle"))
+    return parts
+
+
+def _y_axis(hi: float, top: float, bottom: float, label: str, whole: bool) -> list[str]:
+    """A vertical axis from 0 (at ``bottom``) to ``hi`` (at ``top``) with grid lines."""
+    step = max(1.0, _nice_step(hi, 5)) if whole else _nice_step(hi, 5)
+    parts = [_line(LEFT, top, LEFT, bottom)]
+    for k in range(math.floor(hi / step + 1e-9) + 1):
+        y = bottom - (bottom - top) * k * step / hi
+        parts += [_line(LEFT, y, LEFT + PLOT, y, "grid"), _line(LEFT - 4, y, LEFT, y),
+                  _text(LEFT - 7, y + 4, _num(k * step), "end")]
+    mid = (top + bottom) / 2
+    parts.append(f'<text x="14" y="{mid:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {mid:.1f})">{_e(label)}</text>')
+    return parts
+
+
+def _svg(chart_id: str, title: str, height: float, parts: list[str]) -> str:
+    return (f'<svg id="{chart_id}" role="img" width="{WIDTH}" height="{height:.0f}" '
+            f'viewBox="0 0 {WIDTH} {height:.0f}"><title>{_e(title)}</title>'
+            + "\n".join(parts) + "</svg>")
+
+
+def _tip(a: Attempt) -> str:
+    return (f"{a.run_id} / {a.phase_id} (lane {a.lane}): {LEGEND[outcome(a)]}, "
+            f"{a.subprocess_duration_seconds:.1f}s")
+
+
+def _timeline(session: LoadedSession) -> str:
+    spans = [(a, s, f) for a in session.results
+             if (s := _when(a.started_at)) is not None and (f := _when(a.finished_at)) is not None]
+    if not spans:
+        return '<p class="note">No attempts with start and finish times: no timeline.</p>'
+    first = min(s for _, s, _ in spans)
+    origin = _when(session.started_at)
+    origin = first if origin is None or origin > first else origin
+    hi = max((f - origin).total_seconds() for _, _, f in spans) or 1.0
+    lanes = sorted({a.lane for a, _, _ in spans})
+    row = 26
+    bottom = 20 + row * len(lanes)
+    parts = _x_axis(0.0, hi, bottom, 14, "seconds since the session start")
+    for i, lane in enumerate(lanes):
+        parts.append(_text(LEFT - 8, 20 + row * i + 17, f"lane {lane}", "end"))
+    for a, s, f in spans:
+        x0 = (s - origin).total_seconds()
+        x1 = max(x0, (f - origin).total_seconds())
+        parts.append(_rect(LEFT + PLOT * x0 / hi, 22 + row * lanes.index(a.lane),
+                           PLOT * (x1 - x0) / hi, row - 6, COLOURS[outcome(a)], _tip(a), "attempt"))
+    x = float(LEFT)
+    for key, label in LEGEND.items():
+        parts += [_rect(x, bottom + 46, 14, 14, COLOURS[key]), _text(x + 20, bottom + 57, label)]
+        x += 40 + 7 * len(label)
+    skipped = len(session.results) - len(spans)
+    note = (f'<p class="note">{skipped} attempt(s) without start and finish times are not shown.'
+            "</p>" if skipped else "")
+    return _svg("chart-timeline", "Attempts per lane over time", bottom + 70, parts) + note
+
+
+def _histogram(session: LoadedSession) -> str:
+    durations = [a.subprocess_duration_seconds for a in session.results
+                 if not a.interrupted and a.subprocess_duration_seconds > 0]
+    if not durations:
+        return '<p class="note">No attempts with a duration: no histogram.</p>'
+    bins = min(20, max(10, math.ceil(math.sqrt(len(durations)))))
+    lo, hi = min(durations), max(durations)
+    if hi - lo < 1e-9:
+        lo, hi = max(0.0, lo - 1.0), hi + 1.0
+    counts = [0] * bins
+    for d in durations:
+        counts[min(bins - 1, int((d - lo) / (hi - lo) * bins))] += 1
+    top, bottom = 14, 234
+    scale = _nice_top(max(counts), whole=True)
+    parts = _y_axis(scale, top, bottom, "attempts", whole=True)
+    parts += _x_axis(lo, hi, bottom, top, "subprocess duration (seconds)")
+    width = PLOT / bins
+    for i, n in enumerate(counts):
+        if n:
+            h = (bottom - top) * n / scale
+            left, right = lo + (hi - lo) * i / bins, lo + (hi - lo) * (i + 1) / bins
+            parts.append(_rect(LEFT + width * i + 1, bottom - h, width - 2, h, BAR_COLOUR,
+                               f"{_num(left)}-{_num(right)} s: {n} attempt(s)", "bin"))
+    return _svg("chart-durations", f"Attempt durations ({bins} bins)", bottom + 40, parts)
+
+
+def _fingerprints(report: dict[str, Any]) -> str:
+    top: list[list[Any]] = report["top_fingerprints"]
+    if not top:
+        return '<p class="note">No failure fingerprints.</p>'
+    most = max(int(n) for _, n in top)
+    row, left = 24, 430
+    parts = []
+    for i, (fp, n) in enumerate(top):
+        flat = " ".join(str(fp).split())
+        label = flat if len(flat) <= LABEL_CHARS else flat[: LABEL_CHARS - 3] + "..."
+        y = 8 + row * i
+        parts.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end"><title>{_e(fp)}</title>'
+                     f"{_e(label)}</text>")
+        w = (WIDTH - left - 60) * int(n) / most
+        parts += [_rect(left, y + 2, w, row - 6, COLOURS["failed"], f"{n}x {fp}", "fp"),
+                  _text(left + w + 6, y + 15, str(n))]
+    return _svg("chart-fingerprints", "Top failure fingerprints (failed attempts)",
+                16 + row * len(top), parts)
+
+
+def _yield(session: LoadedSession) -> str:
+    def start_key(pair: tuple[int, Attempt]) -> tuple[bool, float, int]:
+        when = _when(pair[1].started_at)
+        return (when is None, when.timestamp() if when else 0.0, pair[0])
+
+    ordered = [a for _, a in sorted(enumerate(session.results), key=start_key)]
+    if not ordered:
+        return '<p class="note">No attempts: no yield chart.</p>'
+    yields = [a.telemetry_yield_per_minute or 0.0 for a in ordered
+              if a.telemetry_events_collected is not None]
+    hi = _nice_top(max(yields, default=0.0) or 1.0, whole=False)
+    top, bottom = 14, 214
+    parts = _y_axis(hi, top, bottom, "events / minute", whole=False)
+    parts.append(_line(LEFT, bottom, LEFT + PLOT, bottom))
+    width = PLOT / len(ordered)
+    unknown = 0
+    for i, a in enumerate(ordered):
+        x = LEFT + width * i + min(1.0, width * 0.1)
+        w = max(1.0, width - 2 * min(1.0, width * 0.1))
+        if a.telemetry_events_collected is None:
+            unknown += 1
+            parts.append(_rect(x, bottom + 3, w, 8, UNKNOWN_COLOUR, f"{_tip(a)}; telemetry unknown",
+                               "unknown"))
+            continue
+        value = a.telemetry_yield_per_minute or 0.0
+        h = (bottom - top) * value / hi
+        parts.append(_rect(x, bottom - h, w, h, BAR_COLOUR,
+                           f"{_tip(a)}; {a.telemetry_events_collected} events, {value:g}/min",
+                           "yield"))
+    parts.append(_text(LEFT + PLOT / 2, bottom + 30, "attempts in start order", "middle"))
+    note = (f'<p class="note">{unknown} attempt(s) with unknown telemetry are drawn as grey marks '
+            "under the axis.</p>" if unknown else "")
+    return _svg("chart-yield", "Telemetry yield per attempt", bottom + 40, parts) + note
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[object]], classes: str = "") -> str:
+    """A table; ``classes`` has one letter per column: ``n`` numeric, ``f`` fingerprint,
+    ``c`` command line, anything else plain (default: first plain, the rest numeric)."""
+    if not rows:
+        return '<p class="note">none</p>'
+    classes = classes or "t" + "n" * (len(head) - 1)
+    names = {"n": ' class="n"', "f": ' class="fp"', "c": ' class="cmd"'}
+    out = ["<table>", "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    for row in rows:
+        cells = (f"<td{names.get(c, '')}>{_e(_fmt(v))}</td>"
+                 for v, c in zip(row, classes, strict=True))
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join([*out, "</table>"])
+
+
+def _totals(report: dict[str, Any]) -> str:
+    totals = report["totals"]
+    rate = totals["success_rate"]
+    return _table(["figure", "value"], [
+        ["processed", totals["processed"]], ["succeeded", totals["succeeded"]],
+        ["failed", totals["failed"]], ["timeouts", totals["timeouts"]],
+        ["cancelled", totals["cancelled"]], ["interrupted (not failures)", totals["interrupted"]],
+        ["success rate", "n/a" if rate is None else f"{100 * rate:.2f}%"],
+        ["started but never finished", report.get("unfinished_attempts", 0)]])
+
+
+def _details(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(heading, table) of every figure besides the totals, in the order of ``render_text``."""
+    tel = report["telemetry"]
+    pct = tel["pct_attempts_with_events"]
+    stops = report["stopped_runs"]
+    leaks = report["leaks"]["processes"]
+    other = [[run, why] for run, why in stops.items() if run not in report["by_run"]]
+    return [
+        ("Telemetry", _table(["figure", "value"], [
+            ["total events", tel["total_events"]],
+            ["attempts with known telemetry", tel["attempts_with_known_telemetry"]],
+            ["attempts with events", tel["attempts_with_events"]],
+            ["attempts with events (%)", "n/a" if pct is None else f"{_fmt(pct)}%"],
+            ["overall yield (events/min)", tel["overall_yield_per_minute"]],
+            ["median yield (events/min)", tel["median_yield"]],
+            ["p90 yield (events/min)", tel["p90_yield"]]])),
+        ("Zero-yield reasons", _table(["reason", "attempts"],
+                                      list(report["zero_yield_reasons"].items()))),
+        (f"Top failure fingerprints (top {TOP_FINGERPRINTS})",
+         _table(["attempts", "fingerprint"], [[n, fp] for fp, n in report["top_fingerprints"]],
+                "nf")),
+        ("Durations (seconds, nearest-rank percentiles)",
+         _table(list(DURATION_KEYS), [[report["durations"][k] for k in DURATION_KEYS]], "nnnn")),
+        ("Results by run", _table(
+            ["run", "attempts", "succeeded", "failed", "timeouts", "stopped"],
+            [[run, c["attempts"], c["succeeded"], c["failed"], c["timeouts"], stops.get(run, "")]
+             for run, c in report["by_run"].items()], "tnnnnt")),
+        *([("Runs stopped without attempts", _table(["run", "reason"], other, "tt"))]
+          if other else []),
+        (f"Leaked processes: {len(leaks)}", _table(
+            ["run / phase", "pid", "name", "command line"],
+            [[f"{p['run_id']} / {p['phase_id']}", p["pid"], p["name"], shlex.join(p["cmdline"])]
+             for p in leaks], "tntc")),
+    ]
+
+
+def render_html(session: LoadedSession, report: dict[str, Any]) -> str:
+    """The analysis of ``session`` (``report`` is ``analyze(session)``) as one HTML document:
+    session header, totals, recommendations, the four charts, then the detailed tables."""
+    recs = report["recommendations"]
+    advice = ("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in recs) + "</ul>" if recs else
+              '<p class="note">none: nothing in the figures calls for a change</p>')
+    header = _table(["session", report["session_id"]], [
+        ["source", report["source"]], ["started", report.get("started_at")],
+        ["completed", report.get("completed_at")], ["stop reason", report["stop_reason"]]], "tt")
+    sections = [
+        ("Totals", _totals(report)),
+        ("Recommendations", advice),
+        ("Lane timeline", _timeline(session)),
+        ("Duration histogram", _histogram(session)),
+        ("Top failure fingerprints", _fingerprints(report)),
+        ("Telemetry yield per attempt", _yield(session)),
+        *_details(report),
+    ]
+    title = f"drainer analysis: session {report['session_id']}"
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{_e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+        f"<h1>{_e(title)}</h1>", header,
+        *(f"<h2>{_e(heading)}</h2>\n{body}" for heading, body in sections),
+        "</body>", "</html>", ""])

@@ -1,0 +1,204 @@
+"""One attempt: spawn the worker, pump its output, enforce the timeout, kill its tree.
+
+The result is filled in as the attempt goes, on ``Supervisor.result``, so a caller whose
+scope was cancelled (deadline, Ctrl-C, embedding caller) still has what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process
+
+from . import proctree
+from .models import LeakedProcess
+from .sinks import LogSink
+
+log = logging.getLogger(__name__)
+
+PIPE_DRAIN_TIMEOUT = 2.0  #: after the sweep, how long a pipe may stay open before we stop reading
+RSS_SAMPLE_INTERVAL = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttemptSpec:
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: Path
+    attempt_id: str
+    stdout_path: Path
+    stderr_path: Path
+    timeout: float | None
+    kill_grace_period: float
+    max_log_bytes: int
+    secrets: tuple[str, ...] = ()
+    kill_leaks: bool = True
+
+
+@dataclass
+class ProcessResult:
+    returncode: int | None = None
+    pid: int | None = None
+    spawn_error: str | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    started: float = 0.0
+    duration: float = 0.0
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    peak_rss_bytes: int | None = None
+    leaked: list[LeakedProcess] = field(default_factory=list)
+    killed_pids: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    """Runs one attempt to completion; see :meth:`run`."""
+
+    def __init__(
+        self,
+        spec: AttemptSpec,
+        *,
+        on_spawn: Callable[[int, float | None], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self._on_spawn = on_spawn
+        self.result = ProcessResult()
+        self._process: Process | None = None
+        self._started_ticks: int | None = None
+
+    async def run(self) -> ProcessResult:
+        """Run the attempt. On cancellation, kill the whole tree (shielded) and re-raise."""
+        spec = self.spec
+        out = LogSink(spec.stdout_path, max_bytes=spec.max_log_bytes, secrets=spec.secrets)
+        err = LogSink(spec.stderr_path, max_bytes=spec.max_log_bytes, secrets=spec.secrets)
+        try:
+            async with out, err:
+                await self._run(out, err)
+        finally:
+            self.result.stdout_tail = out.tail()
+            self.result.stderr_tail = err.tail()
+            self.result.stdout_bytes = out.received
+            self.result.stderr_bytes = err.received
+        return self.result
+
+    async def _run(self, out: LogSink, err: LogSink) -> None:
+        spec, result = self.spec, self.result
+        result.started = time.monotonic()
+        try:
+            process = await anyio.open_process(
+                list(spec.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=spec.cwd,
+                env=dict(spec.env),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            result.spawn_error = f"cannot start worker {spec.argv[0]!r}: {exc.strerror or exc}"
+            return
+        self._process = process
+        result.pid = process.pid
+        self._started_ticks = proctree.start_ticks(process.pid)
+        assert process.stdout is not None and process.stderr is not None
+        pumps_done = anyio.Event()
+        try:
+            if self._on_spawn is not None:
+                # pid + create time identify the worker later, even if its pid is reused.
+                # Inside the try: if recording it fails, the worker is still killed.
+                self._on_spawn(process.pid, proctree.create_time(process.pid))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump_both, process.stdout, process.stderr, out, err,
+                              pumps_done)
+                tg.start_soon(self._sample_rss, process.pid)
+                with anyio.move_on_after(spec.timeout) as timeout_scope:
+                    await process.wait()
+                if timeout_scope.cancelled_caught:
+                    result.timed_out = True
+                    await self._kill_tree()
+                result.returncode = process.returncode
+                result.duration = time.monotonic() - result.started
+                await self._sweep()
+                with anyio.move_on_after(PIPE_DRAIN_TIMEOUT):
+                    await pumps_done.wait()
+                tg.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled from outside (deadline, signal, embedding caller): the tree dies
+            # before the cancellation goes on.
+            result.cancelled = process.returncode is None or result.cancelled
+            with anyio.CancelScope(shield=True):
+                await self._kill_tree()
+                result.returncode = process.returncode
+                result.duration = time.monotonic() - result.started
+                await self._sweep()
+            raise
+        finally:
+            # Closes our ends of the pipes and reaps; the process has exited by now.
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
+
+    async def _pump_both(
+        self,
+        stdout: ByteReceiveStream,
+        stderr: ByteReceiveStream,
+        out: LogSink,
+        err: LogSink,
+        done: anyio.Event,
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(out.pump, stdout)
+            tg.start_soon(err.pump, stderr)
+        done.set()
+
+    async def _sample_rss(self, pid: int) -> None:
+        while True:
+            await anyio.sleep(RSS_SAMPLE_INTERVAL)
+            rss = await anyio.to_thread.run_sync(proctree.tree_rss, pid)
+            if rss and rss > (self.result.peak_rss_bytes or 0):
+                self.result.peak_rss_bytes = rss
+
+    async def _kill_tree(self) -> None:
+        """SIGTERM the tree, wait the grace, SIGKILL, then reap our child. Shielded."""
+        process = self._process
+        assert process is not None
+        spec = self.spec
+        with anyio.CancelScope(shield=True):
+            killed = await anyio.to_thread.run_sync(
+                lambda: proctree.kill_attempt(
+                    process.pid, spec.attempt_id, grace=spec.kill_grace_period,
+                    group=process.pid, started_after=self._started_ticks,
+                )
+            )
+            self.result.killed_pids.extend(p.pid for p in killed)
+            if process.returncode is None:
+                with anyio.move_on_after(spec.kill_grace_period + 5):
+                    await process.wait()
+            if process.returncode is None:  # pragma: no cover - unkillable (D state)
+                process.kill()
+                await process.wait()
+
+    async def _sweep(self) -> None:
+        """Record (and kill, by policy) what still carries the attempt's marker."""
+        process = self._process
+        assert process is not None
+        spec = self.spec
+        with anyio.CancelScope(shield=True):
+            leaked = await anyio.to_thread.run_sync(
+                lambda: proctree.sweep_leaks(
+                    spec.attempt_id,
+                    group=process.pid,
+                    kill=spec.kill_leaks,
+                    grace=spec.kill_grace_period,
+                    started_after=self._started_ticks,
+                )
+            )
+        known = {p.pid for p in self.result.leaked}
+        self.result.leaked.extend(p for p in leaked if p.pid not in known)

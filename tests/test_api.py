@@ -1,0 +1,105 @@
+"""The embedding API inside an already-running event loop, next to other tasks."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import anyio
+import pytest
+
+from conftest import Env, create_backlog, phase_states
+from drainer import (
+    AttemptFinished,
+    AttemptStarted,
+    DrainConfig,
+    DrainEvent,
+    SessionStopped,
+    UsageError,
+    drain,
+    open_drainer,
+)
+from test_resume import _processes_with
+
+pytestmark = pytest.mark.anyio
+
+
+def _config(env: Env, kind: str, **kw: object) -> DrainConfig:
+    return DrainConfig(
+        database_url=env.url,
+        command=[sys.executable, str(env.worker), "{run_id}", "{phase_id}"],
+        session_dir=env.sessions,
+        env=(("TEST_OUT", str(env.out)), ("WORKER_KIND", kind)),
+        kill_grace_period=0.5,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_cancelling_the_callers_scope_mid_attempt_cleans_up(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 1, "FAILED", None)])
+    ticks = 0
+
+    async def other_work() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0.01)
+
+    async with open_drainer(_config(env, "hang")) as d, anyio.create_task_group() as tg:
+        tg.start_soon(other_work)
+        tg.start_soon(d.run)
+        async for event in d.events():
+            if isinstance(event, AttemptStarted):
+                with anyio.fail_after(30):
+                    # The worker's only signal is the file it writes once EXECUTING.
+                    while not list(env.out.glob("hung.*")):  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                tg.cancel_scope.cancel()  # the host application cancels
+                break
+    assert ticks > 0  # the host's other task ran alongside
+    state, reason = phase_states(env.db)[("run-0", "P")]
+    assert state == "FAILED" and (reason or "").startswith("drainer:")
+    assert phase_states(env.db)[("run-1", "P")] == ("FAILED", None)  # never started
+    assert _processes_with(f"DRAINER_SESSION_ID={d.session_id}") == []
+    events = [json.loads(line) for line in
+              (env.sessions / d.session_id / "journal.jsonl").read_text().splitlines()]
+    types = [e["type"] for e in events]
+    assert types[-2:] == ["attempt_finished", "session_stopped"]
+    assert events[-2]["cancelled"] is True and events[-1]["stop_reason"] == "cancelled"
+
+
+async def test_events_statistics_and_a_graceful_stop(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(4)])
+    seen: list[str] = []
+    async with open_drainer(_config(env, "ok")) as d, anyio.create_task_group() as tg:
+        tg.start_soon(d.run)
+        async for event in d.events():
+            seen.append(type(event).__name__)
+            if isinstance(event, AttemptFinished):
+                assert event.attempt.success
+                d.stop("enough for today")
+    assert seen == ["AttemptStarted", "AttemptFinished", "SessionStopped"]
+    stats = d.statistics()
+    assert (stats.processed, stats.succeeded, stats.in_flight) == (1, 1, 0)
+    assert stats.stop_reason == "enough for today"
+
+
+async def test_drain_with_on_event_and_no_output(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    events: list[DrainEvent] = []
+    summary = await drain(_config(env, "ok"), events.append)
+    assert summary.exit_code == 0 and summary.total_success == 1
+    assert [type(e) for e in events] == [AttemptStarted, AttemptFinished, SessionStopped]
+    assert capsys.readouterr() == ("", "")  # a library prints nothing unless asked
+
+
+async def test_a_drainer_cannot_be_reopened_or_run_twice(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    async with open_drainer(_config(env, "ok")) as d:
+        await d.run()
+        with pytest.raises(UsageError, match="already called"):
+            await d.run()
+    with pytest.raises(UsageError, match="cannot be reopened"):
+        async with d:
+            pass
+    await d.aclose()  # idempotent

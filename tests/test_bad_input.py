@@ -1,0 +1,208 @@
+"""Every bad input: one clear line on stderr, exit code 2, nothing changed or created."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Env, create_backlog, file_digest
+from drainer.errors import SessionError
+from drainer.journal import read_journal
+
+
+def _assert_one_line_error(proc: object, *needles: str) -> str:
+    rc, stderr = proc.returncode, proc.stderr  # type: ignore[attr-defined]
+    assert rc == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("drainer: error: "), lines[0]
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def good_db(env: Env) -> Env:
+    create_backlog(env.db, [("run-a", "P1", 0, "FAILED", None)])
+    return env
+
+
+CASES = {
+    "unknown placeholder": (["--command", "python w.py {run}"], "unknown placeholder {run}"),
+    "negative batch size": (["--batch-size", "-1"], "--batch-size"),
+    "zero batch size": (["--batch-size", "0"], "--batch-size"),
+    "negative timeout": (["--phase-timeout-seconds", "-5"], "--phase-timeout-seconds"),
+    "negative minutes": (["--max-total-minutes", "-1"], "--max-total-minutes"),
+    "negative log cap": (["--max-log-bytes", "-1"], "--max-log-bytes"),
+    "negative grace": (["--kill-grace-seconds", "-1"], "--kill-grace-seconds"),
+    "negative attempts": (["--max-attempts-per-phase", "-2"], "--max-attempts-per-phase"),
+    "negative timeouts per run": (["--max-timeouts-per-run", "-1"], "--max-timeouts-per-run"),
+    "negative zero-yield": (["--max-consecutive-zero-yield", "-3"], "--max-consecutive"),
+    "not a number": (["--batch-size", "ten"], "--batch-size"),
+    "bad env pair": (["--env", "NOEQUALS"], "--env"),
+    "zero lanes": (["--lanes", "0"], "--lanes"),
+    "bad leak pattern": (["--leak-pattern", "(unclosed"], "--leak-pattern"),
+    "api command without port": (["--api-command", "python -m http.server"], "{port}"),
+    "negative lease ttl": (["--lease-ttl-seconds", "-1"], "--lease-ttl-seconds"),
+    "resume unknown session": (["--resume", "batch-drain-20990101-000000-dead"], "no session"),
+    "missing worker program": (["--command", "/nonexistent/worker {run_id}"], "/nonexistent/worker"),
+    "unbalanced quotes": (["--command", "python 'oops"], "--command"),
+    "api url with bad port": (["--api-url", "http://localhost:99999"], "--api-url"),
+    "api url not http": (["--api-url", "ftp://host/x"], "--api-url"),
+    "infinite grace": (["--kill-grace-seconds", "inf"], "--kill-grace-seconds"),
+    "missing workspace": (["--workspace", "/nonexistent/ws"], "--workspace"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_option(good_db: Env, case: str) -> None:
+    extra, needle = CASES[case]
+    before = file_digest(good_db.db)
+    proc = good_db.run_cli("run", *good_db.base_args(), *extra)
+    _assert_one_line_error(proc, needle)
+    assert file_digest(good_db.db) == before
+    assert not good_db.sessions.exists()
+    assert good_db.argv_records() == []
+
+
+def test_no_database_named(env: Env) -> None:
+    args = [a for a in env.base_args() if a != env.url and a != "--database-url"]
+    proc = env.run_cli("run", *args)
+    _assert_one_line_error(proc, "--database-url", "DATABASE_URL")
+
+
+def test_database_url_from_environment(good_db: Env) -> None:
+    args = good_db.base_args()
+    i = args.index("--database-url")
+    del args[i : i + 2]
+    proc = good_db.run_cli("run", *args, env=good_db.worker_env(DATABASE_URL=good_db.url))
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("mysql://u@h/db", "unsupported database URL scheme"),
+        ("not a url at all", "bad database URL"),
+        ("sqlite://", "SQLite URL needs a file path"),
+        ("sqlite:///:memory:", "SQLite URL needs a file path"),
+    ],
+)
+def test_bad_url(env: Env, url: str, needle: str) -> None:
+    args = env.base_args()
+    args[args.index("--database-url") + 1] = url
+    proc = env.run_cli("run", *args)
+    _assert_one_line_error(proc, needle)
+    assert not env.sessions.exists()
+
+
+def test_missing_database_file_is_not_created(env: Env) -> None:
+    proc = env.run_cli("run", *env.base_args())
+    _assert_one_line_error(proc, "does not exist")
+    assert not env.db.exists()
+    assert not env.sessions.exists()
+
+
+def test_malformed_database(env: Env) -> None:
+    env.db.write_bytes(b"this is not a database, just some text\n" * 10)
+    before = file_digest(env.db)
+    proc = env.run_cli("run", *env.base_args())
+    _assert_one_line_error(proc, "not a SQLite database")
+    assert file_digest(env.db) == before
+
+
+def test_truncated_database(env: Env) -> None:
+    create_backlog(env.db, [("run-a", "P1", 0, "FAILED", None)])
+    env.db.write_bytes(env.db.read_bytes()[:2000])
+    before = file_digest(env.db)
+    proc = env.run_cli("run", *env.base_args())
+    _assert_one_line_error(proc)
+    assert file_digest(env.db) == before
+    assert not env.sessions.exists()
+
+
+def test_missing_tables(env: Env) -> None:
+    conn = sqlite3.connect(env.db)
+    conn.execute("CREATE TABLE runs (id TEXT PRIMARY KEY)")
+    conn.commit()
+    conn.close()
+    before = file_digest(env.db)
+    proc = env.run_cli("run", *env.base_args())
+    _assert_one_line_error(proc, "no 'phases' table")
+    assert file_digest(env.db) == before
+
+
+def test_missing_columns(env: Env) -> None:
+    conn = sqlite3.connect(env.db)
+    conn.execute("CREATE TABLE phases (run_id TEXT, phase_id TEXT, state TEXT)")
+    conn.commit()
+    conn.close()
+    proc = env.run_cli("run", *env.base_args())
+    _assert_one_line_error(proc, "phase_index", "last_failure_reason")
+
+
+def test_empty_database_guard(env: Env) -> None:
+    create_backlog(env.db, [])
+    before = file_digest(env.db)
+    proc = env.run_cli("run", *env.base_args())
+    _assert_one_line_error(proc, "no phases at all", "--allow-empty-db")
+    assert file_digest(env.db) == before
+    proc = env.run_cli("run", *env.base_args(), "--allow-empty-db")
+    assert proc.returncode == 0, proc.stderr
+    assert "Stop reason: no_candidates" in proc.stdout
+
+
+def test_unwritable_session_dir(good_db: Env) -> None:
+    blocker = good_db.tmp / "a-file"
+    blocker.write_text("x")
+    args = good_db.base_args()
+    args[args.index("--session-dir") + 1] = str(blocker / "sessions")
+    before = file_digest(good_db.db)
+    proc = good_db.run_cli("run", *args)
+    _assert_one_line_error(proc, "session directory")
+    assert file_digest(good_db.db) == before
+    assert good_db.argv_records() == []
+
+
+def test_corrupt_journal_is_reported(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.jsonl"
+    journal.write_bytes(b'{"type": "session_started"}\nnot json\n{"type": "x"}\n')
+    with pytest.raises(SessionError, match="line 2 is not JSON"):
+        read_journal(journal)
+
+
+def test_torn_last_journal_line_is_tolerated(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.jsonl"
+    journal.write_bytes(b'{"type": "session_started"}\n{"type": "attempt_sta')
+    assert read_journal(journal) == [{"type": "session_started"}]
+
+
+def test_plan_writes_nothing(good_db: Env) -> None:
+    create_backlog(good_db.tmp / "unused.db", [])
+    before = file_digest(good_db.db)
+    listing = sorted(p.name for p in good_db.tmp.iterdir())
+    proc = good_db.run_cli("plan", *good_db.base_args())
+    assert proc.returncode == 0, proc.stderr
+    assert "1. run-a / P1" in proc.stdout
+    assert file_digest(good_db.db) == before
+    assert sorted(p.name for p in good_db.tmp.iterdir()) == listing  # no -wal, no sessions
+    assert good_db.argv_records() == []
+
+
+def test_help_reads_well() -> None:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "drainer", "run", "--help"],
+                          capture_output=True, text=True, check=True)
+    for flag in ("--batch-size", "--run-id", "--dry-run", "--resume", "--skip-runs-with-queued",
+                 "--no-skip-runs-with-queued", "--api-url", "--phase-timeout-seconds",
+                 "--max-total-minutes", "--max-timeouts-per-run", "--max-attempts-per-phase",
+                 "--max-fingerprint-repeats", "--skip-run-prefix",
+                 "--max-consecutive-zero-yield", "--allow-empty-db", "--database-url",
+                 "--command", "--workspace", "--session-dir", "--env", "--max-log-bytes",
+                 "--kill-grace-seconds", "--lanes"):
+        assert flag in proc.stdout, flag

@@ -1,0 +1,41 @@
+"""`python -m drainer demo`, the README's first command, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_drains_a_batch_and_says_what_next(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "drainer", "demo", "--dir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "274 FAILED phases across 56 runs" in out
+    assert "[30/30] [lane " in out and "Draining:" in out
+    assert "[TIMEOUT]" in out and "[LEAK]" in out and "[OK]" in out and "[FAIL]" in out
+    assert "What to try next:" in out
+    (snapshot,) = (tmp_path / "demo" / "sessions").glob("batch-drain-*.json")
+    snap = json.loads(snapshot.read_text())
+    assert snap["total_processed"] == 30
+    assert snap["total_timeouts"] == 2
+    leaks = [p for r in snap["results"] for p in r["leaked_processes"]]
+    assert len(leaks) == 1 and "uvicorn" in leaks[0]["cmdline"]
+    assert not psutil.pid_exists(leaks[0]["pid"]) or (
+        psutil.Process(leaks[0]["pid"]).status() == psutil.STATUS_ZOMBIE
+    )
+    # Nothing left mid-flight in the backlog.
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "demo" / "backlog.db")
+    stuck = conn.execute("SELECT count(*) FROM phases WHERE state = 'EXECUTING'").fetchone()[0]
+    conn.close()
+    assert stuck == 0

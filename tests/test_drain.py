@@ -1,0 +1,194 @@
+"""End to end through the CLI: real worker subprocesses against real SQLite backlogs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+from conftest import Env, create_backlog, only_session, phase_states
+
+SNAPSHOT_FIELDS = {
+    "session_id", "started_at", "completed_at", "batch_size", "total_processed",
+    "total_success", "total_failed", "total_timeouts", "total_telemetry_events",
+    "fingerprint_counts", "stopped_fingerprints", "stopped_runs", "results", "lanes",
+    "stop_reason", "config", "host", "drainer_version",
+}
+RESULT_FIELDS = {
+    "run_id", "phase_id", "phase_index", "initial_state", "final_state", "success",
+    "error_message", "timestamp", "subprocess_returncode", "subprocess_duration_seconds",
+    "subprocess_stdout_path", "subprocess_stderr_path", "subprocess_stdout_excerpt",
+    "subprocess_stderr_excerpt", "failure_fingerprint", "telemetry_events_collected",
+    "telemetry_yield_per_minute", "reached_llm_boundary", "zero_yield_reason", "attempt_id",
+    "attempt_number", "lane", "started_at", "finished_at", "timed_out", "cancelled",
+    "state_restored", "leaked_processes", "peak_rss_bytes", "stdout_bytes", "stderr_bytes",
+}
+
+
+def test_queued_phase_is_skipped_and_its_runs_failed_phases_drained(env: Env) -> None:
+    phases = [("run-q", "P0", 0, "QUEUED", None)]
+    phases += [("run-q", f"P{i}", i, "FAILED", "Deliverable missing") for i in range(1, 6)]
+    create_backlog(env.db, phases)
+    proc = env.run_cli("run", *env.base_args(), "--batch-size", "10")
+    assert proc.returncode == 0, proc.stderr
+    states = phase_states(env.db)
+    assert states[("run-q", "P0")] == ("QUEUED", None)
+    assert all(states[("run-q", f"P{i}")][0] == "COMPLETE" for i in range(1, 6))
+    drained = [argv[1] for argv in env.argv_records()]
+    assert drained == ["P1", "P2", "P3", "P4", "P5"]  # priority order: phase_index
+    assert "[5/10] Draining: run-q / P5" in proc.stdout
+    assert "Stop reason: no_candidates" in proc.stdout
+
+
+def test_worker_leaving_phase_executing_gets_it_restored(env: Env) -> None:
+    create_backlog(env.db, [("run-x", "P1", 0, "FAILED", "old reason")])
+    proc = env.run_cli(
+        "run", *env.base_args(), "--max-attempts-per-phase", "1",
+        env=env.worker_env(WORKER_KIND="leave_executing"),
+    )
+    assert proc.returncode == 1, proc.stderr
+    state, reason = phase_states(env.db)[("run-x", "P1")]
+    assert state == "FAILED"
+    assert reason is not None and reason.startswith("drainer:")
+    snapshot, _ = only_session(env.sessions)
+    (result,) = json.loads(snapshot.read_text())["results"]
+    assert result["state_restored"] is True
+    assert result["final_state"] == "FAILED"
+    assert result["subprocess_returncode"] == 3
+    assert "crashing while EXECUTING" in result["error_message"]
+    assert "[RESTORED]" in proc.stdout
+
+
+def test_run_id_with_shell_metacharacters_is_one_argument(env: Env) -> None:
+    evil = 'x; touch pwned1 && $(touch pwned2) `touch pwned3` | touch "pwned4"'
+    create_backlog(env.db, [(evil, "P1", 0, "FAILED", None)])
+    proc = env.run_cli("run", *env.base_args())
+    assert proc.returncode == 0, proc.stderr
+    assert env.argv_records() == [[evil, "P1"]]
+    created = [p.name for p in env.tmp.rglob("pwned*")] + [p.name for p in Path.cwd().glob("pwned*")]
+    assert created == []
+
+
+def test_phase_id_with_dot_dot_cannot_write_outside_logs(env: Env) -> None:
+    ids = ["../../../escape", "..", "a/../../b", "/abs/path", "..\\..\\win"]
+    create_backlog(env.db, [("run-p", pid, i, "FAILED", None) for i, pid in enumerate(ids)])
+    before = {p for p in env.tmp.rglob("*")}
+    proc = env.run_cli("run", *env.base_args())
+    assert proc.returncode == 0, proc.stderr
+    _, session = only_session(env.sessions)
+    logs = (session / "logs").resolve()
+    new = {p for p in env.tmp.rglob("*")} - before
+    new_files = {p for p in new if p.is_file()}
+    outside = {
+        p for p in new_files
+        if logs not in p.resolve().parents and p.parent.resolve() != session.resolve()
+        and p.parent.resolve() != env.sessions.resolve() and p.parent != env.out
+        and not p.name.startswith("backlog.db")
+    }
+    assert outside == set()
+    assert len(list(logs.iterdir())) == 2 * len(ids)  # one pair per attempt, none shared
+    assert not (env.tmp.parent / "escape").exists()
+    assert not Path("/abs").exists()
+
+
+def test_session_files_have_every_field(env: Env) -> None:
+    create_backlog(env.db, [("run-a", "P1", 0, "FAILED", None), ("run-b", "P1", 0, "FAILED", None)])
+    proc = env.run_cli(
+        "run", *env.base_args(), "--max-attempts-per-phase", "1",
+        env=env.worker_env(WORKER_KIND="fail"),
+    )
+    assert proc.returncode == 1
+    snapshot_path, session = only_session(env.sessions)
+    snap = json.loads(snapshot_path.read_text())
+    assert set(snap) >= SNAPSHOT_FIELDS
+    assert snap["total_processed"] == 2 and snap["total_failed"] == 2
+    assert snap["stop_reason"] == "no_candidates"
+    assert snap["session_id"] == snapshot_path.stem
+    for result in snap["results"]:
+        assert set(result) >= RESULT_FIELDS
+        assert result["error_message"] == "Deliverable missing: src/x.py"
+        assert result["failure_fingerprint"].startswith("FAILED|rc1|deliverable missing")
+        assert result["telemetry_events_collected"] == 0
+        assert result["zero_yield_reason"] == "failed_before_llm"
+        assert Path(result["subprocess_stdout_path"]).is_file()
+        assert Path(result["subprocess_stderr_path"]).read_text() == "boom\n"
+    events = [json.loads(line) for line in (session / "journal.jsonl").read_text().splitlines()]
+    types = [e["type"] for e in events]
+    assert types == ["session_started",
+                     "attempt_started", "attempt_spawned", "attempt_finished",
+                     "attempt_started", "attempt_spawned", "attempt_finished",
+                     "session_stopped"]
+    assert isinstance(events[2]["pid"], int) and events[2]["create_time"] > 0
+    assert events[1]["attempt_id"] == events[3]["attempt_id"] == snap["results"][0]["attempt_id"]
+    assert sorted(p.name for p in (session / "logs").iterdir()) == [
+        "run-a__P1__1.stderr.txt", "run-a__P1__1.stdout.txt",
+        "run-b__P1__1.stderr.txt", "run-b__P1__1.stdout.txt",
+    ]
+
+
+def test_success_counts_telemetry_and_exits_zero(env: Env) -> None:
+    create_backlog(env.db, [("run-t", "P1", 0, "FAILED", None)])
+    proc = env.run_cli("run", *env.base_args())
+    assert proc.returncode == 0, proc.stderr
+    snapshot, _ = only_session(env.sessions)
+    (result,) = json.loads(snapshot.read_text())["results"]
+    assert result["success"] is True and result["final_state"] == "COMPLETE"
+    assert result["telemetry_events_collected"] == 3
+    assert result["reached_llm_boundary"] is True
+    assert result["error_message"] is None
+    assert "[TELEMETRY] +3 events" in proc.stdout
+
+
+def test_missing_telemetry_tables_make_telemetry_unavailable(env: Env) -> None:
+    create_backlog(env.db, [("run-t", "P1", 0, "FAILED", None)])
+    conn = sqlite3.connect(env.db)
+    conn.execute("DROP TABLE token_budget_escalation_events")
+    conn.execute("DROP TABLE token_estimation_v2_events")
+    conn.commit()
+    conn.close()
+    proc = env.run_cli(
+        "run", *env.base_args(), "--max-attempts-per-phase", "1",
+        env=env.worker_env(WORKER_KIND="fail"),
+    )
+    assert "telemetry is unavailable" in proc.stdout
+    snapshot, _ = only_session(env.sessions)
+    (result,) = json.loads(snapshot.read_text())["results"]
+    assert result["telemetry_events_collected"] is None
+    assert result["zero_yield_reason"] == "unknown"
+
+
+def test_batch_size_limits_attempts(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P1", 0, "FAILED", None) for i in range(5)])
+    proc = env.run_cli("run", *env.base_args(), "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert len(env.argv_records()) == 2
+    assert "Stop reason: batch_size_reached" in proc.stdout
+
+
+def test_timeout_restores_phase_and_session_continues(env: Env) -> None:
+    create_backlog(env.db, [("run-slow", "P1", 0, "FAILED", None), ("run-ok", "P2", 1, "FAILED", None)])
+    hang = (
+        "import os, sqlite3, sys, time\n"
+        "db = sqlite3.connect(os.environ['DATABASE_URL'][10:])\n"
+        "if sys.argv[1] == 'run-slow':\n"
+        "    db.execute(\"UPDATE phases SET state='EXECUTING' WHERE run_id='run-slow'\"); db.commit()\n"
+        "    time.sleep(600)\n"
+        "db.execute(\"UPDATE phases SET state='COMPLETE' WHERE run_id=?\", (sys.argv[1],)); db.commit()\n"
+    )
+    script = env.tmp / "hang.py"
+    script.write_text(hang)
+    args = env.base_args(f"{sys.executable} {script} {{run_id}}")
+    args[args.index("--phase-timeout-seconds") + 1] = "2"
+    proc = env.run_cli("run", *args, "--max-attempts-per-phase", "1")
+    assert proc.returncode == 1
+    states = phase_states(env.db)
+    assert states[("run-slow", "P1")][0] == "FAILED"
+    assert (states[("run-slow", "P1")][1] or "").startswith("drainer: attempt timed out")
+    assert states[("run-ok", "P2")][0] == "COMPLETE"
+    snapshot, _ = only_session(env.sessions)
+    snap = json.loads(snapshot.read_text())
+    assert snap["total_timeouts"] == 1
+    slow = snap["results"][0]
+    assert slow["timed_out"] and slow["failure_fingerprint"].startswith("FAILED|timeout|")
+    assert slow["zero_yield_reason"] == "timeout"

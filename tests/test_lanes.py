@@ -1,0 +1,221 @@
+"""Parallel lanes: never two attempts of one run at once, across lanes and across drainers."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from conftest import Env, create_backlog, only_session, phase_states, wait_for_worker_file
+
+
+def _results(snapshot: Path) -> list[dict[str, Any]]:
+    return list(json.loads(snapshot.read_text())["results"])
+
+
+def _span(r: dict[str, Any]) -> tuple[float, float]:
+    return (datetime.fromisoformat(r["started_at"]).timestamp(),
+            datetime.fromisoformat(r["finished_at"]).timestamp())
+
+
+def _assert_runs_never_overlap(results: list[dict[str, Any]]) -> None:
+    by_run: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        by_run.setdefault(r["run_id"], []).append(_span(r))
+    for run, spans in by_run.items():
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert start >= end, f"two attempts of {run} overlap"
+
+
+def _drain(env: Env, lanes: int, sessions: Path, **worker_env: str) -> tuple[float, Path]:
+    args = env.base_args()
+    args[args.index("--session-dir") + 1] = str(sessions)
+    proc = env.run_cli("run", *args, "--lanes", str(lanes), "--batch-size", "1000",
+                       env=env.worker_env(**worker_env))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    snapshot, _ = only_session(sessions)
+    snap = json.loads(snapshot.read_text())
+    # The drain itself, from session start to end (interpreter start-up is the same for both).
+    took = (datetime.fromisoformat(snap["completed_at"])
+            - datetime.fromisoformat(snap["started_at"])).total_seconds()
+    return took, snapshot
+
+
+@pytest.mark.slow
+def test_four_lanes_keep_runs_sequential_in_priority_order_and_are_3x_faster(
+    env: Env, tmp_path: Path
+) -> None:
+    phases = [(f"run-{r}", f"P{p}", p, "FAILED", None) for r in range(8) for p in range(3)]
+    create_backlog(env.db, phases)
+    seed = env.db.read_bytes()
+    one_lane, _ = _drain(env, 1, tmp_path / "s1", WORKER_SLEEP="0.4")
+    env.db.write_bytes(seed)  # the same backlog again, fresh
+    for extra in ("-wal", "-shm"):
+        Path(f"{env.db}{extra}").unlink(missing_ok=True)
+    four_lanes, snapshot = _drain(env, 4, tmp_path / "s4", WORKER_SLEEP="0.4")
+    results = _results(snapshot)
+    assert len(results) == 24 and all(r["success"] for r in results)
+    assert {r["lane"] for r in results} == {1, 2, 3, 4}
+    _assert_runs_never_overlap(results)
+    for run in {r["run_id"] for r in results}:
+        order = [r["phase_index"] for r in sorted(results, key=lambda r: r["started_at"])
+                 if r["run_id"] == run]
+        assert order == [0, 1, 2], (run, order)
+    assert one_lane / four_lanes >= 3.0, (one_lane, four_lanes)
+
+
+@pytest.mark.slow
+def test_two_drainers_on_one_sqlite_backlog_drain_disjoint_sets(env: Env, tmp_path: Path) -> None:
+    phases = [(f"run-{r}", f"P{p}", p, "FAILED", None) for r in range(12) for p in range(3)]
+    create_backlog(env.db, phases)
+    spans = tmp_path / "spans.jsonl"
+    procs = []
+    for name in ("a", "b"):
+        args = env.base_args()
+        args[args.index("--session-dir") + 1] = str(tmp_path / name)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "drainer", "run", *args, "--lanes", "3", "--batch-size", "500",
+             "--lease-ttl-seconds", "10"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.tmp,
+            env=env.worker_env(WORKER_SLEEP="0.1", WORKER_SPAN_LOG=str(spans)),
+        ))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, out[-2000:] + err
+    a = _results(only_session(tmp_path / "a")[0])
+    b = _results(only_session(tmp_path / "b")[0])
+    keys_a = {(r["run_id"], r["phase_id"]) for r in a}
+    keys_b = {(r["run_id"], r["phase_id"]) for r in b}
+    assert keys_a.isdisjoint(keys_b)
+    assert keys_a | keys_b == {(r, p) for r, p, *_ in phases}
+    assert len(a) + len(b) == len(phases)  # nothing drained twice
+    assert a and b  # both did work
+    _assert_runs_never_overlap(a + b)
+    assert all(state == "COMPLETE" for state, _ in phase_states(env.db).values())
+
+
+@pytest.mark.slow
+def test_eight_lanes_of_writers_never_lock_drainer_out_of_sqlite(env: Env, tmp_path: Path) -> None:
+    phases = [(f"run-{r}", f"P{p}", p, "FAILED", None) for r in range(24) for p in range(2)]
+    create_backlog(env.db, phases)
+    args = [*env.base_args(), "--lanes", "8", "--batch-size", "1000"]
+    proc = env.run_cli("run", *args, env=env.worker_env(WORKER_EVENTS="40"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    assert "locked" not in proc.stdout + proc.stderr
+    results = _results(only_session(env.sessions)[0])
+    assert len(results) == 48
+    assert [r["telemetry_events_collected"] for r in results] == [40] * 48  # exact per phase
+
+
+def test_a_leaked_uvicorn_is_found_killed_and_reported(env: Env) -> None:
+    create_backlog(env.db, [("run-l", "P", 0, "FAILED", None)])
+    proc = env.run_cli("run", *env.base_args(), env=env.worker_env(WORKER_KIND="leak"))
+    assert proc.returncode == 0, proc.stderr
+    (leak_file,) = env.out.glob("leak.*")
+    pid = int(leak_file.read_text())
+    (result,) = _results(only_session(env.sessions)[0])
+    assert [p["pid"] for p in result["leaked_processes"]] == [pid]
+    assert "uvicorn" in result["leaked_processes"][0]["cmdline"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert f"[LEAK] pid {pid}" in proc.stdout
+    assert "leaked processes: 1" in proc.stdout
+
+
+def test_unmarked_leak_is_gauged_and_max_leaks_stops_the_session(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(4)])
+    try:
+        proc = env.run_cli("run", *env.base_args(), "--max-leaks", "1",
+                           env=env.worker_env(WORKER_KIND="leak_unmarked"))
+        snap = json.loads(only_session(env.sessions)[0].read_text())
+        # Each attempt leaves one unmarked uvicorn: the 2nd exceeds --max-leaks 1.
+        assert snap["stop_reason"] == "max_leaks"
+        assert snap["total_processed"] == 2
+        gauged = {p["pid"] for p in snap["leak_gauge"]["processes"]}
+        assert gauged == {int(f.read_text()) for f in env.out.glob("leak.*")}
+        assert "Leak gauge (--leak-pattern uvicorn): 2 process(es)" in proc.stdout
+    finally:
+        for f in env.out.glob("leak.*"):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(int(f.read_text())).kill()
+
+
+API_SERVER = """
+import http.server, os, sys
+with open(os.environ["API_PIDS"], "a") as fh:
+    fh.write(f"{os.getpid()}\\n")
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])),
+                                http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+API_WORKER = """
+import json, os, sqlite3, sys, urllib.request
+url = os.environ["AUTOPACK_API_URL"]
+status = urllib.request.urlopen(url, timeout=10).status
+with open(os.environ["API_SEEN"], "a") as fh:
+    fh.write(json.dumps({"url": url, "status": status}) + "\\n")
+db = sqlite3.connect(os.environ["DATABASE_URL"][len("sqlite:///"):], timeout=30)
+db.execute("UPDATE phases SET state='COMPLETE' WHERE run_id=? AND phase_id=?", tuple(sys.argv[1:3]))
+db.commit()
+"""
+
+
+def test_api_command_starts_exactly_one_server_for_a_multi_lane_session(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(6)])
+    server = env.tmp / "api_server.py"
+    server.write_text(API_SERVER)
+    worker = env.tmp / "api_worker.py"
+    worker.write_text(API_WORKER)
+    pids, seen = env.tmp / "api-pids", env.tmp / "api-seen"
+    args = env.base_args(f"{sys.executable} {worker} {{run_id}} {{phase_id}}")
+    proc = env.run_cli(
+        "run", *args, "--lanes", "3", "--api-command", f"{sys.executable} {server} {{port}}",
+        env=env.worker_env(API_PIDS=str(pids), API_SEEN=str(seen)),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    started = pids.read_text().split()
+    assert len(started) == 1  # one server for the whole session
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(calls) == 6 and {c["status"] for c in calls} == {200}
+    assert len({c["url"] for c in calls}) == 1
+    assert not psutil.pid_exists(int(started[0])) or \
+        psutil.Process(int(started[0])).status() == "zombie"
+    assert "[API] started one server for all workers at http://127.0.0.1:" in proc.stdout
+
+
+def test_api_url_that_does_not_answer_is_exit_2(env: Env) -> None:
+    from drainer.apiserver import free_port
+
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    proc = env.run_cli("run", *env.base_args(), "--api-url", f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2
+    assert "does not answer" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not env.sessions.exists()
+
+
+def test_status_lists_the_live_lease_of_a_running_drainer(env: Env) -> None:
+    create_backlog(env.db, [("run-live", "P", 0, "FAILED", None)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drainer", "run", *env.base_args()],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.tmp,
+        env=env.worker_env(WORKER_KIND="gated"),
+    )
+    try:
+        wait_for_worker_file(env.out, "started.P", proc)
+        status = env.run_cli("status", "--database-url", env.url,
+                             "--session-dir", str(env.sessions))
+        assert status.returncode == 0, status.stderr
+        assert "Live leases (runs being drained now): 1" in status.stdout
+        assert f"run-live / P: host {__import__('socket').gethostname()} pid {proc.pid}" \
+            in status.stdout
+    finally:
+        (env.out / "release").write_text("")
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0

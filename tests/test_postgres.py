@@ -1,0 +1,118 @@
+"""Against the local PostgreSQL: the same contract, and the password never leaks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import Env
+from pg import create_database, drop_database, fetch_states, server_answers
+
+_why_not = server_answers()
+if _why_not is not None and os.environ.get("DRAINER_REQUIRE_PG"):
+    raise RuntimeError(f"DRAINER_REQUIRE_PG is set but {_why_not}")
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(_why_not is not None, reason=_why_not or ""),
+]
+
+PASSWORD = "Sup3r-s3cret-PW"
+
+# A worker for PostgreSQL that prints its DATABASE_URL (password included) on both streams.
+PG_WORKER = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    import asyncpg
+    run_id, phase_id = sys.argv[1], sys.argv[2]
+    url = os.environ["DATABASE_URL"]
+    print("connecting to", url, flush=True)
+    print("debug url:", url, file=sys.stderr, flush=True)
+    async def main():
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("UPDATE phases SET state='EXECUTING' WHERE run_id=$1 AND phase_id=$2",
+                               run_id, phase_id)
+            if phase_id.endswith("ok"):
+                await conn.execute("UPDATE phases SET state='COMPLETE' WHERE run_id=$1 AND phase_id=$2",
+                                   run_id, phase_id)
+            else:
+                await conn.execute(
+                    "UPDATE phases SET state='FAILED', last_failure_reason=$3 "
+                    "WHERE run_id=$1 AND phase_id=$2", run_id, phase_id, "failed using " + url)
+        finally:
+            await conn.close()
+    asyncio.run(main())
+    sys.exit(0 if phase_id.endswith("ok") else 1)
+    """
+)
+
+
+@pytest.fixture
+def pg_db() -> Iterator[str]:
+    name = create_database(
+        [("run-a", "P1-ok", 0, "FAILED", None), ("run-b", "P1-bad", 0, "FAILED", None)]
+    )
+    try:
+        yield name
+    finally:
+        drop_database(name)
+
+
+def test_password_appears_in_no_output_and_no_file(env: Env, pg_db: str) -> None:
+    worker = env.tmp / "pg_worker.py"
+    worker.write_text(PG_WORKER)
+    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{pg_db}"
+    args = env.base_args(f"{sys.executable} {worker} {{run_id}} {{phase_id}}")
+    args[args.index("--database-url") + 1] = url
+    proc = env.run_cli("run", *args, "--max-attempts-per-phase", "1")
+    assert proc.returncode == 1, proc.stderr  # one phase fails on purpose
+    assert PASSWORD not in proc.stdout and PASSWORD not in proc.stderr
+    assert "postgresql://postgres:***@127.0.0.1:5432" in proc.stdout
+    written = [p for p in env.sessions.rglob("*") if p.is_file()]
+    assert len(written) >= 6  # snapshot, journal, 2 x 2 logs
+    for path in written:
+        assert PASSWORD.encode() not in path.read_bytes(), path
+    # The workers did get the real password (they connected with it) ...
+    states = fetch_states(pg_db)
+    assert states[("run-a", "P1-ok")][0] == "COMPLETE"
+    assert states[("run-b", "P1-bad")][0] == "FAILED"
+    # ... and printed it, which the logs show redacted.
+    logs = "".join(p.read_text() for p in written if p.name.endswith(".stdout.txt"))
+    assert logs.count("postgresql://postgres:***@127.0.0.1") == 2
+
+
+def test_unreachable_server_is_one_line_without_password(env: Env) -> None:
+    args = env.base_args()
+    args[args.index("--database-url") + 1] = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/x"
+    proc = env.run_cli("run", *args)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("drainer: error: ")
+    assert PASSWORD not in proc.stderr
+    assert not env.sessions.exists()
+
+
+def test_missing_tables_on_postgres(env: Env) -> None:
+    name = create_database([])
+    try:
+        import asyncio
+
+        import asyncpg
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}")
+            await conn.execute("DROP TABLE phases")
+            await conn.close()
+
+        asyncio.run(drop())
+        args = env.base_args()
+        args[args.index("--database-url") + 1] = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        proc = env.run_cli("run", *args)
+        assert proc.returncode == 2
+        assert "no 'phases' table" in proc.stderr
+    finally:
+        drop_database(name)

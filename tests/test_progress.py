@@ -1,0 +1,85 @@
+"""Progress output: the live view on a terminal, plain lines otherwise, JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+
+from conftest import Env, create_backlog
+from drainer.events import AttemptFinished, AttemptStarted, SessionStopped
+from drainer.live import LiveState, render
+from drainer.models import Attempt
+
+
+def _attempt(lane: int, *, success: bool, timed_out: bool = False, duration: float = 30.0,
+             events: int = 0) -> Attempt:
+    return Attempt(run_id=f"run-{lane}", phase_id="P", phase_index=0, initial_state="FAILED",
+                   attempt_id=str(lane), attempt_number=1, lane=lane, started_at="",
+                   success=success, timed_out=timed_out, subprocess_duration_seconds=duration,
+                   telemetry_events_collected=events, final_state="COMPLETE" if success else "FAILED")
+
+
+def test_render_shows_counts_eta_and_one_row_per_lane() -> None:
+    state = LiveState(total=10, lanes=2)
+    state.apply(AttemptStarted("s", "1", "run-1", "P", 1, 1, ""), now=100.0)
+    state.apply(AttemptFinished("s", _attempt(1, success=True, events=6)), now=130.0)
+    state.apply(AttemptStarted("s", "2", "run-2", "P", 1, 2, ""), now=130.0)
+    state.apply(AttemptFinished("s", _attempt(2, success=False, timed_out=True)), now=160.0)
+    state.apply(AttemptStarted("s", "3", "run-big", "P9", 1, 1, ""), now=160.0)
+    lines = render(state, now=225.0)
+    # 2 done, 8 left, mean 30 s over 2 lanes: 120 s. Telemetry 6 events in 1 minute.
+    assert lines[0] == ("[2/10] ok 1  fail 0  timeout 1  telemetry 6 (6.0/min)  "
+                        "ETA 0:02:00")
+    assert lines[1] == "  lane 1: run-big / P9  0:01:05"
+    assert lines[2] == "  lane 2: idle"
+    state.apply(SessionStopped("s", "batch_size_reached", 2, 1, 1, "x"), now=230.0)
+    assert render(state, now=230.0)[0].endswith("stopped: batch_size_reached")
+
+
+def test_live_view_under_a_pseudo_terminal(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(3)])
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drainer", "run", *env.base_args(), "--lanes", "2"],
+        stdout=terminal, stderr=terminal, env=env.worker_env(), cwd=env.tmp,
+    )
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the program ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(controller)
+    screen = b"".join(chunks).decode()
+    assert proc.returncode == 0, screen
+    assert "\x1b[" in screen  # the footer was redrawn in place
+    assert "lane 1:" in screen and "lane 2:" in screen
+    assert "[3/10] ok 3  fail 0  timeout 0" in screen
+    assert "Stop reason: no_candidates" in screen  # the summary still prints
+
+
+def test_plain_lines_when_not_a_terminal(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    proc = env.run_cli("run", *env.base_args())
+    assert proc.returncode == 0
+    assert "\x1b[" not in proc.stdout
+    assert "[1/10] Draining: run-0 / P" in proc.stdout
+
+
+def test_json_output_is_one_event_object_per_line(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(2)])
+    proc = env.run_cli("run", *env.base_args(), "--json")
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["attempt_started", "attempt_finished"] * 2 + [
+        "session_stopped"]
+    assert events[1]["success"] is True and events[1]["run_id"] == "run-0"
+    assert events[-1]["stop_reason"] == "no_candidates" and events[-1]["processed"] == 2

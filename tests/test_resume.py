@@ -1,0 +1,209 @@
+"""Crash safety: SIGKILL drainer at several points, resume each time, lose nothing.
+Signals: the first SIGINT lets in-flight attempts finish, the second kills them now."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from typing import IO
+
+import psutil
+import pytest
+
+from conftest import Env, create_backlog, only_session, phase_states, wait_for_worker_file
+
+
+def _processes_with(text: str) -> list[int]:
+    """Live processes whose environment holds ``text`` (e.g. this session's id)."""
+    found = []
+    needle = text.encode()
+    for proc in psutil.process_iter():
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as fh:
+                if needle in fh.read() and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def _journal(env: Env) -> list[dict[str, object]]:
+    _, session = only_session(env.sessions)
+    return [json.loads(line) for line in (session / "journal.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_kill_9_at_several_points_then_resume_loses_and_doubles_nothing(env: Env) -> None:
+    phases = [(f"run-{r}", f"P{p}", p, "FAILED", None) for r in range(6) for p in range(2)]
+    create_backlog(env.db, phases)
+    args = [*env.base_args(), "--batch-size", "100", "--max-attempts-per-phase", "1",
+            "--kill-grace-seconds", "0.5", "--max-fingerprint-repeats", "100"]
+    # 1st run dies before its 3rd spawn; 2nd while a (hanging, setsid-grandchild) worker
+    # runs; 3rd between a worker's exit and the journal write; the 4th finishes.
+    crashes = ["before_spawn:3", "worker_running:1", "after_exit:2"]
+    for n, crash in enumerate(crashes):
+        if crash.startswith("worker_running"):
+            (env.out / "hang-next").write_text("")  # the next worker hangs, EXECUTING
+        extra = ["--resume"] if n else []
+        proc = env.run_cli("run", *args, *extra,
+                           env=env.worker_env(DRAINER_CRASH_AT=crash, WORKER_KIND="fail"))
+        assert proc.returncode == -signal.SIGKILL, (crash, proc.stdout, proc.stderr)
+    final = env.run_cli("run", *args, "--resume", env=env.worker_env(WORKER_KIND="fail"))
+    assert final.returncode == 1, final.stderr  # attempts fail by design
+    assert "[RESUME] session" in final.stdout and "[RECONCILED]" in final.stdout
+
+    snapshot_path, _ = only_session(env.sessions)  # one session across all four runs
+    snap = json.loads(snapshot_path.read_text())
+    events = _journal(env)
+    started = [e["attempt_id"] for e in events if e["type"] == "attempt_started"]
+    finished = [e["attempt_id"] for e in events if e["type"] == "attempt_finished"]
+    assert len(started) == len(set(started))  # no attempt id reused
+    assert sorted(started) == sorted(finished)  # every start has exactly one finish
+    assert sorted(r["attempt_id"] for r in snap["results"]) == sorted(started)
+    interrupted = [r for r in snap["results"] if r["interrupted"]]
+    assert len(interrupted) == 3
+    # Every phase was attempted, and at most once outside interrupted attempts.
+    real = Counter((r["run_id"], r["phase_id"]) for r in snap["results"] if not r["interrupted"])
+    assert set(real) | {(r["run_id"], r["phase_id"]) for r in interrupted} == {
+        (r, p) for r, p, *_ in phases
+    }
+    assert max(real.values()) == 1
+    # Nothing stuck, nothing left running.
+    assert all(state in ("FAILED", "COMPLETE") for state, _ in phase_states(env.db).values())
+    assert _processes_with(f"DRAINER_SESSION_ID={snap['session_id']}") == []
+    hung = list(env.out.glob("hung.*"))
+    assert len(hung) == 1
+    grandchild = int(hung[0].read_text())
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == "zombie"
+    assert snap["stop_reason"] == "no_candidates"
+
+
+def _start(env: Env, *args: str, **worker_env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "drainer", "run", *env.base_args(), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env.worker_env(**worker_env), cwd=env.tmp,
+    )
+
+
+def _read_until(stream: IO[str], needle: str) -> str:
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never printed:\n{''.join(seen)}")
+
+
+
+
+def test_first_sigint_lets_the_attempt_finish_then_resume_continues(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(3)])
+    proc = _start(env, "--stop-grace-seconds", "60", WORKER_KIND="gated")
+    assert proc.stdout is not None
+    wait_for_worker_file(env.out, "started.P", proc)
+    proc.send_signal(signal.SIGINT)
+    _read_until(proc.stdout, "[STOP] SIGINT received")
+    (env.out / "release").write_text("")  # now let the in-flight worker finish
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Resume with: python -m drainer run --resume batch-drain-" in rest
+    snapshot, _ = only_session(env.sessions)
+    snap = json.loads(snapshot.read_text())
+    assert snap["stop_reason"] == "signal"
+    (result,) = snap["results"]
+    assert result["success"] is True and result["cancelled"] is False
+
+    resumed = env.run_cli("run", *env.base_args(), "--resume",
+                          env=env.worker_env(WORKER_KIND="ok"))
+    assert resumed.returncode == 0, resumed.stderr
+    snap = json.loads(snapshot.read_text())
+    assert sorted(r["run_id"] for r in snap["results"]) == ["run-0", "run-1", "run-2"]
+    assert snap["stop_reason"] == "no_candidates"
+    again = env.run_cli("run", *env.base_args(), "--resume", snap["session_id"])
+    assert again.returncode == 2 and "cannot be resumed" in again.stderr
+
+
+def test_second_sigint_kills_the_attempt_now(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 0, "FAILED", None)])
+    proc = _start(env, "--stop-grace-seconds", "600", WORKER_KIND="hang")
+    assert proc.stdout is not None
+    _read_until(proc.stdout, "Draining: run-0 / P")
+    wait_for_worker_file(env.out, "hung.*", proc)
+    proc.send_signal(signal.SIGINT)
+    _read_until(proc.stdout, "[STOP] SIGINT received")
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "killing in-flight attempts now" in rest
+    snapshot, _ = only_session(env.sessions)
+    snap = json.loads(snapshot.read_text())
+    (result,) = snap["results"]
+    assert result["cancelled"] is True and result["state_restored"] is True
+    state, reason = phase_states(env.db)[("run-0", "P")]
+    assert state == "FAILED" and (reason or "").startswith("drainer:")
+    assert _processes_with(f"DRAINER_SESSION_ID={snap['session_id']}") == []
+
+
+def test_sigterm_is_handled_like_sigint(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    proc = _start(env, WORKER_KIND="gated")
+    assert proc.stdout is not None
+    wait_for_worker_file(env.out, "started.P", proc)
+    proc.send_signal(signal.SIGTERM)
+    _read_until(proc.stdout, "[STOP] SIGTERM received")
+    (env.out / "release").write_text("")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert os.path.exists(only_session(env.sessions)[0])
+
+
+def test_resume_keeps_the_session_options_unless_given_again(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(8)])
+    first = env.run_cli("run", *env.base_args(), "--batch-size", "3",
+                        env=env.worker_env(DRAINER_CRASH_AT="after_exit:2"))
+    assert first.returncode == -signal.SIGKILL
+    # Not repeating --batch-size: the session's 3 still holds (1 done + 1 interrupted).
+    resumed = env.run_cli("run", *env.base_args(), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    snapshot, _ = only_session(env.sessions)
+    snap = json.loads(snapshot.read_text())
+    assert snap["batch_size"] == 3 and snap["stop_reason"] == "batch_size_reached"
+    assert sum(1 for r in snap["results"] if not r["interrupted"]) == 3
+
+
+def test_resume_with_an_option_given_again_uses_the_new_value(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(8)])
+    env.run_cli("run", *env.base_args(), "--batch-size", "3",
+                env=env.worker_env(DRAINER_CRASH_AT="after_exit:2"))
+    resumed = env.run_cli("run", *env.base_args(), "--resume", "--batch-size", "5")
+    assert resumed.returncode == 0, resumed.stderr
+    snapshot, _ = only_session(env.sessions)
+    snap = json.loads(snapshot.read_text())
+    assert snap["batch_size"] == 5
+    assert sum(1 for r in snap["results"] if not r["interrupted"]) == 5
+
+
+def test_resume_with_no_incomplete_session_starts_a_new_one(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    proc = env.run_cli("run", *env.base_args(), "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "no incomplete session" in proc.stdout and "starting a new one" in proc.stdout
+    only_session(env.sessions)
+
+
+def test_resume_of_a_corrupt_journal_is_exit_2(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    env.run_cli("run", *env.base_args(), env=env.worker_env(DRAINER_CRASH_AT="before_spawn:1"))
+    (session_dir,) = env.sessions.glob("batch-drain-*")
+    journal = session_dir / "journal.jsonl"
+    journal.write_bytes(b"garbage\n" + journal.read_bytes())
+    before = env.db.read_bytes()
+    proc = env.run_cli("run", *env.base_args(), "--resume", session_dir.name)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "corrupt journal" in proc.stderr
+    assert env.db.read_bytes() == before

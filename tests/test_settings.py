@@ -1,0 +1,79 @@
+"""Settings from files and the environment: precedence, sources, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import Env, create_backlog, only_session
+
+
+def _config_lines(env: Env, *args: str, **environ: str) -> dict[str, tuple[str, str]]:
+    proc = env.run_cli("config", *args, env={**env.worker_env(), **environ})
+    assert proc.returncode == 0, proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        option, rest = line.split(None, 1)
+        value, _, source = rest.rpartition("   (")
+        rows[option] = (value.strip(), source.rstrip(")"))
+    return rows
+
+
+def test_precedence_cli_over_environment_over_file_over_default(env: Env) -> None:
+    (env.tmp / "drainer.toml").write_text(
+        'batch-size = 25\nlanes = 2\nmax_attempts_per_phase = 4\nskip-run-prefix = ["old-"]\n'
+        'skip-runs-with-queued = false\n[env]\nFOO = "bar"\n'
+    )
+    rows = _config_lines(env, "--database-url", env.url, "--batch-size", "7",
+                         DRAINER_BATCH_SIZE="9", DRAINER_LANES="3")
+    assert rows["--batch-size"] == ("7", "command line")
+    assert rows["--lanes"] == ("3", "env DRAINER_LANES")
+    assert rows["--max-attempts-per-phase"][0] == "4"
+    assert rows["--max-attempts-per-phase"][1].endswith("drainer.toml")
+    assert rows["--skip-run-prefix"][0] == '["old-"]'
+    assert rows["--skip-runs-with-queued"][0] == "false"
+    assert rows["--env"][0] == '{"FOO": "bar"}'
+    assert rows["--max-log-bytes"] == ("67108864", "default")
+    assert rows["--database-url"] == (env.url, "command line")
+
+
+def test_pyproject_tool_drainer_is_read_when_there_is_no_drainer_toml(env: Env) -> None:
+    (env.tmp / "pyproject.toml").write_text('[project]\nname = "x"\n[tool.drainer]\nlanes = 5\n')
+    rows = _config_lines(env, "--database-url", env.url)
+    assert rows["--lanes"][0] == "5" and rows["--lanes"][1].endswith("pyproject.toml")
+
+
+def test_run_uses_the_file_and_secrets_stay_redacted(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(4)])
+    (env.tmp / "drainer.toml").write_text('batch-size = 2\n[env]\nAPI_TOKEN = "tok-s3cret"\n')
+    proc = env.run_cli("run", *env.base_args())
+    assert proc.returncode == 0, proc.stderr
+    snap = json.loads(only_session(env.sessions)[0].read_text())
+    assert snap["total_processed"] == 2 and snap["config"]["env"] == {"API_TOKEN": "***"}
+    shown = env.run_cli("config", "--database-url", env.url)
+    assert "tok-s3cret" not in shown.stdout and '"API_TOKEN": "***"' in shown.stdout
+
+
+def test_unknown_key_names_the_nearest_valid_one(env: Env) -> None:
+    (env.tmp / "drainer.toml").write_text("batch_szie = 3\n")
+    proc = env.run_cli("run", *env.base_args())
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"drainer: error: unknown key 'batch-szie' in {env.tmp / 'drainer.toml'}; "
+        "did you mean 'batch-size'?"
+    ]
+    assert not env.sessions.exists()
+
+
+def test_bad_values_in_file_and_environment_are_exit_2(env: Env) -> None:
+    (env.tmp / "drainer.toml").write_text('lanes = "many"\n')
+    proc = env.run_cli("run", *env.base_args())
+    assert proc.returncode == 2 and "--lanes" in proc.stderr
+    (env.tmp / "drainer.toml").write_text("lanes = 2.5\n")
+    assert env.run_cli("run", *env.base_args()).returncode == 2
+    (env.tmp / "drainer.toml").unlink()
+    bad_env = env.run_cli("run", *env.base_args(), env={**env.worker_env(),
+                                                         "DRAINER_BATCH_SIZE": "lots"})
+    assert bad_env.returncode == 2 and "DRAINER_BATCH_SIZE" in bad_env.stderr
+    (env.tmp / "broken.toml").write_text("lanes = [\n")
+    broken = env.run_cli("run", *env.base_args(), "--config", str(env.tmp / "broken.toml"))
+    assert broken.returncode == 2 and "not valid TOML" in broken.stderr
