@@ -77,14 +77,20 @@ def main(admin_url: str) -> int:
                     stdout=subprocess.PIPE, text=True)
                 for n in (1, 2)
             ]
-            for n, proc in enumerate(drainers, start=1):
-                out, _ = proc.communicate(timeout=300)
+            # Wait for both before reading either, so neither outlives the temporary directory.
+            outputs = [proc.communicate(timeout=300)[0] for proc in drainers]
+            status = 0
+            for n, (proc, out) in enumerate(zip(drainers, outputs, strict=True), start=1):
+                if proc.returncode != 0 or not out.strip():
+                    print(f"drainer {n} failed (exit {proc.returncode})", file=sys.stderr)
+                    status = 1
+                    continue
                 last = json.loads(out.splitlines()[-1])
                 print(f"drainer {n}: {last['succeeded']} phases drained "
                       f"(stop: {last['stop_reason']}, exit {proc.returncode})")
     finally:
         asyncio.run(drop(admin_url, name))
-    return 0
+    return status
 
 
 if __name__ == "__main__":

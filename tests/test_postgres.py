@@ -116,3 +116,39 @@ def test_missing_tables_on_postgres(env: Env) -> None:
         assert "no 'phases' table" in proc.stderr
     finally:
         drop_database(name)
+
+
+def test_drainers_starting_together_all_create_the_lease_table(pg_db: str) -> None:
+    """Regression: concurrent CREATE TABLE IF NOT EXISTS races in PostgreSQL's catalog
+    ("type drainer_leases already exists"); every starting drainer must get through."""
+    import asyncio
+
+    from drainer.backlog import open_backlog
+    from drainer.dburl import parse_database_url
+
+    db = parse_database_url(f"postgresql://postgres@127.0.0.1:5432/{pg_db}")
+
+    async def one(ready: asyncio.Event) -> None:
+        async with open_backlog(db) as backlog:
+            await ready.wait()
+            await backlog.ensure_lease_table()
+
+    async def round_of(n: int) -> None:
+        ready = asyncio.Event()
+        tasks = [asyncio.create_task(one(ready)) for _ in range(n)]
+        await asyncio.sleep(0)
+        ready.set()
+        await asyncio.gather(*tasks)
+
+    async def drop_leases() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{pg_db}")
+        try:
+            await conn.execute("DROP TABLE IF EXISTS drainer_leases")
+        finally:
+            await conn.close()
+
+    for _ in range(15):
+        asyncio.run(drop_leases())
+        asyncio.run(round_of(8))

@@ -317,9 +317,14 @@ class Backlog:
         )
         try:
             async with self._write() as conn:
+                if not self.db.is_sqlite:
+                    # Two drainers starting together race in PostgreSQL's catalog even with
+                    # IF NOT EXISTS ("type ... already exists"); a transaction-scoped advisory
+                    # lock makes the second wait and then find the table. SQLite's BEGIN
+                    # IMMEDIATE already serialises writers.
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                       {"key": _LEASE_DDL_LOCK})
                 await conn.execute(text(ddl))
-        except IntegrityError:
-            pass  # another drainer created it at the same moment (PostgreSQL catalog race)
         except SQLAlchemyError as exc:
             raise self._error(f"creating {LEASE_TABLE} in", exc) from exc
 
@@ -504,6 +509,8 @@ class Backlog:
 
 
 LEASE_TABLE = "drainer_leases"
+# Advisory lock key taken while creating LEASE_TABLE on PostgreSQL ("drainer" in ASCII).
+_LEASE_DDL_LOCK = 0x647261696E6572
 
 
 @dataclass(frozen=True, slots=True)
