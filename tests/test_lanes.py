@@ -57,11 +57,11 @@ def test_four_lanes_keep_runs_sequential_in_priority_order_and_are_3x_faster(
     phases = [(f"run-{r}", f"P{p}", p, "FAILED", None) for r in range(8) for p in range(3)]
     create_backlog(env.db, phases)
     seed = env.db.read_bytes()
-    one_lane, _ = _drain(env, 1, tmp_path / "s1", WORKER_SLEEP="0.4")
+    one_lane, _ = _drain(env, 1, tmp_path / "s1", WORKER_SLEEP="0.7")
     env.db.write_bytes(seed)  # the same backlog again, fresh
     for extra in ("-wal", "-shm"):
         Path(f"{env.db}{extra}").unlink(missing_ok=True)
-    four_lanes, snapshot = _drain(env, 4, tmp_path / "s4", WORKER_SLEEP="0.4")
+    four_lanes, snapshot = _drain(env, 4, tmp_path / "s4", WORKER_SLEEP="0.7")
     results = _results(snapshot)
     assert len(results) == 24 and all(r["success"] for r in results)
     assert {r["lane"] for r in results} == {1, 2, 3, 4}
