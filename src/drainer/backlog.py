@@ -82,6 +82,7 @@ class Backlog:
         self.missing_telemetry_tables: tuple[str, ...] = ()
         self.has_updated_at = False
         self._telemetry_stmt: Any = None
+        self._outcome_stmt: Any = None
         names = dict.fromkeys([*schema.required_columns, schema.updated_at or schema.state])
         self._phases = table(schema.phases_table, *(column(n) for n in names))
         c = self._phases.c
@@ -231,20 +232,43 @@ class Backlog:
             raise self._error("reading a phase from", exc) from exc
         return None if row is None else (self.schema.canonical(row[0]), row[1])
 
-    async def wait_final_state(
-        self, run_id: str, phase_id: str, *, wait: float
-    ) -> tuple[str, str | None] | None:
-        """Read a phase; while it is non-final, re-read for up to ``wait`` seconds.
+    async def read_outcome(self, run_id: str, phase_id: str) -> Outcome:
+        """A phase's state, reason and telemetry count, in one statement."""
+        try:
+            async with self._engine.connect() as conn:
+                return await self._outcome_in(conn, run_id, phase_id)
+        except SQLAlchemyError as exc:
+            raise self._error("reading a phase from", exc) from exc
+
+    async def _outcome_in(self, conn: AsyncConnection, run_id: str, phase_id: str) -> Outcome:
+        if self._outcome_stmt is None:
+            telemetry = self._telemetry_total()
+            columns = [self._state, self._reason]
+            if telemetry is not None:
+                columns.append(telemetry.label("telemetry"))
+            self._outcome_stmt = select(*columns).where(
+                self._run == bindparam("r"), self._phase == bindparam("p")
+            )
+        row = (await conn.execute(self._outcome_stmt, {"r": run_id, "p": phase_id})).first()
+        if row is None:
+            # The phase is gone; its telemetry (if any) still counts.
+            return Outcome(None, await self._telemetry_in(conn, run_id, phase_id))
+        count = int(row[2]) if len(row) > 2 and row[2] is not None else None
+        return Outcome((self.schema.canonical(row[0]), row[1]), count)
+
+    async def wait_final_state(self, run_id: str, phase_id: str, *, wait: float) -> Outcome:
+        """Read a phase and its telemetry; while it is non-final, re-read for up to ``wait``
+        seconds.
 
         A worker that exits cleanly may have committed through another connection a moment
         before; the short re-read avoids judging it on a stale read.
         """
-        row = await self.read_phase(run_id, phase_id)
+        outcome = await self.read_outcome(run_id, phase_id)
         with anyio.move_on_after(wait):
-            while row is not None and row[0] in NON_FINAL_STATES:
+            while outcome.row is not None and outcome.row[0] in NON_FINAL_STATES:
                 await anyio.sleep(FINAL_STATE_POLL_INTERVAL)
-                row = await self.read_phase(run_id, phase_id)
-        return row
+                outcome = await self.read_outcome(run_id, phase_id)
+        return outcome
 
     async def telemetry_count(self, run_id: str, phase_id: str) -> int | None:
         """Telemetry rows for one phase across the telemetry tables; None when unavailable."""
@@ -256,26 +280,31 @@ class Backlog:
         except SQLAlchemyError as exc:
             raise self._error("counting telemetry in", exc) from exc
 
+    def _telemetry_total(self) -> Any:
+        """A scalar expression summing the phase's rows over every telemetry table (bound
+        parameters ``r`` and ``p``), or None when there are none."""
+        if not self.telemetry_tables:
+            return None
+        sc = self.schema
+        total: Any = None
+        for name in self.telemetry_tables:
+            t = table(name, column(sc.telemetry_run_id), column(sc.telemetry_phase_id))
+            count = (
+                select(func.count()).select_from(t)
+                .where(t.c[sc.telemetry_run_id] == bindparam("r"),
+                       t.c[sc.telemetry_phase_id] == bindparam("p"))
+                .scalar_subquery()
+            )
+            total = count if total is None else total + count
+        return total
+
     async def _telemetry_in(
         self, conn: AsyncConnection, run_id: str, phase_id: str
     ) -> int | None:
         if not self.telemetry_tables:
             return None
         if self._telemetry_stmt is None:
-            counts = []
-            for name in self.telemetry_tables:
-                sc = self.schema
-                t = table(name, column(sc.telemetry_run_id), column(sc.telemetry_phase_id))
-                counts.append(
-                    select(func.count()).select_from(t)
-                    .where(t.c[sc.telemetry_run_id] == bindparam("r"),
-                           t.c[sc.telemetry_phase_id] == bindparam("p"))
-                    .scalar_subquery()
-                )
-            total: Any = counts[0]
-            for more in counts[1:]:
-                total = total + more
-            self._telemetry_stmt = select(total)  # one round trip for every table
+            self._telemetry_stmt = select(self._telemetry_total())  # one round trip for all
         result = await conn.execute(self._telemetry_stmt, {"r": run_id, "p": phase_id})
         return int(result.scalar_one())
 
@@ -290,10 +319,11 @@ class Backlog:
             raise self._error("restoring a phase in", exc) from exc
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """A short write transaction (BEGIN IMMEDIATE on SQLite)."""
+    async def _write(self, *, single: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A short write transaction (BEGIN IMMEDIATE on SQLite). ``single``: the caller
+        runs one statement, atomic by itself, so SQLite needs no explicit BEGIN."""
         async with self._engine.connect() as conn:
-            if self.db.is_sqlite:
+            if self.db.is_sqlite and not single:
                 conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
             async with conn.begin():
                 yield conn
@@ -333,61 +363,77 @@ class Backlog:
         expired one after restoring the phase it names, then reads ``lease.phase_id`` and its
         telemetry count under it (the "before" of the attempt)."""
         now = self._now_sql()
-        lock = "" if self.db.is_sqlite else " FOR UPDATE"
         params = lease.params(ttl)
         try:
             async with self._write() as conn:
-                row = (await conn.execute(text(
-                    f"SELECT run_id, session_id, attempt_id, phase_id, host, pid, acquired_at, "
-                    f"heartbeat_at, expires_at, expires_at < {now} AS expired "
-                    f"FROM {LEASE_TABLE} WHERE run_id = :run_id{lock}"
-                ), params)).first()
-                if row is not None and not row.expired:
-                    return Claim(holder=Lease.from_row(row))
-                if row is not None:
-                    await self._restore_in(conn, str(row.run_id), str(row.phase_id),
-                                           _expired_reason(row))
-                    await conn.execute(text(
-                        f"UPDATE {LEASE_TABLE} SET session_id = :session_id, "
-                        f"attempt_id = :attempt_id, phase_id = :phase_id, host = :host, "
-                        f"pid = :pid, acquired_at = {now}, heartbeat_at = {now}, "
-                        f"expires_at = {now} + :ttl WHERE run_id = :run_id"
-                    ), params)
-                else:
-                    await conn.execute(text(
-                        f"INSERT INTO {LEASE_TABLE} (run_id, session_id, attempt_id, phase_id, "
-                        f"host, pid, acquired_at, heartbeat_at, expires_at) VALUES (:run_id, "
-                        f":session_id, :attempt_id, :phase_id, :host, :pid, {now}, {now}, "
-                        f"{now} + :ttl)"
-                    ), params)
-                phase = (await conn.execute(
-                    select(self._state, self._reason)
-                    .where(self._run == lease.run_id, self._phase == lease.phase_id)
-                )).first()
-                telemetry = await self._telemetry_in(conn, lease.run_id, lease.phase_id)
+                # The common case in one statement: nobody holds the run.
+                inserted = (await conn.execute(text(
+                    f"INSERT INTO {LEASE_TABLE} (run_id, session_id, attempt_id, phase_id, "
+                    f"host, pid, acquired_at, heartbeat_at, expires_at) VALUES (:run_id, "
+                    f":session_id, :attempt_id, :phase_id, :host, :pid, {now}, {now}, "
+                    f"{now} + :ttl) ON CONFLICT (run_id) DO NOTHING"
+                ), params)).rowcount
+                if not inserted:
+                    holder = await self._take_over_expired(conn, params)
+                    if holder is not None:
+                        return Claim(holder=holder)
+                outcome = await self._outcome_in(conn, lease.run_id, lease.phase_id)
         except IntegrityError:
-            other = Lease(run_id=lease.run_id, session_id="?", attempt_id="?", phase_id="?",
-                          host="?", pid=0)  # another drainer inserted first
-            return Claim(holder=other)
+            # Another drainer inserted first (PostgreSQL, between our two statements).
+            return Claim(holder=Lease(run_id=lease.run_id, session_id="?", attempt_id="?",
+                                      phase_id="?", host="?", pid=0))
         except SQLAlchemyError as exc:
             raise self._error("claiming a lease in", exc) from exc
-        row_state = None if phase is None else (self.schema.canonical(phase[0]), phase[1])
-        return Claim(holder=None, phase=row_state, telemetry=telemetry)
+        return Claim(holder=None, phase=outcome.row, telemetry=outcome.telemetry)
+
+    async def _take_over_expired(
+        self, conn: AsyncConnection, params: dict[str, Any]
+    ) -> Lease | None:
+        """The run is leased: its live holder, or None once an expired lease is taken over
+        (the phase it names restored first)."""
+        now = self._now_sql()
+        lock = "" if self.db.is_sqlite else " FOR UPDATE"
+        row = (await conn.execute(text(
+            f"SELECT run_id, session_id, attempt_id, phase_id, host, pid, acquired_at, "
+            f"heartbeat_at, expires_at, expires_at < {now} AS expired "
+            f"FROM {LEASE_TABLE} WHERE run_id = :run_id{lock}"
+        ), params)).first()
+        if row is None:
+            # Released between our insert and this read (PostgreSQL): it is free now.
+            await conn.execute(text(
+                f"INSERT INTO {LEASE_TABLE} (run_id, session_id, attempt_id, phase_id, "
+                f"host, pid, acquired_at, heartbeat_at, expires_at) VALUES (:run_id, "
+                f":session_id, :attempt_id, :phase_id, :host, :pid, {now}, {now}, "
+                f"{now} + :ttl)"
+            ), params)
+            return None
+        if not row.expired:
+            return Lease.from_row(row)
+        await self._restore_in(conn, str(row.run_id), str(row.phase_id), _expired_reason(row))
+        await conn.execute(text(
+            f"UPDATE {LEASE_TABLE} SET session_id = :session_id, "
+            f"attempt_id = :attempt_id, phase_id = :phase_id, host = :host, "
+            f"pid = :pid, acquired_at = {now}, heartbeat_at = {now}, "
+            f"expires_at = {now} + :ttl WHERE run_id = :run_id"
+        ), params)
+        return None
 
     async def finish_attempt(
         self, run_id: str, phase_id: str, attempt_id: str, *, restore: str | None, release: bool
-    ) -> tuple[bool, int | None]:
+    ) -> bool:
         """After an attempt, in one transaction: restore the phase to FAILED with reason
-        ``restore`` (when given and it is still non-final), count its telemetry, and release
-        the lease. Without ``release`` (our lease was lost) the restore happens only if no
-        other drainer leases the run now. Returns (restored, telemetry count)."""
+        ``restore`` (when given and it is still non-final) and release the lease. Without
+        ``release`` (our lease was lost) the restore happens only if no other drainer leases
+        the run now. Returns whether the phase was restored."""
+        if restore is None and not release:
+            return False
         try:
-            async with self._write() as conn:
+            # A lone release is one statement: no explicit transaction needed.
+            async with self._write(single=restore is None) as conn:
                 restored = False
                 if restore is not None:
                     restored = await self._restore_in(conn, run_id, phase_id, restore,
                                                       unless_leased=not release)
-                telemetry = await self._telemetry_in(conn, run_id, phase_id)
                 if release:
                     await conn.execute(text(
                         f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id "
@@ -395,7 +441,7 @@ class Backlog:
                     ), {"run_id": run_id, "attempt_id": attempt_id})
         except SQLAlchemyError as exc:
             raise self._error("finishing an attempt in", exc) from exc
-        return restored, telemetry
+        return restored
 
     async def renew_lease(self, run_id: str, attempt_id: str, ttl: float) -> bool:
         now = self._now_sql()
@@ -514,6 +560,15 @@ _LEASE_DDL_LOCK = 0x647261696E6572
 
 
 @dataclass(frozen=True, slots=True)
+class Outcome:
+    """A phase as read after an attempt: ``(state, reason)`` (None: the phase is gone) and
+    its telemetry rows (None: no telemetry tables)."""
+
+    row: tuple[str, str | None] | None
+    telemetry: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """The answer to a lease claim: who blocks it, or the phase as read under the lease."""
 
@@ -593,11 +648,13 @@ def make_engine(db: DatabaseURL) -> AsyncEngine:
 
 
 def _sqlite_transactions(engine: AsyncEngine) -> None:
-    """Let drainer choose BEGIN DEFERRED (reads) or BEGIN IMMEDIATE (writes) on SQLite.
+    """Let drainer choose how a transaction starts on SQLite.
 
-    The driver's own implicit transactions are switched off; every transaction then starts
-    with the BEGIN this listener emits. A write transaction that takes the write lock up
-    front never fails half-way with "database is locked": it waits (busy timeout) at BEGIN.
+    The driver's own implicit transactions are switched off. Reads are single statements and
+    run without a BEGIN (each is consistent by itself, and no read snapshot is left open); a
+    write transaction starts with BEGIN IMMEDIATE (``sqlite_begin``), so it takes the write
+    lock up front and never fails half-way with "database is locked": it waits (busy
+    timeout) at BEGIN. Every BEGIN saved is a round trip to aiosqlite's thread saved.
     """
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -606,8 +663,8 @@ def _sqlite_transactions(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Connection) -> None:
-        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-        if mode != "NONE":  # NONE: statements that must run outside a transaction (PRAGMA)
+        mode = conn.get_execution_options().get("sqlite_begin", "NONE")
+        if mode != "NONE":
             conn.exec_driver_sql(f"BEGIN {mode}")
 
 

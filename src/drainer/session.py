@@ -778,16 +778,17 @@ class DrainSession:
         """
         cfg = self.config
         clean_exit = result.returncode == 0 and not result.timed_out and not result.cancelled
-        row = await backlog.wait_final_state(
+        outcome = await backlog.wait_final_state(
             record.run_id, record.phase_id, wait=cfg.final_state_wait if clean_exit else 0.0
         )
+        row, after = outcome.row, outcome.telemetry
         state, reason = row if row is not None else (None, None)
         why = None
         if row is not None and not is_final_state(state):
             # After a lost lease the restore only happens if nobody leases the run now.
             why = _restore_reason(result, state, cfg, lease_lost=lease_lost)
-        # One transaction: restore (if needed), count telemetry, release the lease.
-        restored, after = await backlog.finish_attempt(
+        # One transaction: restore (if needed), release the lease.
+        restored = await backlog.finish_attempt(
             record.run_id, record.phase_id, record.attempt_id, restore=why,
             release=not lease_lost,
         )
