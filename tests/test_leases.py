@@ -1,0 +1,126 @@
+"""The lease contract of DESIGN.md §6, straight against the store, on SQLite and PostgreSQL:
+a free run is claimed, a live lease blocks, an expired one is taken over after its phase is
+restored, and the claim reads the phase and its telemetry under the lease."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import create_backlog
+from drainer.backlog import Backlog, Lease, open_backlog
+from drainer.config import DEFAULT_TELEMETRY_TABLES
+from drainer.dburl import parse_database_url
+
+pytestmark = pytest.mark.anyio
+
+PHASES = [("run-a", "P1", 0, "EXECUTING", None), ("run-a", "P2", 1, "FAILED", "boom"),
+          ("run-b", "P1", 0, "FAILED", None)]
+EVENT = ("INSERT INTO token_budget_escalation_events (run_id, phase_id, trigger_type) "
+         "VALUES ('run-a', 'P2', 't')")
+
+
+def _lease(run_id: str, phase_id: str, who: str) -> Lease:
+    return Lease(run_id=run_id, session_id=f"s-{who}", attempt_id=f"a-{who}",
+                 phase_id=phase_id, host="host", pid=os.getpid())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        db = create_backlog(tmp_path / "backlog.db", PHASES)
+        conn = sqlite3.connect(db)
+        conn.execute(EVENT)
+        conn.commit()
+        conn.close()
+        yield f"sqlite:///{db}"
+        return
+    from pg import ADMIN_URL, create_database, drop_database, server_answers
+
+    why = server_answers()
+    if why is not None:
+        if os.environ.get("DRAINER_REQUIRE_PG"):
+            raise RuntimeError(why)
+        pytest.skip(why)
+    name = create_database(PHASES)
+    base = ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        import asyncio
+
+        import asyncpg
+
+        async def add_event() -> None:
+            conn = await asyncpg.connect(f"{base}/{name}")
+            try:
+                await conn.execute(EVENT)
+            finally:
+                await conn.close()
+
+        asyncio.run(add_event())
+        yield f"{base}/{name}"
+    finally:
+        drop_database(name)
+
+
+@asynccontextmanager
+async def store(url: str) -> AsyncIterator[Backlog]:
+    async with open_backlog(parse_database_url(url), DEFAULT_TELEMETRY_TABLES) as backlog:
+        await backlog.prepare_for_writes()
+        yield backlog
+
+
+async def test_free_run_is_claimed_with_phase_and_telemetry(url: str) -> None:
+    async with store(url) as backlog:
+        claim = await backlog.claim_run(_lease("run-a", "P2", "me"), ttl=60)
+        assert claim.holder is None
+        assert claim.phase == ("FAILED", "boom")
+        assert claim.telemetry == 1
+        [(held, _age)] = await backlog.live_leases()
+        assert (held.run_id, held.attempt_id) == ("run-a", "a-me")
+
+
+async def test_live_lease_blocks_and_release_frees(url: str) -> None:
+    async with store(url) as backlog:
+        assert (await backlog.claim_run(_lease("run-a", "P2", "one"), ttl=60)).holder is None
+        blocked = await backlog.claim_run(_lease("run-a", "P2", "two"), ttl=60)
+        assert blocked.holder is not None and blocked.holder.attempt_id == "a-one"
+        assert blocked.phase is None
+        # Another run is not blocked by it.
+        assert (await backlog.claim_run(_lease("run-b", "P1", "two"), ttl=60)).holder is None
+        # A release by the wrong attempt changes nothing; the right one frees the run.
+        await backlog.release_lease("run-a", "a-two")
+        assert (await backlog.claim_run(_lease("run-a", "P2", "two"), ttl=60)).holder is not None
+        assert await backlog.finish_attempt("run-a", "P2", "a-one", restore=None,
+                                            release=True) is False
+        claim = await backlog.claim_run(_lease("run-a", "P2", "two"), ttl=60)
+        assert claim.holder is None and claim.phase == ("FAILED", "boom")
+
+
+async def test_expired_lease_is_taken_over_after_its_phase_is_restored(url: str) -> None:
+    async with store(url) as backlog:
+        # A drainer that died while its worker had P1 EXECUTING: its lease is already expired.
+        assert (await backlog.claim_run(_lease("run-a", "P1", "dead"), ttl=-1)).holder is None
+        claim = await backlog.claim_run(_lease("run-a", "P2", "me"), ttl=60)
+        assert claim.holder is None
+        state, reason = await backlog.read_phase("run-a", "P1") or ("?", None)
+        assert state == "FAILED"
+        assert reason is not None and reason.startswith("drainer: lease expired")
+        [(held, _age)] = await backlog.live_leases()
+        assert held.attempt_id == "a-me"
+
+
+async def test_finish_restores_a_non_final_phase_and_releases(url: str) -> None:
+    async with store(url) as backlog:
+        assert (await backlog.claim_run(_lease("run-a", "P1", "me"), ttl=60)).holder is None
+        outcome = await backlog.wait_final_state("run-a", "P1", wait=0)
+        assert outcome.row == ("EXECUTING", None) and outcome.telemetry == 0
+        restored = await backlog.finish_attempt("run-a", "P1", "a-me",
+                                                restore="drainer: test", release=True)
+        assert restored is True
+        assert await backlog.read_phase("run-a", "P1") == ("FAILED", "drainer: test")
+        assert await backlog.live_leases() == []
