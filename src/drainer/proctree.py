@@ -26,10 +26,8 @@ POLL_INTERVAL = 0.05
 
 def _proc_stat_ids(pid: int) -> tuple[int, int, int] | None:
     """(pgrp, session, start time in clock ticks since boot) of a pid, or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
+    stat = _read_proc(pid, "stat", whole=False)  # one line, far under one read
+    if stat is None:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     fields = stat[stat.rfind(b")") + 2 :].split()
@@ -44,11 +42,27 @@ def start_ticks(pid: int) -> int | None:
 
 def _has_marker(pid: int, marker: bytes) -> bool:
     """``marker`` is ``\0NAME=value\0``; a leading NUL makes the first variable match too."""
+    environ = _read_proc(pid, "environ")
+    return environ is not None and marker in b"\0" + environ
+
+
+def _read_proc(pid: int, name: str, *, whole: bool = True) -> bytes | None:
+    """A /proc file (its first read only unless ``whole``), or None if the process is gone
+    or not ours to read. Raw os.read: this runs for every process after every attempt, and
+    a buffered file object costs about half again as much."""
     try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return marker in b"\0" + fh.read()
+        fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY)
     except OSError:
-        return False
+        return None
+    try:
+        chunks = [os.read(fd, 65536)]
+        while whole and chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def find_attempt_processes(
