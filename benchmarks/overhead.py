@@ -195,8 +195,6 @@ def drainer_loop(
 # -- the driver ----------------------------------------------------------------------------
 
 
-
-
 def worker_argv(kind: str, workdir: Path) -> list[str]:
     if kind == "noop":
         script = workdir / "noop_worker.py"
