@@ -135,6 +135,8 @@ CONTRACT_WORKER = textwrap.dedent(
     elif kind == "leave_executing":
         print("crashing while EXECUTING", file=sys.stderr)
         sys.exit(3)
+    elif kind == "clean_executing":  # exit 0 with the phase EXECUTING (someone else ends it)
+        open(os.path.join(out_dir, "exited." + phase_id), "w").close()
     """
 )
 

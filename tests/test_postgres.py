@@ -123,32 +123,65 @@ def test_drainers_starting_together_all_create_the_lease_table(pg_db: str) -> No
     ("type drainer_leases already exists"); every starting drainer must get through."""
     import asyncio
 
-    from drainer.backlog import open_backlog
+    import asyncpg
+
+    from drainer.backlog import LEASE_TABLE, open_backlog
     from drainer.dburl import parse_database_url
 
-    db = parse_database_url(f"postgresql://postgres@127.0.0.1:5432/{pg_db}")
+    url = f"postgresql://postgres@127.0.0.1:5432/{pg_db}"
+    db = parse_database_url(url)
 
-    async def one(ready: asyncio.Event) -> None:
+    async def drainer(start: asyncio.Barrier) -> None:
         async with open_backlog(db) as backlog:
-            await ready.wait()
+            await start.wait()  # all connected, then all at once
             await backlog.ensure_lease_table()
 
     async def round_of(n: int) -> None:
-        ready = asyncio.Event()
-        tasks = [asyncio.create_task(one(ready)) for _ in range(n)]
-        await asyncio.sleep(0)
-        ready.set()
-        await asyncio.gather(*tasks)
+        start = asyncio.Barrier(n)
+        await asyncio.gather(*[drainer(start) for _ in range(n)])
 
     async def drop_leases() -> None:
-        import asyncpg
-
-        conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{pg_db}")
+        conn = await asyncpg.connect(url)
         try:
-            await conn.execute("DROP TABLE IF EXISTS drainer_leases")
+            await conn.execute(f"DROP TABLE IF EXISTS {LEASE_TABLE}")
         finally:
             await conn.close()
 
-    for _ in range(15):
+    for _ in range(20):
         asyncio.run(drop_leases())
         asyncio.run(round_of(8))
+
+
+def test_lease_table_created_meanwhile_by_another_tool_is_fine(pg_db: str) -> None:
+    """Something that does not take drainer's lock (an older drainer, a migration) creates
+    the table while drainer's CREATE waits on it: drainer finds the table and goes on."""
+    import asyncio
+
+    import asyncpg
+
+    from drainer.backlog import LEASE_TABLE, open_backlog
+    from drainer.dburl import parse_database_url
+
+    url = f"postgresql://postgres@127.0.0.1:5432/{pg_db}"
+
+    async def main() -> None:
+        other = await asyncpg.connect(url)
+        try:
+            tx = other.transaction()
+            await tx.start()
+            await other.execute(f"CREATE TABLE {LEASE_TABLE} (run_id VARCHAR(512) PRIMARY KEY)")
+            async with open_backlog(parse_database_url(url)) as backlog:
+                create = asyncio.create_task(backlog.ensure_lease_table())
+                # Wait until drainer's CREATE is blocked behind the other transaction.
+                while not await other.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                ):
+                    assert not create.done(), create
+                    await asyncio.sleep(0.01)
+                await tx.commit()
+                await asyncio.wait_for(create, 30)
+        finally:
+            await other.close()
+
+    asyncio.run(main())

@@ -30,7 +30,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import String
 
@@ -257,18 +257,21 @@ class Backlog:
         return Outcome((self.schema.canonical(row[0]), row[1]), count)
 
     async def wait_final_state(self, run_id: str, phase_id: str, *, wait: float) -> Outcome:
-        """Read a phase and its telemetry; while it is non-final, re-read for up to ``wait``
-        seconds.
+        """Read a phase and its telemetry; while it is non-final, re-read it for up to
+        ``wait`` seconds (and count telemetry once more at the end).
 
         A worker that exits cleanly may have committed through another connection a moment
         before; the short re-read avoids judging it on a stale read.
         """
         outcome = await self.read_outcome(run_id, phase_id)
+        if wait <= 0 or outcome.row is None or outcome.row[0] not in NON_FINAL_STATES:
+            return outcome
+        row: tuple[str, str | None] | None = outcome.row
         with anyio.move_on_after(wait):
-            while outcome.row is not None and outcome.row[0] in NON_FINAL_STATES:
+            while row is not None and row[0] in NON_FINAL_STATES:
                 await anyio.sleep(FINAL_STATE_POLL_INTERVAL)
-                outcome = await self.read_outcome(run_id, phase_id)
-        return outcome
+                row = await self.read_phase(run_id, phase_id)  # cheap: no telemetry count
+        return await self.read_outcome(run_id, phase_id)
 
     async def telemetry_count(self, run_id: str, phase_id: str) -> int | None:
         """Telemetry rows for one phase across the telemetry tables; None when unavailable."""
@@ -355,29 +358,44 @@ class Backlog:
                     await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                        {"key": _LEASE_DDL_LOCK})
                 await conn.execute(text(ddl))
+        except (IntegrityError, ProgrammingError) as exc:
+            # Something that does not take the lock (an older drainer, a migration tool)
+            # created it at the same moment: fine if the table is there now.
+            if not await self._has_table(LEASE_TABLE):
+                raise self._error(f"creating {LEASE_TABLE} in", exc) from exc
         except SQLAlchemyError as exc:
             raise self._error(f"creating {LEASE_TABLE} in", exc) from exc
 
+    async def _has_table(self, name: str) -> bool:
+        try:
+            async with self._engine.connect() as conn:
+                return bool(await conn.run_sync(lambda c: inspect(c).has_table(name)))
+        except SQLAlchemyError:
+            return False
+
     async def claim_run(self, lease: Lease, ttl: float) -> Claim:
-        """Claim ``lease.run_id``: one transaction that inserts the lease, or takes over an
-        expired one after restoring the phase it names, then reads ``lease.phase_id`` and its
-        telemetry count under it (the "before" of the attempt)."""
+        """Claim ``lease.run_id``: insert the lease, or take over an expired one after
+        restoring the phase it names (one transaction); then read ``lease.phase_id`` and its
+        telemetry count under the lease (the "before" of the attempt)."""
         now = self._now_sql()
         params = lease.params(ttl)
+        # The common case is one statement, atomic by itself: nobody holds the run.
+        insert = "INSERT OR IGNORE INTO" if self.db.is_sqlite else "INSERT INTO"
+        conflict = "" if self.db.is_sqlite else " ON CONFLICT (run_id) DO NOTHING"
         try:
-            async with self._write() as conn:
-                # The common case in one statement: nobody holds the run.
+            async with self._write(single=True) as conn:
                 inserted = (await conn.execute(text(
-                    f"INSERT INTO {LEASE_TABLE} (run_id, session_id, attempt_id, phase_id, "
+                    f"{insert} {LEASE_TABLE} (run_id, session_id, attempt_id, phase_id, "
                     f"host, pid, acquired_at, heartbeat_at, expires_at) VALUES (:run_id, "
                     f":session_id, :attempt_id, :phase_id, :host, :pid, {now}, {now}, "
-                    f"{now} + :ttl) ON CONFLICT (run_id) DO NOTHING"
+                    f"{now} + :ttl){conflict}"
                 ), params)).rowcount
-                if not inserted:
+            if not inserted:
+                async with self._write() as conn:
                     holder = await self._take_over_expired(conn, params)
                     if holder is not None:
                         return Claim(holder=holder)
-                outcome = await self._outcome_in(conn, lease.run_id, lease.phase_id)
+            outcome = await self.read_outcome(lease.run_id, lease.phase_id)
         except IntegrityError:
             # Another drainer inserted first (PostgreSQL, between our two statements).
             return Claim(holder=Lease(run_id=lease.run_id, session_id="?", attempt_id="?",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import anyio
 from anyio.abc import ByteReceiveStream
@@ -45,7 +46,8 @@ class LogSink:
         self._closed = False
 
     async def __aenter__(self) -> LogSink:
-        self._file = await anyio.open_file(self.path, "wb")
+        if self._file is None:  # not opened already by open_sinks
+            self._file = await anyio.open_file(self.path, "wb")
         return self
 
     async def __aexit__(
@@ -121,3 +123,22 @@ class LogSink:
                 )
                 await self._file.write(marker.encode())
             await self._file.aclose()
+
+
+async def open_sinks(*sinks: LogSink) -> None:
+    """Open the files of several sinks in one hop to a worker thread (one per attempt
+    matters when attempts are short); use each sink as a context manager afterwards."""
+
+    def open_all() -> list[BinaryIO]:
+        opened: list[BinaryIO] = []
+        try:
+            for sink in sinks:
+                opened.append(sink.path.open("wb"))
+        except BaseException:
+            for fh in opened:
+                fh.close()
+            raise
+        return opened
+
+    for sink, fh in zip(sinks, await anyio.to_thread.run_sync(open_all), strict=True):
+        sink._file = anyio.AsyncFile(fh)

@@ -18,7 +18,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 from . import proctree
 from .models import LeakedProcess
-from .sinks import LogSink
+from .sinks import LogSink, open_sinks
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Supervisor:
         out = LogSink(spec.stdout_path, max_bytes=spec.max_log_bytes, secrets=spec.secrets)
         err = LogSink(spec.stderr_path, max_bytes=spec.max_log_bytes, secrets=spec.secrets)
         try:
+            await open_sinks(out, err)
             async with out, err:
                 await self._run(out, err)
         finally:
