@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 from .errors import UsageError
@@ -73,8 +74,15 @@ class Schema:
 
     def canonical(self, value: Any) -> str:
         """The canonical state of a database value (unknown values come back unchanged)."""
-        reverse = {v: k for k, v in self.states}
-        return reverse.get(str(value), str(value)) if value is not None else ""
+        if value is None:
+            return ""
+        text = str(value)
+        return self._canonical_of.get(text, text)
+
+    @cached_property
+    def _canonical_of(self) -> dict[str, str]:
+        # Called once per loaded phase: build the reverse mapping once.
+        return {v: k for k, v in self.states}
 
     @property
     def non_final_db(self) -> tuple[str, ...]:
