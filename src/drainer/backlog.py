@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 FINAL_STATE_POLL_INTERVAL = 0.1
-LOAD_CHUNK = 5000
+LOAD_CHUNK = 1000  #: rows per fetch while loading candidates (bounds the transient memory)
+SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -678,6 +679,12 @@ def _sqlite_transactions(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+        # drainer reads phases by key and streams the candidate load once: a small page
+        # cache per connection (SQLite's default is 2 MiB) keeps the process within its
+        # memory budget at 100,000 phases.
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+        cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Connection) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import re
 from collections.abc import Callable, Set
 from typing import TYPE_CHECKING
@@ -127,7 +128,7 @@ class CandidateIndex:
         skipped: list[tuple[PhaseRef, str]] = []
         per_run_refs: dict[str, list[PhaseRef]] = {}
         per_run = candidates.failed_per_run
-        for ref in [*candidates.failed, *candidates.queued]:
+        for ref in itertools.chain(candidates.failed, candidates.queued):
             prefix = next((p for p in skip_run_prefixes if ref.run_id.startswith(p)), None)
             if prefix is not None:
                 skipped.append((ref, f"run matches --skip-run-prefix {prefix}"))
