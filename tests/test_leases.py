@@ -16,6 +16,7 @@ from conftest import create_backlog
 from drainer.backlog import Backlog, Lease, open_backlog
 from drainer.config import DEFAULT_TELEMETRY_TABLES
 from drainer.dburl import parse_database_url
+from drainer.errors import DatabaseError
 
 pytestmark = pytest.mark.anyio
 
@@ -124,3 +125,15 @@ async def test_finish_restores_a_non_final_phase_and_releases(url: str) -> None:
         assert restored is True
         assert await backlog.read_phase("run-a", "P1") == ("FAILED", "drainer: test")
         assert await backlog.live_leases() == []
+
+
+async def test_claim_whose_phase_read_fails_gives_the_run_back(tmp_path: Path) -> None:
+    db = create_backlog(tmp_path / "backlog.db", PHASES)
+    async with store(f"sqlite:///{db}") as backlog:
+        conn = sqlite3.connect(db)
+        conn.execute("ALTER TABLE phases RENAME TO phases_gone")  # the read after the insert fails
+        conn.commit()
+        conn.close()
+        with pytest.raises(DatabaseError):
+            await backlog.claim_run(_lease("run-a", "P2", "me"), ttl=60)
+        assert await backlog.live_leases() == []  # not left to block the run until expiry

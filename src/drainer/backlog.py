@@ -8,6 +8,7 @@ overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections import Counter
@@ -396,13 +397,20 @@ class Backlog:
                     holder = await self._take_over_expired(conn, params)
                     if holder is not None:
                         return Claim(holder=holder)
-            outcome = await self.read_outcome(lease.run_id, lease.phase_id)
         except IntegrityError:
             # Another drainer inserted first (PostgreSQL, between our two statements).
             return Claim(holder=Lease(run_id=lease.run_id, session_id="?", attempt_id="?",
                                       phase_id="?", host="?", pid=0))
         except SQLAlchemyError as exc:
             raise self._error("claiming a lease in", exc) from exc
+        try:
+            outcome = await self.read_outcome(lease.run_id, lease.phase_id)
+        except BaseException:
+            # No attempt will follow: give the run back now rather than at expiry.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
+                    contextlib.suppress(DatabaseError):
+                await self.release_lease(lease.run_id, lease.attempt_id)
+            raise
         return Claim(holder=None, phase=outcome.row, telemetry=outcome.telemetry)
 
     async def _take_over_expired(

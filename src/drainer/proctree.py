@@ -27,7 +27,7 @@ POLL_INTERVAL = 0.05
 def _proc_stat_ids(pid: int) -> tuple[int, int, int] | None:
     """(pgrp, session, start time in clock ticks since boot) of a pid, or None if gone."""
     stat = _read_proc(pid, "stat", whole=False)  # one line, far under one read
-    if stat is None:
+    if not stat:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     fields = stat[stat.rfind(b")") + 2 :].split()
