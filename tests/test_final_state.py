@@ -4,26 +4,15 @@
 from __future__ import annotations
 
 import sqlite3
-import sys
 
 import anyio
 import pytest
 
 from conftest import Env, create_backlog, phase_states
-from drainer import DrainConfig, drain
+from drainer import drain
+from test_api import _config
 
 pytestmark = pytest.mark.anyio
-
-
-def _config(env: Env, final_state_wait: float) -> DrainConfig:
-    return DrainConfig(
-        database_url=env.url,
-        command=[sys.executable, str(env.worker), "{run_id}", "{phase_id}"],
-        session_dir=env.sessions,
-        env=(("TEST_OUT", str(env.out)), ("WORKER_KIND", "clean_executing")),
-        final_state_wait=final_state_wait,
-        batch_size=1,
-    )
 
 
 def _finish_as_executor(db: str) -> None:
@@ -41,7 +30,7 @@ async def test_phase_completed_during_the_wait_counts_as_success(env: Env) -> No
 
     async def run() -> None:
         nonlocal summary
-        summary = await drain(_config(env, final_state_wait=60))
+        summary = await drain(_config(env, "clean_executing", final_state_wait=60, batch_size=1))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
@@ -61,7 +50,7 @@ async def test_phase_completed_during_the_wait_counts_as_success(env: Env) -> No
 
 async def test_phase_still_executing_after_the_wait_is_restored(env: Env) -> None:
     create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
-    summary = await drain(_config(env, final_state_wait=0.3))
+    summary = await drain(_config(env, "clean_executing", final_state_wait=0.3, batch_size=1))
     [attempt] = summary.results
     assert not attempt.success and attempt.state_restored
     state, reason = phase_states(env.db)[("run-0", "P")]

@@ -379,19 +379,12 @@ class Backlog:
         """Claim ``lease.run_id``: insert the lease, or take over an expired one after
         restoring the phase it names (one transaction); then read ``lease.phase_id`` and its
         telemetry count under the lease (the "before" of the attempt)."""
-        now = self._now_sql()
         params = lease.params(ttl)
-        # The common case is one statement, atomic by itself: nobody holds the run.
-        insert = "INSERT OR IGNORE INTO" if self.db.is_sqlite else "INSERT INTO"
-        conflict = "" if self.db.is_sqlite else " ON CONFLICT (run_id) DO NOTHING"
         try:
+            # The common case is one statement, atomic by itself: nobody holds the run.
             async with self._write(single=True) as conn:
-                inserted = (await conn.execute(text(
-                    f"{insert} {LEASE_TABLE} (run_id, session_id, attempt_id, phase_id, "
-                    f"host, pid, acquired_at, heartbeat_at, expires_at) VALUES (:run_id, "
-                    f":session_id, :attempt_id, :phase_id, :host, :pid, {now}, {now}, "
-                    f"{now} + :ttl){conflict}"
-                ), params)).rowcount
+                inserted = (await conn.execute(self._insert_lease(if_absent=True),
+                                               params)).rowcount
             if not inserted:
                 async with self._write() as conn:
                     holder = await self._take_over_expired(conn, params)
@@ -413,6 +406,19 @@ class Backlog:
             raise
         return Claim(holder=None, phase=outcome.row, telemetry=outcome.telemetry)
 
+    def _insert_lease(self, *, if_absent: bool) -> Any:
+        """INSERT of a new lease row (parameters: :meth:`Lease.params`); ``if_absent``: do
+        nothing (rowcount 0) when the run already has one."""
+        now = self._now_sql()
+        verb = "INSERT OR IGNORE INTO" if if_absent and self.db.is_sqlite else "INSERT INTO"
+        conflict = " ON CONFLICT (run_id) DO NOTHING" if if_absent and not self.db.is_sqlite \
+            else ""
+        return text(
+            f"{verb} {LEASE_TABLE} (run_id, session_id, attempt_id, phase_id, host, pid, "
+            f"acquired_at, heartbeat_at, expires_at) VALUES (:run_id, :session_id, "
+            f":attempt_id, :phase_id, :host, :pid, {now}, {now}, {now} + :ttl){conflict}"
+        )
+
     async def _take_over_expired(
         self, conn: AsyncConnection, params: dict[str, Any]
     ) -> Lease | None:
@@ -427,12 +433,7 @@ class Backlog:
         ), params)).first()
         if row is None:
             # Released between our insert and this read (PostgreSQL): it is free now.
-            await conn.execute(text(
-                f"INSERT INTO {LEASE_TABLE} (run_id, session_id, attempt_id, phase_id, "
-                f"host, pid, acquired_at, heartbeat_at, expires_at) VALUES (:run_id, "
-                f":session_id, :attempt_id, :phase_id, :host, :pid, {now}, {now}, "
-                f"{now} + :ttl)"
-            ), params)
+            await conn.execute(self._insert_lease(if_absent=False), params)
             return None
         if not row.expired:
             return Lease.from_row(row)
