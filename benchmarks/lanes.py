@@ -141,7 +141,7 @@ def measure(
     import anyio
 
     from drainer.config import DrainConfig
-    from drainer.session import SessionSummary, drain
+    from drainer import SessionSummary, drain, iter_attempts
 
     total = sum(phase_state_counts(db_path).values())
     config = DrainConfig(
@@ -165,7 +165,7 @@ def measure(
     cpu_s = time.process_time() - cpu0
     peak = peak_rss_mib()
     states = phase_state_counts(db_path)
-    worker_s = [r.subprocess_duration_seconds for r in summary.results]
+    worker_s = [r.subprocess_duration_seconds for r in iter_attempts(summary.journal_path)]
     return {
         "wall_s": wall_s,
         "drainer_cpu_s": cpu_s,
@@ -175,7 +175,7 @@ def measure(
         "succeeded": summary.total_success,
         "failed": summary.total_failed,
         "stop_reason": summary.stop_reason,
-        "lanes_used": len({r.lane for r in summary.results}),
+        "lanes_used": len({r.lane for r in iter_attempts(summary.journal_path)}),
         "worker_mean_s": sum(worker_s) / len(worker_s) if worker_s else 0.0,
         "final_states": states,
         "all_complete": (

@@ -157,7 +157,7 @@ def drainer_loop(
     import anyio
 
     from drainer.config import DrainConfig
-    from drainer.session import SessionSummary, drain
+    from drainer import SessionSummary, drain, iter_attempts
 
     config = DrainConfig(
         database_url=f"sqlite:///{db_path}",
@@ -180,7 +180,7 @@ def drainer_loop(
     summary = anyio.run(run)
     wall_s = time.perf_counter() - t0
     cpu_s = time.process_time() - cpu0
-    durations = [r.subprocess_duration_seconds for r in summary.results]
+    durations = [r.subprocess_duration_seconds for r in iter_attempts(summary.journal_path)]
     return {
         "wall_s": wall_s,
         "cpu_s": cpu_s,

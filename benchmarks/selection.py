@@ -4,14 +4,14 @@ For each backlog size N this builds a real Autopack-schema SQLite file holding N
 (spread over about N/5 runs, plus COMPLETE and a few QUEUED phases), then, in a fresh Python
 process so that memory figures belong to that size alone:
 
-* times ``open_backlog`` + ``Backlog.load_candidates`` (``load_s``) and
-  ``CandidateIndex.build`` (``build_s``) and reads the process RSS after the build;
-* runs ``--picks`` picks the way a session does with a 0 s worker: ``index.pick(policy)``, a
+* times ``open_backlog`` + ``phases.load_candidates`` (``load_s``) and the session's
+  :class:`drainer.selection.Selector` building its index (``build_s``), and reads the process
+  RSS after the build;
+* runs ``--picks`` picks the way a session does with a 0 s worker: ``selector.pick()``, a
   simulated :class:`drainer.models.Attempt` (success, FAILED with one of a few fingerprints, or a
-  timeout every 17th), ``policy.count_start()``, ``policy.observe(attempt)``, the triage tier of
-  a newly sampled run, ``index.set_tier(...)`` and ``index.note_retry(...)``. Only ``pick`` is
-  in the pick timings; the observe/triage/set_tier/note_retry bookkeeping is timed separately;
-  building the Attempt is not timed.
+  timeout every 17th), ``policy.started()``, ``policy.observe(attempt)`` and
+  ``selector.observe(attempt)`` (attempts per phase, retries, triage). Only ``pick`` is in the
+  pick timings; the bookkeeping is timed separately; building the Attempt is not timed.
 
 The target (``../shared/TARGETS.md``): one pick in under 1 ms at 100,000 FAILED phases; the
 original controller took 316-394 ms at 10,000 and over 1 s after 250 results, hence the
@@ -192,11 +192,11 @@ def measure(db_path: Path, picks: int) -> dict[str, Any]:
     """Load, build and pick on one backlog file; return the figures (times in us unless _s)."""
     import anyio
 
-    from drainer.backlog import Candidates, open_backlog
+    from drainer.backlog import open_backlog
     from drainer.config import DrainConfig
-    from drainer.models import Attempt
+    from drainer.models import Attempt, Candidates
     from drainer.policy import Policy
-    from drainer.selection import CandidateIndex
+    from drainer.selection import Selector
 
     config = DrainConfig(
         database_url=f"sqlite:///{db_path}",
@@ -205,81 +205,83 @@ def measure(db_path: Path, picks: int) -> dict[str, Any]:
         max_timeouts_per_run=None,
     )
     rss_before = _rss_mib()
-
-    async def load() -> tuple[Candidates, CandidateIndex, float, float]:
-        t0 = time.perf_counter()
-        async with open_backlog(config.db, config.telemetry_tables) as backlog:
-            candidates = await backlog.load_candidates()
-            t1 = time.perf_counter()
-            index = CandidateIndex.build(
-                candidates,
-                skip_run_prefixes=config.skip_run_prefixes,
-                skip_queued=config.skip_runs_with_queued,
-            )
-            t2 = time.perf_counter()
-        return candidates, index, t1 - t0, t2 - t1
-
-    candidates, index, load_s, build_s = anyio.run(load)
-    rss_after_build = _rss_mib()
-
     policy = Policy(config)
     pick_ns: list[int] = []
     book_ns: list[int] = []
     retry_ns: list[int] = []  #: picks that returned a phase already tried (the retry path)
     exhausted = False
     clock = time.perf_counter_ns
-    for i in range(picks):
-        t0 = clock()
-        ref = index.pick(policy)
-        t1 = clock()
-        pick_ns.append(t1 - t0)
-        if ref is None:  # nothing left, retries included: where a session stops
-            exhausted = True
-            break
-        previous = policy.attempts_of(ref.key)
-        if previous > 0:
-            retry_ns.append(t1 - t0)
-        policy.count_start()
-        if i % TIMEOUT_EVERY == TIMEOUT_EVERY - 1:
-            final_state, success, fp, events = "FAILED", False, _TIMEOUT_FINGERPRINT, 0
-        elif i % 5 < 2:
-            final_state, success, fp, events = "COMPLETE", True, None, 1 + i % 4
-        else:
-            final_state, success, fp, events = "FAILED", False, _FINGERPRINTS[i % 4], 0
-        attempt = Attempt(
-            run_id=ref.run_id,
-            phase_id=ref.phase_id,
-            phase_index=ref.phase_index,
-            initial_state=ref.state,
-            attempt_id=f"bench-{i:07d}",
-            attempt_number=previous + 1,
-            lane=0,
-            started_at="2025-12-08T09:00:00Z",
-            final_state=final_state,
-            success=success,
-            failure_fingerprint=fp,
-            telemetry_events_collected=events,
-            timed_out=fp == _TIMEOUT_FINGERPRINT,
-        )
-        t2 = clock()
-        policy.observe(attempt)
-        run_id = attempt.run_id
-        if run_id not in policy.run_tiers:
-            policy.run_tiers[run_id] = policy.triage_tier(attempt)
-        index.set_tier(run_id, policy.run_tiers[run_id], policy.attempts_of)
-        if policy.retry_allowed(attempt.key):  # as the session does after each attempt
-            index.note_retry(attempt.key, policy.attempts_of(attempt.key))
-        book_ns.append(clock() - t2)
+    figures: dict[str, Any] = {}
+
+    async def session() -> None:
+        nonlocal exhausted
+        t0 = time.perf_counter()
+        async with open_backlog(config.db, config.telemetry_tables) as backlog:
+            candidates = await backlog.phases.load_candidates()
+        t1 = time.perf_counter()
+
+        async def loaded() -> Candidates:
+            return candidates
+
+        # The session's own Selector, on this one load (no reloads: the file does not change).
+        selector = Selector(loaded, max_attempts_per_phase=config.max_attempts_per_phase,
+                            reloads=False)
+        await selector.load()
+        t2 = time.perf_counter()
+        figures.update(failed_loaded=len(candidates.failed),
+                       queued_loaded=len(candidates.queued), indexed=selector.candidates,
+                       runs_indexed=len(candidates.failed_per_run), load_s=t1 - t0,
+                       build_s=t2 - t1, rss_mib=_rss_mib())
+        for i in range(picks):
+            t0_ns = clock()
+            ref = await selector.pick()
+            t1_ns = clock()
+            pick_ns.append(t1_ns - t0_ns)
+            if ref is None:  # nothing left, retries included: where a session stops
+                exhausted = True
+                break
+            previous = selector.attempts_of(ref)
+            if previous > 0:
+                retry_ns.append(t1_ns - t0_ns)
+            policy.started()
+            if i % TIMEOUT_EVERY == TIMEOUT_EVERY - 1:
+                final_state, success, fp, events = "FAILED", False, _TIMEOUT_FINGERPRINT, 0
+            elif i % 5 < 2:
+                final_state, success, fp, events = "COMPLETE", True, None, 1 + i % 4
+            else:
+                final_state, success, fp, events = "FAILED", False, _FINGERPRINTS[i % 4], 0
+            attempt = Attempt(
+                run_id=ref.run_id,
+                phase_id=ref.phase_id,
+                phase_index=ref.phase_index,
+                initial_state=ref.state,
+                attempt_id=f"bench-{i:07d}",
+                attempt_number=previous + 1,
+                lane=0,
+                started_at="2025-12-08T09:00:00Z",
+                final_state=final_state,
+                success=success,
+                failure_fingerprint=fp,
+                telemetry_events_collected=events,
+                timed_out=fp == _TIMEOUT_FINGERPRINT,
+            )
+            t2_ns = clock()
+            run_stops, _stop = policy.observe(attempt)  # as the scheduler does after each one
+            selector.observe(attempt, fingerprint_seen_before=policy.fingerprints.seen_before(fp))
+            for stop in run_stops:
+                selector.stop_run(stop.run_id)
+            book_ns.append(clock() - t2_ns)
+
+    anyio.run(session)
+    rss_after_build = figures.pop("rss_mib")
+    load_s, build_s = figures.pop("load_s"), figures.pop("build_s")
 
     pick_us = [ns / 1000 for ns in pick_ns]
     ordered = sorted(pick_us)
     late = pick_us[-max(1, round(len(pick_us) * LATE_FRACTION)):]
     total_pick_s = sum(pick_ns) / 1e9
     return {
-        "failed_loaded": len(candidates.failed),
-        "queued_loaded": len(candidates.queued),
-        "indexed": len(index),
-        "runs_indexed": len(candidates.failed_per_run),
+        **figures,
         "load_s": load_s,
         "build_s": build_s,
         "rss_before_load_mib": rss_before,

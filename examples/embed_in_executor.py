@@ -50,7 +50,7 @@ async def main(directory: Path) -> int:
                 if successes == 3:
                     d.stop("executor has enough for now")
             elif isinstance(event, drainer.SessionStopped):
-                print(f"drainer stopped: {event.stop_reason}; "
+                print(f"drainer stopped: {event.stop_reason} ({event.stop_detail}); "
                       f"{event.succeeded}/{event.processed} succeeded")
         tg.cancel_scope.cancel()  # drainer is done: stop the executor's other work too
     stats = d.statistics()

@@ -71,7 +71,7 @@ def attempt(
 
 
 def session_of(results: list[Attempt], **kw: Any) -> LoadedSession:
-    return LoadedSession(session_id=SID, source=Path("x.json"), results=results, **kw)
+    return LoadedSession(session_id=SID, source=Path("x.json"), read=lambda: results, **kw)
 
 
 # -- the known journal --------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_known_journal_figures_match_hand_computation(tmp_path: Path) -> None:
     assert session.started_at == "2025-01-01T10:00:00.000+00:00"
     assert session.completed_at == "2025-01-01T10:30:00.000+00:00"
     assert session.unfinished == 1  # a8
-    assert [a.attempt_id for a in session.results] == ["a1", "a2", "a3", "a4", "a5", "a6", "a7"]
+    assert [a.attempt_id for a in session.attempts()] == ["a1", "a2", "a3", "a4", "a5", "a6", "a7"]
 
     report = analyze(session)
 
@@ -229,7 +229,7 @@ def test_snapshot_path_prefers_the_journal_beside_it(tmp_path: Path) -> None:
     assert load_session(str(snapshot), tmp_path).source == journal
     assert load_session(str(journal), tmp_path).source == journal
     assert load_session(str(journal.parent), tmp_path).source == journal
-    assert len(load_session(str(snapshot), tmp_path).results) == 7
+    assert len(list(load_session(str(snapshot), tmp_path).attempts())) == 7
 
 
 def test_snapshot_alone_is_read(tmp_path: Path) -> None:
@@ -243,7 +243,7 @@ def test_snapshot_alone_is_read(tmp_path: Path) -> None:
     assert session.source == snapshot
     assert session.stop_reason == "batch_size_reached"
     assert session.stopped_runs == {"r-1": "max_timeouts"}
-    assert [a.to_json() for a in session.results] == data["results"]
+    assert [a.to_json() for a in session.attempts()] == data["results"]
 
 
 # -- Autopack's session file ---------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_autopack_session_file_loads_and_analyses(tmp_path: Path) -> None:
     assert session.stop_reason is None
     assert session.completed_at == "2024-12-20T10:02:11.000001+00:00"
     assert session.stopped_runs == {"autopack-build-7": "stopped"}  # Autopack keeps a list
-    first, second, third = session.results
+    first, second, third = session.attempts()
     assert first.attempt_id == "" and first.lane == 0 and first.attempt_number == 1
     assert first.subprocess_stdout_excerpt == "" and first.reached_llm_boundary is False
     assert first.started_at == "2024-12-20T09:31:00+00:00"  # from its timestamp
@@ -409,7 +409,7 @@ def test_corrupt_journal_names_the_snapshot(tmp_path: Path) -> None:
     with pytest.raises(SessionError, match=r"line 2 is not JSON.*analyse .*\.json"):
         load_session(SID, tmp_path)
     # naming the snapshot explicitly reads it despite the damaged journal
-    assert load_session(str(tmp_path / f"{SID}.json"), tmp_path).results == []
+    assert list(load_session(str(tmp_path / f"{SID}.json"), tmp_path).attempts()) == []
 
 
 # -- percentiles -----------------------------------------------------------------------------------

@@ -81,7 +81,9 @@ async def test_events_statistics_and_a_graceful_stop(env: Env) -> None:
     assert seen == ["AttemptStarted", "AttemptFinished", "SessionStopped"]
     stats = d.statistics()
     assert (stats.processed, stats.succeeded, stats.in_flight) == (1, 1, 0)
-    assert stats.stop_reason == "enough for today"
+    # The caller's stop is recorded as `cancelled` (resumable), its reason as the detail.
+    assert stats.stop_reason == "cancelled"
+    assert stats.stop_detail == "stop requested: enough for today"
 
 
 async def test_drain_with_on_event_and_no_output(env: Env, capsys: pytest.CaptureFixture[str]) -> None:

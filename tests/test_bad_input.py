@@ -10,7 +10,7 @@ import pytest
 
 from conftest import Env, create_backlog, file_digest
 from drainer.errors import SessionError
-from drainer.journal import read_journal
+from drainer.journal import iter_records
 
 
 def _assert_one_line_error(proc: object, *needles: str) -> str:
@@ -172,13 +172,13 @@ def test_corrupt_journal_is_reported(tmp_path: Path) -> None:
     journal = tmp_path / "journal.jsonl"
     journal.write_bytes(b'{"type": "session_started"}\nnot json\n{"type": "x"}\n')
     with pytest.raises(SessionError, match="line 2 is not JSON"):
-        read_journal(journal)
+        list(iter_records(journal))
 
 
 def test_torn_last_journal_line_is_tolerated(tmp_path: Path) -> None:
     journal = tmp_path / "journal.jsonl"
     journal.write_bytes(b'{"type": "session_started"}\n{"type": "attempt_sta')
-    assert read_journal(journal) == [{"type": "session_started"}]
+    assert list(iter_records(journal)) == [{"type": "session_started"}]
 
 
 def test_plan_writes_nothing(good_db: Env) -> None:

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from conftest import Env, create_backlog, phase_states
-from drainer import drain
+from drainer import drain, iter_attempts
 from test_api import _config
 
 pytestmark = pytest.mark.anyio
@@ -41,7 +41,7 @@ async def test_phase_completed_during_the_wait_counts_as_success(env: Env) -> No
         # finishes the phase now, well inside drainer's 60 s wait.
         await anyio.to_thread.run_sync(_finish_as_executor, str(env.db))
     assert summary is not None
-    [attempt] = summary.results
+    [attempt] = iter_attempts(summary.journal_path)
     assert attempt.success and attempt.final_state == "COMPLETE"
     assert not attempt.state_restored
     assert attempt.telemetry_events_collected == 1  # counted after the wait, not before
@@ -51,7 +51,7 @@ async def test_phase_completed_during_the_wait_counts_as_success(env: Env) -> No
 async def test_phase_still_executing_after_the_wait_is_restored(env: Env) -> None:
     create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
     summary = await drain(_config(env, "clean_executing", final_state_wait=0.3, batch_size=1))
-    [attempt] = summary.results
+    [attempt] = iter_attempts(summary.journal_path)
     assert not attempt.success and attempt.state_restored
     state, reason = phase_states(env.db)[("run-0", "P")]
     assert state == "FAILED"

@@ -77,54 +77,54 @@ async def store(url: str) -> AsyncIterator[Backlog]:
 
 async def test_free_run_is_claimed_with_phase_and_telemetry(url: str) -> None:
     async with store(url) as backlog:
-        claim = await backlog.claim_run(_lease("run-a", "P2", "me"), ttl=60)
+        claim = await backlog.leases.claim(_lease("run-a", "P2", "me"), ttl=60)
         assert claim.holder is None
         assert claim.phase == ("FAILED", "boom")
         assert claim.telemetry == 1
-        [(held, _age)] = await backlog.live_leases()
+        [(held, _age)] = await backlog.leases.live()
         assert (held.run_id, held.attempt_id) == ("run-a", "a-me")
 
 
 async def test_live_lease_blocks_and_release_frees(url: str) -> None:
     async with store(url) as backlog:
-        assert (await backlog.claim_run(_lease("run-a", "P2", "one"), ttl=60)).holder is None
-        blocked = await backlog.claim_run(_lease("run-a", "P2", "two"), ttl=60)
+        assert (await backlog.leases.claim(_lease("run-a", "P2", "one"), ttl=60)).holder is None
+        blocked = await backlog.leases.claim(_lease("run-a", "P2", "two"), ttl=60)
         assert blocked.holder is not None and blocked.holder.attempt_id == "a-one"
         assert blocked.phase is None
         # Another run is not blocked by it.
-        assert (await backlog.claim_run(_lease("run-b", "P1", "two"), ttl=60)).holder is None
+        assert (await backlog.leases.claim(_lease("run-b", "P1", "two"), ttl=60)).holder is None
         # A release by the wrong attempt changes nothing; the right one frees the run.
-        await backlog.release_lease("run-a", "a-two")
-        assert (await backlog.claim_run(_lease("run-a", "P2", "two"), ttl=60)).holder is not None
-        assert await backlog.finish_attempt("run-a", "P2", "a-one", restore=None,
-                                            release=True) is False
-        claim = await backlog.claim_run(_lease("run-a", "P2", "two"), ttl=60)
+        await backlog.leases.release("run-a", "a-two")
+        assert (await backlog.leases.claim(_lease("run-a", "P2", "two"), ttl=60)).holder is not None
+        assert await backlog.leases.finish("run-a", "P2", "a-one", restore=None,
+                                           release=True) is False
+        claim = await backlog.leases.claim(_lease("run-a", "P2", "two"), ttl=60)
         assert claim.holder is None and claim.phase == ("FAILED", "boom")
 
 
 async def test_expired_lease_is_taken_over_after_its_phase_is_restored(url: str) -> None:
     async with store(url) as backlog:
         # A drainer that died while its worker had P1 EXECUTING: its lease is already expired.
-        assert (await backlog.claim_run(_lease("run-a", "P1", "dead"), ttl=-1)).holder is None
-        claim = await backlog.claim_run(_lease("run-a", "P2", "me"), ttl=60)
+        assert (await backlog.leases.claim(_lease("run-a", "P1", "dead"), ttl=-1)).holder is None
+        claim = await backlog.leases.claim(_lease("run-a", "P2", "me"), ttl=60)
         assert claim.holder is None
-        state, reason = await backlog.read_phase("run-a", "P1") or ("?", None)
+        state, reason = await backlog.phases.read("run-a", "P1") or ("?", None)
         assert state == "FAILED"
         assert reason is not None and reason.startswith("drainer: lease expired")
-        [(held, _age)] = await backlog.live_leases()
+        [(held, _age)] = await backlog.leases.live()
         assert held.attempt_id == "a-me"
 
 
 async def test_finish_restores_a_non_final_phase_and_releases(url: str) -> None:
     async with store(url) as backlog:
-        assert (await backlog.claim_run(_lease("run-a", "P1", "me"), ttl=60)).holder is None
-        outcome = await backlog.wait_final_state("run-a", "P1", wait=0)
+        assert (await backlog.leases.claim(_lease("run-a", "P1", "me"), ttl=60)).holder is None
+        outcome = await backlog.phases.wait_final_state("run-a", "P1", wait=0)
         assert outcome.row == ("EXECUTING", None) and outcome.telemetry == 0
-        restored = await backlog.finish_attempt("run-a", "P1", "a-me",
-                                                restore="drainer: test", release=True)
+        restored = await backlog.leases.finish("run-a", "P1", "a-me",
+                                               restore="drainer: test", release=True)
         assert restored is True
-        assert await backlog.read_phase("run-a", "P1") == ("FAILED", "drainer: test")
-        assert await backlog.live_leases() == []
+        assert await backlog.phases.read("run-a", "P1") == ("FAILED", "drainer: test")
+        assert await backlog.leases.live() == []
 
 
 async def test_claim_whose_phase_read_fails_gives_the_run_back(tmp_path: Path) -> None:
@@ -135,5 +135,5 @@ async def test_claim_whose_phase_read_fails_gives_the_run_back(tmp_path: Path) -
         conn.commit()
         conn.close()
         with pytest.raises(DatabaseError):
-            await backlog.claim_run(_lease("run-a", "P2", "me"), ttl=60)
-        assert await backlog.live_leases() == []  # not left to block the run until expiry
+            await backlog.leases.claim(_lease("run-a", "P2", "me"), ttl=60)
+        assert await backlog.leases.live() == []  # not left to block the run until expiry

@@ -134,7 +134,7 @@ def test_drainers_starting_together_all_create_the_lease_table(pg_db: str) -> No
     async def drainer(start: asyncio.Barrier) -> None:
         async with open_backlog(db) as backlog:
             await start.wait()  # all connected, then all at once
-            await backlog.ensure_lease_table()
+            await backlog.leases.ensure_table()
 
     async def round_of(n: int) -> None:
         start = asyncio.Barrier(n)
@@ -171,7 +171,7 @@ def test_lease_table_created_meanwhile_by_another_tool_is_fine(pg_db: str) -> No
             await tx.start()
             await other.execute(f"CREATE TABLE {LEASE_TABLE} (run_id VARCHAR(512) PRIMARY KEY)")
             async with open_backlog(parse_database_url(url)) as backlog:
-                create = asyncio.create_task(backlog.ensure_lease_table())
+                create = asyncio.create_task(backlog.leases.ensure_table())
                 # Wait until drainer's CREATE is blocked behind the other transaction.
                 while not await other.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "

@@ -11,7 +11,7 @@ import sys
 from conftest import Env, create_backlog
 from drainer.events import AttemptFinished, AttemptStarted, SessionStopped
 from drainer.live import LiveState, render
-from drainer.models import Attempt
+from drainer.models import Attempt, StopReason
 
 
 def _attempt(lane: int, *, success: bool, timed_out: bool = False, duration: float = 30.0,
@@ -22,20 +22,26 @@ def _attempt(lane: int, *, success: bool, timed_out: bool = False, duration: flo
                    telemetry_events_collected=events, final_state="COMPLETE" if success else "FAILED")
 
 
+def _started(attempt_id: str, run_id: str, phase_id: str, lane: int) -> AttemptStarted:
+    return AttemptStarted("s", Attempt(run_id=run_id, phase_id=phase_id, phase_index=0,
+                                       initial_state="FAILED", attempt_id=attempt_id,
+                                       attempt_number=1, lane=lane, started_at=""))
+
+
 def test_render_shows_counts_eta_and_one_row_per_lane() -> None:
     state = LiveState(total=10, lanes=2)
-    state.apply(AttemptStarted("s", "1", "run-1", "P", 1, 1, ""), now=100.0)
+    state.apply(_started("1", "run-1", "P", 1), now=100.0)
     state.apply(AttemptFinished("s", _attempt(1, success=True, events=6)), now=130.0)
-    state.apply(AttemptStarted("s", "2", "run-2", "P", 1, 2, ""), now=130.0)
+    state.apply(_started("2", "run-2", "P", 2), now=130.0)
     state.apply(AttemptFinished("s", _attempt(2, success=False, timed_out=True)), now=160.0)
-    state.apply(AttemptStarted("s", "3", "run-big", "P9", 1, 1, ""), now=160.0)
+    state.apply(_started("3", "run-big", "P9", 1), now=160.0)
     lines = render(state, now=225.0)
     # 2 done, 8 left, mean 30 s over 2 lanes: 120 s. Telemetry 6 events in 1 minute.
     assert lines[0] == ("[2/10] ok 1  fail 0  timeout 1  telemetry 6 (6.0/min)  "
                         "ETA 0:02:00")
     assert lines[1] == "  lane 1: run-big / P9  0:01:05"
     assert lines[2] == "  lane 2: idle"
-    state.apply(SessionStopped("s", "batch_size_reached", 2, 1, 1, "x"), now=230.0)
+    state.apply(SessionStopped("s", StopReason.BATCH_SIZE_REACHED), now=230.0)
     assert render(state, now=230.0)[0].endswith("stopped: batch_size_reached")
 
 

@@ -80,7 +80,7 @@ def sample_session(results: list[Attempt] | None = None) -> LoadedSession:
     return LoadedSession(
         session_id="batch-drain-<sid>",
         source=Path("sessions/x.json"),
-        results=ATTEMPTS if results is None else results,
+        read=lambda: ATTEMPTS if results is None else results,
         stop_reason="batch_size",
         started_at="2025-01-01T10:00:00.000+00:00",
         completed_at="2025-01-01T10:20:00.000+00:00",

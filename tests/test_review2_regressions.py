@@ -13,8 +13,8 @@ import pytest
 
 from conftest import Env, create_backlog, only_session
 from drainer import DrainConfig, UsageError, open_drainer
-from drainer.events import AttemptStarted
 from drainer.live import LiveState, render
+from test_progress import _started
 
 
 def test_integer_id_columns_are_rejected_before_anything_is_written(env: Env) -> None:
@@ -85,7 +85,7 @@ def test_env_values_with_commas_via_drainer_env(env: Env) -> None:
 
 def test_live_footer_fits_the_terminal_and_strips_control_characters() -> None:
     state = LiveState(total=10, lanes=30)
-    state.apply(AttemptStarted("s", "1", "run-\x1b[2J" + "x" * 200, "P", 1, 1, ""), now=0.0)
+    state.apply(_started("1", "run-\x1b[2J" + "x" * 200, "P", 1), now=0.0)
     lines = render(state, now=1.0, width=40, height=12)
     assert all(len(line) <= 39 for line in lines)
     assert "\x1b" not in "".join(lines)

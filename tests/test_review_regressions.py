@@ -148,7 +148,8 @@ def test_a_run_stopped_by_two_rules_records_one_reason_everywhere() -> None:
                           attempt_id=str(n), attempt_number=1, lane=1, started_at="",
                           timed_out=True, final_state="FAILED",
                           failure_fingerprint="FAILED|timeout|x")
-        stops += policy.observe(attempt)
+        run_stops, _ = policy.observe(attempt)
+        stops += run_stops
     assert [s.reason for s in stops] == ["max_timeouts_per_run"]
     assert policy.stopped_runs == {"r": "max_timeouts_per_run"}
 

@@ -26,9 +26,12 @@ _EXPORTS = {
     "PhaseRef": "drainer.models",
     "PhaseState": "drainer.models",
     "SessionError": "drainer.errors",
-    "SessionSummary": "drainer.session",
+    "SessionSummary": "drainer.models",
+    "StopReason": "drainer.models",
+    "Totals": "drainer.models",
     "UsageError": "drainer.errors",
     "drain": "drainer.session",
+    "iter_attempts": "drainer.journal",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -47,10 +50,13 @@ if TYPE_CHECKING:
     from .events import DrainEvent as DrainEvent
     from .events import RunStopped as RunStopped
     from .events import SessionStopped as SessionStopped
+    from .journal import iter_attempts as iter_attempts
     from .models import Attempt as Attempt
     from .models import PhaseRef as PhaseRef
     from .models import PhaseState as PhaseState
-    from .session import SessionSummary as SessionSummary
+    from .models import SessionSummary as SessionSummary
+    from .models import StopReason as StopReason
+    from .models import Totals as Totals
     from .session import drain as drain
 
 

@@ -17,8 +17,9 @@ import dataclasses
 import os
 import shlex
 import textwrap
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,12 +28,10 @@ from typing import Any
 import orjson
 
 from .errors import SessionError
-from .journal import read_journal
-from .models import Attempt
-from .resume import LIFECYCLE, RESUMABLE_STOPS, replay
+from .journal import JOURNAL_NAME, iter_attempts, replay
+from .models import Attempt, Totals, stop_reason_of
 
 LATEST = "latest"
-JOURNAL_NAME = "journal.jsonl"
 TOP_FINGERPRINTS = 10  #: how many fingerprints the report lists
 FINGERPRINT_WIDTH = 100  #: fingerprints are cut to this many characters in text and advice
 #: Autopack records carry no ``timed_out``; its controller treats these return codes as timeouts.
@@ -58,16 +57,20 @@ _NULL_MEANS_DEFAULT = frozenset(
 
 @dataclass
 class LoadedSession:
-    """One session as read from disk, whatever wrote it."""
+    """One session as read from disk, whatever wrote it: its header, and ``read`` to stream
+    its attempts (a journal is read again on each pass, never held in memory)."""
 
     session_id: str
-    source: Path  #: the file the results were read from (journal or snapshot)
-    results: list[Attempt] = field(default_factory=list)
+    source: Path  #: the file the results are read from (journal or snapshot)
+    read: Callable[[], Iterable[Attempt]] = tuple
     stop_reason: str | None = None
     started_at: str | None = None
     completed_at: str | None = None
     stopped_runs: dict[str, str] = field(default_factory=dict)
     unfinished: int = 0  #: attempts the journal shows started but never finished
+
+    def attempts(self) -> Iterator[Attempt]:
+        return iter(self.read())
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -139,25 +142,14 @@ def _load_path(path: Path) -> LoadedSession:
 
 
 def _load_journal(path: Path) -> LoadedSession:
-    try:
-        state = replay(path)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SessionError(
-            f"corrupt journal {path}: an event lacks a field or has a wrong type ({exc})"
-        ) from exc
-    # Replay does not keep completed_at; it is on the session_stopped event that ended the
-    # session (a later session_resumed means it did not stay ended).
-    last = next((e for e in reversed(read_journal(path)) if e.get("type") in LIFECYCLE), None)
-    completed_at = None
-    if last is not None and last["type"] == "session_stopped":
-        completed_at = _text(last.get("completed_at") or last.get("at"))
+    state = replay(path)  # one streaming pass: header, stops, unfinished attempts
     return LoadedSession(
         session_id=state.session_id,
         source=path,
-        results=list(state.results),
+        read=lambda: iter_attempts(path),
         stop_reason=state.stop_reason,
         started_at=_text(state.started_at),
-        completed_at=completed_at,
+        completed_at=_text(state.completed_at) if state.stopped else None,
         stopped_runs=dict(state.stopped_runs),
         unfinished=len(state.dangling),
     )
@@ -182,7 +174,7 @@ def _load_snapshot(path: Path) -> LoadedSession:
     return LoadedSession(
         session_id=str(data["session_id"]),
         source=path,
-        results=results,
+        read=lambda: results,
         stop_reason=_text(data.get("stop_reason")),
         started_at=_text(data.get("started_at")),
         completed_at=_text(data.get("completed_at")),
@@ -332,6 +324,44 @@ def _ranked(counts: Counter[str]) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+@dataclass
+class _Figures:
+    """What one streaming pass over a session's attempts gathers: counts, sums, and the
+    two columns percentiles need (compact float arrays); nothing else per attempt."""
+
+    totals: Totals = field(default_factory=Totals)
+    with_events: int = 0
+    zero: int = 0  #: attempts with known telemetry and no events
+    zero_reasons: Counter[str] = field(default_factory=Counter)  #: among those
+    yields: array[float] = field(default_factory=lambda: array("d"))
+    durations: array[float] = field(default_factory=lambda: array("d"))
+    fingerprints: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    longest_timeout: float = 0.0
+    leaks: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, a: Attempt) -> None:
+        self.totals.add(a)
+        if a.telemetry_events_collected is not None:
+            self.yields.append(a.telemetry_yield_per_minute or 0.0)
+            if a.telemetry_events_collected > 0:
+                self.with_events += 1
+            else:
+                self.zero += 1
+                self.zero_reasons[a.zero_yield_reason or "unknown"] += 1
+        if a.failed and a.failure_fingerprint:
+            self.fingerprints[a.failure_fingerprint] += 1
+        if a.zero_yield_reason:
+            self.reasons[a.zero_yield_reason] += 1
+        if not a.interrupted and a.subprocess_duration_seconds > 0:
+            self.durations.append(a.subprocess_duration_seconds)
+        if a.timed_out:
+            self.longest_timeout = max(self.longest_timeout, a.subprocess_duration_seconds)
+        self.leaks += [{"run_id": a.run_id, "phase_id": a.phase_id, "pid": p.pid,
+                        "name": p.name, "cmdline": list(p.cmdline)}
+                       for p in a.leaked_processes]
+
+
 def analyze(session: LoadedSession) -> dict[str, Any]:
     """Exact figures of ``session`` and the recommendations they call for, JSON-ready.
 
@@ -342,43 +372,17 @@ def analyze(session: LoadedSession) -> dict[str, Any]:
     no attempt's count is known. Durations cover attempts that ran and recorded a duration
     (interrupted attempts and Autopack records with a null duration are left out).
     Percentiles: nearest rank, see the module docstring.
+
+    The attempts are streamed: one pass, and a second over the failures only when a
+    systemic blocker is found (to name the runs it hit).
     """
-    results = session.results
-    processed = len(results)
-    succeeded = sum(1 for a in results if a.success)
-    failed = [a for a in results if a.failed]
-
-    known = [a for a in results if a.telemetry_events_collected is not None]
-    events = [a.telemetry_events_collected or 0 for a in known]
-    total_events = sum(events)
-    with_events = sum(1 for n in events if n > 0)
-    known_minutes = sum(a.subprocess_duration_seconds for a in known) / 60
-    yields = [a.telemetry_yield_per_minute or 0.0 for a in known]
-
-    fingerprints = Counter(a.failure_fingerprint for a in failed if a.failure_fingerprint)
-    reasons = Counter(a.zero_yield_reason for a in results if a.zero_yield_reason)
-    durations = [
-        a.subprocess_duration_seconds
-        for a in results
-        if not a.interrupted and a.subprocess_duration_seconds > 0
-    ]
-
-    by_run: dict[str, list[Attempt]] = defaultdict(list)
-    for a in results:
-        by_run[a.run_id].append(a)
-
-    leaks = [
-        {
-            "run_id": a.run_id,
-            "phase_id": a.phase_id,
-            "pid": p.pid,
-            "name": p.name,
-            "cmdline": list(p.cmdline),
-        }
-        for a in results
-        for p in a.leaked_processes
-    ]
-
+    f = _Figures()
+    for attempt in session.attempts():
+        f.add(attempt)
+    t = f.totals
+    known = t.telemetry_known
+    known_minutes = t.telemetry_seconds / 60
+    durations = f.durations
     report: dict[str, Any] = {
         "session_id": session.session_id,
         "source": str(session.source),
@@ -386,30 +390,30 @@ def analyze(session: LoadedSession) -> dict[str, Any]:
         "completed_at": session.completed_at,
         "stop_reason": session.stop_reason,
         "totals": {
-            "processed": processed,
-            "succeeded": succeeded,
-            "failed": len(failed),
-            "timeouts": sum(1 for a in results if a.timed_out),
-            "cancelled": sum(1 for a in results if a.cancelled),
-            "interrupted": sum(1 for a in results if a.interrupted),
-            "success_rate": round(succeeded / processed, 4) if processed else None,
+            "processed": t.processed,
+            "succeeded": t.succeeded,
+            "failed": t.failed,
+            "timeouts": t.timed_out,
+            "cancelled": t.cancelled,
+            "interrupted": t.interrupted,
+            "success_rate": round(t.succeeded / t.processed, 4) if t.processed else None,
         },
         "unfinished_attempts": session.unfinished,
         "telemetry": {
-            "total_events": total_events if known else None,
-            "attempts_with_known_telemetry": len(known),
-            "attempts_with_events": with_events,
+            "total_events": t.telemetry_events if known else None,
+            "attempts_with_known_telemetry": known,
+            "attempts_with_events": f.with_events,
             "pct_attempts_with_events": (
-                round(100 * with_events / len(known), 1) if known else None
+                round(100 * f.with_events / known, 1) if known else None
             ),
             "overall_yield_per_minute": (
-                round(total_events / known_minutes, 3) if known_minutes > 0 else None
+                round(t.telemetry_events / known_minutes, 3) if known_minutes > 0 else None
             ),
-            "median_yield": _round(percentile(yields, 50), 3),
-            "p90_yield": _round(percentile(yields, 90), 3),
+            "median_yield": _round(percentile(f.yields, 50), 3),
+            "p90_yield": _round(percentile(f.yields, 90), 3),
         },
-        "zero_yield_reasons": dict(_ranked(reasons)),
-        "top_fingerprints": [[fp, n] for fp, n in _ranked(fingerprints)[:TOP_FINGERPRINTS]],
+        "zero_yield_reasons": dict(_ranked(f.reasons)),
+        "top_fingerprints": [[fp, n] for fp, n in _ranked(f.fingerprints)[:TOP_FINGERPRINTS]],
         "durations": {
             "min": _round(min(durations), 3) if durations else None,
             "median": _round(percentile(durations, 50), 3),
@@ -417,18 +421,31 @@ def analyze(session: LoadedSession) -> dict[str, Any]:
             "max": _round(max(durations), 3) if durations else None,
         },
         "by_run": {
-            run: {
-                "attempts": len(items),
-                "succeeded": sum(1 for a in items if a.success),
-                "failed": sum(1 for a in items if a.failed),
-                "timeouts": sum(1 for a in items if a.timed_out),
-            }
-            for run, items in sorted(by_run.items())
+            run: {"attempts": c.attempts, "succeeded": c.succeeded, "failed": c.failed,
+                  "timeouts": c.timed_out}
+            for run, c in sorted(t.runs.items())
         },
-        "leaks": {"total": len(leaks), "processes": leaks},
+        "leaks": {"total": len(f.leaks), "processes": f.leaks},
         "stopped_runs": dict(sorted(session.stopped_runs.items())),
     }
-    report["recommendations"] = _recommendations(session, report, failed, fingerprints)
+    report["recommendations"] = _recommendations(session, report, f)
+    return report
+
+
+def analyze_session(target: str, session_dir: Path, *, html: str | None = None) -> dict[str, Any]:
+    """Load the session ``target`` names, analyse it and, with ``html``, write the HTML
+    report there. Raises :class:`SessionError` (or :class:`UsageError` for ``html``)."""
+    session = load_session(target, session_dir)
+    report = analyze(session)
+    if html is not None:
+        from .errors import UsageError
+        from .report_html import render_html
+
+        out = Path(html)
+        try:
+            out.write_text(render_html(session, report), encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write --html {out}: {exc.strerror}") from exc
     return report
 
 
@@ -467,18 +484,12 @@ def _common_run_prefix(runs: Iterable[str], weights: Counter[str]) -> str:
     return _ranked(by_prefix)[0][0]
 
 
-def _recommendations(
-    session: LoadedSession,
-    report: dict[str, Any],
-    failed: list[Attempt],
-    fingerprints: Counter[str],
-) -> list[str]:
+def _recommendations(session: LoadedSession, report: dict[str, Any], f: _Figures) -> list[str]:
     """Advice in a fixed order: nothing drained, unfinished attempts, systemic blocker,
     telemetry, timeouts, leaks, batch size."""
     totals = report["totals"]
     telemetry = report["telemetry"]
     processed: int = totals["processed"]
-    results = session.results
     advice: list[str] = []
 
     # (f) nothing drained
@@ -488,7 +499,8 @@ def _recommendations(
             "run `drainer plan` to see which FAILED phases are eligible and why others are skipped."
         )
 
-    resumable = session.stop_reason is None or session.stop_reason in RESUMABLE_STOPS
+    reason = stop_reason_of(session.stop_reason)
+    resumable = session.stop_reason is None or (reason is not None and reason.resumable)
     if session.unfinished and resumable:
         advice.append(
             f"{session.unfinished} attempt(s) started but never finished (drainer stopped while "
@@ -497,8 +509,8 @@ def _recommendations(
         )
 
     # (b) one or two fingerprints behind most failures
-    n_failed = len(failed)
-    ranked = _ranked(fingerprints)
+    n_failed: int = totals["failed"]
+    ranked = _ranked(f.fingerprints)
     repeated = [(fp, n) for fp, n in ranked[:2] if n >= 2]
     blocker_count = sum(n for _, n in repeated)
     if (
@@ -507,7 +519,8 @@ def _recommendations(
         and 100 * blocker_count >= BLOCKER_PCT * n_failed
     ):
         top_fp, top_n = repeated[0]
-        hit = Counter(a.run_id for a in failed if a.failure_fingerprint == top_fp)
+        hit = Counter(a.run_id for a in session.attempts()  # a second pass, failures only
+                      if a.failed and a.failure_fingerprint == top_fp)
         prefix = _common_run_prefix(hit, hit)
         matching = sum(1 for run in report["by_run"] if run.startswith(prefix))
         which = (
@@ -524,18 +537,17 @@ def _recommendations(
         )
 
     # (a) telemetry broken, or workers die before the LLM
-    known = [a for a in results if a.telemetry_events_collected is not None]
-    zero = [a for a in known if not a.telemetry_events_collected]
+    known: int = telemetry["attempts_with_known_telemetry"]
+    zero = f.zero
     median_yield: float | None = telemetry["median_yield"]
-    if median_yield is not None and median_yield < LOW_MEDIAN_YIELD and 2 * len(zero) > len(known):
-        zero_reasons = Counter(a.zero_yield_reason or "unknown" for a in zero)
-        reason, reason_n = _ranked(zero_reasons)[0]
+    if median_yield is not None and median_yield < LOW_MEDIAN_YIELD and 2 * zero > known:
+        top_reason, reason_n = _ranked(f.zero_reasons)[0]
         advice.append(
             f"Telemetry collection looks broken or workers fail before the LLM: median yield "
-            f"{median_yield:g} events/min (< {LOW_MEDIAN_YIELD:g}) and {len(zero)} of "
-            f"{len(known)} attempts with known telemetry ({_pct(len(zero), len(known))}) "
+            f"{median_yield:g} events/min (< {LOW_MEDIAN_YIELD:g}) and {zero} of "
+            f"{known} attempts with known telemetry ({_pct(zero, known)}) "
             "collected no events. Check that workers run with TELEMETRY_DB_ENABLED=1 and write "
-            f"the telemetry tables, then look at the top zero-yield reason '{reason}' "
+            f"the telemetry tables, then look at the top zero-yield reason '{top_reason}' "
             f"({reason_n} attempt(s))."
         )
     elif processed and not known:
@@ -548,11 +560,10 @@ def _recommendations(
     # (d) timeouts
     timeouts: int = totals["timeouts"]
     if processed and 100 * timeouts >= TIMEOUT_PCT * processed:
-        longest = max(a.subprocess_duration_seconds for a in results if a.timed_out)
         advice.append(
             f"{timeouts} of {processed} attempts ({_pct(timeouts, processed)}) timed out "
-            f"(longest ran {longest:.1f}s): raise --phase-timeout-seconds or investigate hangs "
-            "in the timed-out attempts' stderr logs."
+            f"(longest ran {f.longest_timeout:.1f}s): raise --phase-timeout-seconds or "
+            "investigate hangs in the timed-out attempts' stderr logs."
         )
 
     # (e) leaks

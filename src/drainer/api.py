@@ -21,7 +21,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .config import DrainConfig
 from .errors import UsageError
 from .events import DrainEvent
-from .session import DrainSession, Echo, SessionSummary
+from .models import SessionSummary
+from .recorder import Echo
+from .session import DrainSession
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +36,8 @@ class DrainStatistics:
     failed: int
     timeouts: int
     in_flight: int
-    stop_reason: str | None
+    stop_reason: str | None  #: a :class:`~drainer.models.StopReason` value
+    stop_detail: str | None = None  #: what the [STOP] line said (a caller's reason, say)
 
 
 class Drainer:
@@ -93,22 +96,25 @@ class Drainer:
             self._send.close()  # the events iterator ends with the session
 
     def stop(self, reason: str = "cancelled") -> None:
-        """Stop picking new phases; in-flight attempts get ``stop_grace_period`` to finish."""
+        """Stop picking new phases; in-flight attempts get ``stop_grace_period`` to finish.
+        The session records ``stop_reason: cancelled`` (resumable) with ``reason`` as its
+        ``stop_detail``."""
         if not self._ran:
             raise UsageError("stop() before run(): there is nothing to stop yet")
         self._session.request_stop(reason)
 
     def statistics(self) -> DrainStatistics:
         s = self._session
-        results = s.results
+        t = s.totals
         return DrainStatistics(
             session_id=s.session_id,
-            processed=len(results),
-            succeeded=sum(1 for r in results if r.success),
-            failed=sum(1 for r in results if r.failed),
-            timeouts=sum(1 for r in results if r.timed_out),
-            in_flight=len(s.in_flight_runs),
-            stop_reason=s.policy.stop_reason,
+            processed=t.processed,
+            succeeded=t.succeeded,
+            failed=t.failed,
+            timeouts=t.timed_out,
+            in_flight=s.in_flight,
+            stop_reason=s.stop_reason,
+            stop_detail=s.stop_detail,
         )
 
     async def events(self) -> AsyncIterator[DrainEvent]:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from . import proctree
-from .config import DrainConfig, _strip_userinfo, render_command
+from .config import DrainConfig, render_command, strip_userinfo
 from .errors import UsageError
 
 API_MARKER_VAR = "DRAINER_API_SERVER_OF"  #: marks the server (and children) of a session
@@ -59,7 +59,7 @@ async def answers(url: str, *, within: float = PROBE_TIMEOUT) -> str | None:
 async def check_api_url(url: str) -> None:
     why = await answers(url)
     if why is not None:
-        shown = _strip_userinfo(url)
+        shown = strip_userinfo(url)
         raise UsageError(f"--api-url {shown} does not answer ({why}); start the server first")
 
 

@@ -1,8 +1,10 @@
-"""The frozen, validated configuration of one drain session.
+"""The frozen, validated configuration of one drain session, and its options' one declaration.
 
-``DrainConfig`` is built once (by the CLI or by an embedding application) and never changes.
-Every check that can be made without touching the database is made here, so a bad option
-fails before drainer writes anything.
+Each field of :class:`DrainConfig` that an operator can set carries an :class:`Option` in its
+metadata: the flag, the help text, its group, how a text value converts and what range it
+takes. That one declaration drives the argument parser, the ``DRAINER_*`` environment, the
+config-file keys, ``drainer config`` and the ``--help`` text; the default is the field's own.
+Durations are float seconds inside the code whatever unit the flag uses.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import math
 import re
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,14 @@ DEFAULT_TELEMETRY_TABLES = ("token_estimation_v2_events", "token_budget_escalati
 DEFAULT_SESSION_DIR = Path(".drainer/sessions")
 MIB = 1024 * 1024
 LEAK_POLICIES = ("kill", "report")
+#: --halt-on-failures N% is judged only once this many attempts have finished.
+FAILURE_SHARE_MIN_ATTEMPTS = 10
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# -- command templates -------------------------------------------------------------------
 
 
 def split_command(
@@ -98,95 +105,300 @@ def parse_env_pairs(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+# -- --halt-on-failures ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FailureLimit:
+    """``--halt-on-failures N`` (``count``) or ``N%`` (``percent``)."""
+
+    count: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, value: FailureLimit | int | str) -> FailureLimit:
+        if isinstance(value, FailureLimit):
+            return value
+        flag = "--halt-on-failures"
+        if isinstance(value, bool):
+            raise UsageError(f"{flag} takes N or N%, got {value!r}")
+        if isinstance(value, int):
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1, got {value}")
+            return cls(count=value)
+        text = str(value).strip()
+        try:
+            if text.endswith("%"):
+                percent = float(text[:-1])
+                if not 0 < percent < 100:
+                    raise UsageError(f"{flag} N% needs 0 < N < 100, got {text!r}")
+                return cls(percent=percent)
+            return cls.parse(int(text))
+        except ValueError:
+            raise UsageError(
+                f"{flag} takes a number of failed attempts (5) or a share (20%), got {text!r}"
+            ) from None
+
+    def __str__(self) -> str:
+        return f"{self.count}" if self.count is not None else f"{self.percent:g}%"
+
+
+# -- option declarations -----------------------------------------------------------------
+
+VALUE, SWITCH, LIST, TEMPLATE = "value", "switch", "list", "template"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """How an operator sets one config field: flag, help, group, conversion, range.
+
+    ``parse`` turns one text value (command line, environment, file) into the field's value;
+    ``scale`` converts the flag's unit to the field's (minutes to seconds); ``check`` raises
+    on a value out of range, naming the flag.
+    """
+
+    flag: str
+    help: str
+    group: str
+    metavar: str | None = None
+    kind: str = VALUE
+    parse: Callable[[str], Any] = str
+    scale: float = 1.0
+    check: Callable[[str, Any], None] | None = None
+    negative: str | None = None  #: the --no-... flag of a switch
+    choices: tuple[str, ...] | None = None
+    default_text: str | None = None  #: how --help shows the default (None: the value)
+    resumed: bool = True  #: on --resume, kept from the session unless given again
+    relative_to_file: bool = False  #: a relative path in a config file is relative to it
+
+    @property
+    def env_name(self) -> str:
+        return "DRAINER_" + self.flag.lstrip("-").replace("-", "_").upper()
+
+    @property
+    def key(self) -> str:
+        """The config-file key and argparse dest: the flag with underscores."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def convert(self, raw: Any, where: str) -> Any:
+        """A command-line, environment or file value as the field's value."""
+        if self.kind == SWITCH:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
+                return raw.lower() in _TRUE
+            raise UsageError(f"{where}: {self.flag} takes true or false, got {raw!r}")
+        if self.kind == LIST:
+            return self._convert_list(raw, where)
+        if self.kind == TEMPLATE and isinstance(raw, list):
+            if not all(isinstance(v, str) for v in raw):
+                raise UsageError(f"{where}: {self.flag} takes a string or a list of strings")
+            return tuple(raw)  # an argv list: kept token for token
+        if isinstance(raw, bool | list | dict):
+            raise UsageError(f"{where}: {self.flag} takes one value, got {raw!r}")
+        if self.parse is int and isinstance(raw, float):
+            raise UsageError(f"{where}: {self.flag} takes a whole number, got {raw!r}")
+        try:
+            value = self.parse(str(raw))
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{where}: {self.flag} got an invalid value {raw!r}") from exc
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{where}: {self.flag} must be one of {', '.join(self.choices)}")
+        return value * self.scale if self.scale != 1.0 else value
+
+    def _convert_list(self, raw: Any, where: str) -> Any:
+        if isinstance(raw, dict):  # [env] KEY = "VALUE" in a file
+            raw = [f"{k}={v}" for k, v in raw.items()]
+        elif isinstance(raw, str) and where == "env DRAINER_ENV":
+            raw = [p for p in raw.split(";") if p]  # KEY=VALUE;KEY=VALUE (values may hold ,)
+        elif isinstance(raw, str) and where.startswith("env "):
+            raw = [p for p in raw.split(",") if p]
+        elif isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list | tuple) or not all(isinstance(v, str) for v in raw):
+            raise UsageError(f"{where}: {self.flag} takes a list of strings, got {raw!r}")
+        return self.parse(list(raw)) if self.parse is not str else tuple(raw)  # type: ignore[arg-type]
+
+    def shown(self, value: Any) -> Any:
+        """A field value in the flag's unit (for ``drainer config`` and ``--help``)."""
+        if self.scale != 1.0 and isinstance(value, int | float):
+            return value / self.scale
+        return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def option(default: Any, flag: str, help: str, group: str, **kw: Any) -> Any:
+    """A dataclass field with its :class:`Option` (the one declaration of an option)."""
+    return field(default=default, metadata={"option": Option(flag, help, group, **kw)})
+
+
+def _whole(minimum: int, *, maximum: int | None = None) -> Callable[[str, Any], None]:
+    def check(flag: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            at_least = "of at least 1" if minimum == 1 else "of zero or more"
+            raise UsageError(f"{flag} must be a whole number {at_least}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise UsageError(f"{flag} must be at most {maximum}, got {value}")
+
+    return check
+
+
+def _seconds(*, positive: bool) -> Callable[[str, Any], None]:
+    def check(flag: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UsageError(f"{flag} must be a number, got {value!r}")
+        if positive and not value > 0:
+            raise UsageError(f"{flag} must be a positive number, got {value:g}")
+        if not positive and not value >= 0:
+            raise UsageError(f"{flag} must be zero or more, got {value:g}")
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+
+    return check
+
+
+def _failure_limit(text: str) -> FailureLimit:
+    return FailureLimit.parse(text)
+
+
+BACKLOG, WORKER, STOPS, SESSION = "backlog", "worker", "stop conditions", "session"
+
+
 @dataclass(frozen=True, kw_only=True)
 class DrainConfig:
     """Everything one drain session needs. Durations are float seconds; ``None`` = no limit.
 
     Option names follow Autopack's ``batch_drain_controller.py`` (``--batch-size`` ->
-    ``batch_size``, ``--phase-timeout-seconds`` -> ``phase_timeout``...).
+    ``batch_size``, ``--phase-timeout-seconds`` -> ``phase_timeout``,
+    ``--max-total-minutes`` -> ``session_timeout`` in seconds).
     """
 
-    database_url: str
-    command: str | Sequence[str] = DEFAULT_COMMAND  #: template: a string (shlex) or argv list
-    workspace: Path = Path(".")
-    session_dir: Path = DEFAULT_SESSION_DIR
-    batch_size: int = 10
-    run_id: str | None = None
-    skip_run_prefixes: tuple[str, ...] = ()
-    skip_runs_with_queued: bool = True
-    api_url: str | None = None
-    phase_timeout: float | None = 900.0
-    max_total_minutes: float | None = None
-    max_timeouts_per_run: int | None = 2
-    max_attempts_per_phase: int = 2
-    max_fingerprint_repeats: int | None = 3
-    max_consecutive_zero_yield: int | None = None
-    allow_empty_db: bool = False
-    env: tuple[tuple[str, str], ...] = ()
-    max_log_bytes: int = 64 * MIB
-    kill_grace_period: float = 5.0
-    stop_grace_period: float = 60.0
-    lanes: int = 1
-    lease_ttl: float = 60.0  #: --lease-ttl-seconds; a lease not renewed for this long expires
-    api_command: str | Sequence[str] | None = None  #: template with {port}; one shared server
-    leak_pattern: str = "uvicorn"  #: regex of process command lines counted as leaks
-    max_leaks: int | None = None
-    leak_policy: str = "kill"
-    resume: str | None = None
+    database_url: str = option(
+        None, "--database-url", "backlog database (default: $DATABASE_URL; required), e.g. "
+        "sqlite:///autopack.db or postgresql://user:pass@host/db", BACKLOG, metavar="URL",
+        resumed=False, relative_to_file=True)
+    run_id: str | None = option(None, "--run-id", "drain only this run", BACKLOG, metavar="ID")
+    skip_run_prefixes: tuple[str, ...] = option(
+        (), "--skip-run-prefix", "skip runs whose id starts with PREFIX (repeatable)", BACKLOG,
+        metavar="PREFIX", kind=LIST)
+    skip_runs_with_queued: bool = option(
+        True, "--skip-runs-with-queued", "leave QUEUED phases alone (default); their runs' "
+        "FAILED phases drain; --no-skip-runs-with-queued drains them too", BACKLOG,
+        kind=SWITCH, negative="--no-skip-runs-with-queued")
+    allow_empty_db: bool = option(
+        False, "--allow-empty-db", "run even if the database has no phases at all", BACKLOG,
+        kind=SWITCH)
+
+    command: str | Sequence[str] = option(
+        DEFAULT_COMMAND, "--command", "worker command template, split like a shell would but "
+        "never run by one; placeholders {run_id} {phase_id} {phase_index} {attempt_id} "
+        "{session_id} {python} {workspace} (default: %(default)s)", WORKER,
+        metavar="TEMPLATE", kind=TEMPLATE)
+    workspace: Path = option(
+        Path("."), "--workspace", "directory the worker runs in (default: current directory)",
+        WORKER, metavar="DIR", parse=Path, relative_to_file=True)
+    env: tuple[tuple[str, str], ...] = option(
+        (), "--env", "extra environment variable for workers (repeatable)", WORKER,
+        metavar="KEY=VALUE", kind=LIST, parse=parse_env_pairs)
+    api_url: str | None = option(
+        None, "--api-url", "Autopack API server handed to workers as AUTOPACK_API_URL",
+        WORKER, metavar="URL")
+    api_command: str | Sequence[str] | None = option(
+        None, "--api-command", "start one API server for all workers, e.g. "
+        "'uvicorn autopack.main:app --port {port}'; stopped at the end", WORKER,
+        metavar="TEMPLATE", kind=TEMPLATE)
+    phase_timeout: float | None = option(
+        900.0, "--phase-timeout-seconds", "kill an attempt's whole process tree after S "
+        "seconds (default: %(default)s)", WORKER, metavar="S", parse=float,
+        check=_seconds(positive=True))
+    kill_grace_period: float = option(
+        5.0, "--kill-grace-seconds", "between SIGTERM and SIGKILL when killing a tree "
+        "(default: %(default)s)", WORKER, metavar="S", parse=float,
+        check=_seconds(positive=False))
+    max_log_bytes: int = option(
+        64 * MIB, "--max-log-bytes", "cap of each per-attempt log file (default: 64 MiB)",
+        WORKER, metavar="N", parse=int, check=_whole(1))
+    leak_policy: str = option(
+        "kill", "--leak-policy", "what to do with processes an attempt leaves behind "
+        "(default: %(default)s)", WORKER, choices=LEAK_POLICIES)
+    leak_pattern: str = option(
+        "uvicorn", "--leak-pattern", "command lines counted as leaks when they outlive their "
+        "attempt (default: %(default)s)", WORKER, metavar="REGEX")
+
+    batch_size: int = option(
+        10, "--batch-size", "attempts in this session (default: %(default)s)", STOPS,
+        metavar="N", parse=int, check=_whole(1))
+    session_timeout: float | None = option(
+        None, "--max-total-minutes", "stop picking after M minutes (fractions allowed; "
+        "default: no limit)", STOPS, metavar="M", parse=float, scale=60.0,
+        check=_seconds(positive=True))
+    stop_grace_period: float = option(
+        60.0, "--stop-grace-seconds", "how long in-flight attempts may finish after a stop "
+        "(default: %(default)s)", STOPS, metavar="S", parse=float,
+        check=_seconds(positive=False))
+    max_timeouts_per_run: int | None = option(
+        2, "--max-timeouts-per-run", "stop draining a run after N timeouts "
+        "(default: %(default)s)", STOPS, metavar="N", parse=int, check=_whole(1))
+    max_attempts_per_phase: int = option(
+        2, "--max-attempts-per-phase", "attempts per phase in a session "
+        "(default: %(default)s)", STOPS, metavar="N", parse=int, check=_whole(1))
+    max_fingerprint_repeats: int | None = option(
+        3, "--max-fingerprint-repeats", "stop a run once its failure fingerprint was seen N "
+        "times (default: %(default)s)", STOPS, metavar="N", parse=int, check=_whole(1))
+    max_consecutive_zero_yield: int | None = option(
+        None, "--max-consecutive-zero-yield", "stop after N attempts in a row with no "
+        "telemetry (default: off)", STOPS, metavar="N", parse=int, check=_whole(1))
+    halt_on_failures: FailureLimit | int | str | None = option(
+        None, "--halt-on-failures", "stop picking after N failed attempts, or once more than "
+        f"N% of them failed (after {FAILURE_SHARE_MIN_ATTEMPTS} attempts; default: off)",
+        STOPS, metavar="N|N%", parse=_failure_limit)
+    max_leaks: int | None = option(
+        None, "--max-leaks", "stop the session when more than N processes have leaked "
+        "(default: off)", STOPS, metavar="N", parse=int, check=_whole(0))
+
+    session_dir: Path = option(
+        DEFAULT_SESSION_DIR, "--session-dir", "where sessions are saved (default: "
+        "%(default)s; Autopack users: .autonomous_runs/batch_drain_sessions)", SESSION,
+        metavar="DIR", parse=Path, resumed=False, relative_to_file=True)
+    lanes: int = option(
+        1, "--lanes", "attempts at once, never two of one run (default: %(default)s)", SESSION,
+        metavar="N", parse=int, check=_whole(1, maximum=MAX_LANES))
+    lease_ttl: float = option(
+        60.0, "--lease-ttl-seconds", "a run's lease expires S seconds after its last "
+        "heartbeat (default: %(default)s)", SESSION, metavar="S", parse=float,
+        check=_seconds(positive=True))
+
+    # Not operator options: set by the CLI or an embedding application.
+    resume: str | None = None  #: "latest" or a session id
     telemetry_tables: tuple[str, ...] = DEFAULT_TELEMETRY_TABLES
     schema: Schema = field(default_factory=Schema)  #: table/column/state names
     python: str = sys.executable
     final_state_wait: float = 2.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "command", split_command(self.command))
-        object.__setattr__(self, "workspace", Path(self.workspace))
-        object.__setattr__(self, "session_dir", Path(self.session_dir))
-        object.__setattr__(self, "skip_run_prefixes", tuple(self.skip_run_prefixes))
-        object.__setattr__(self, "telemetry_tables", tuple(self.telemetry_tables))
-        self._check_positive("batch_size", "--batch-size", self.batch_size)
-        self._check_positive("lanes", "--lanes", self.lanes)
-        self._check_positive("max_attempts_per_phase", "--max-attempts-per-phase",
-                             self.max_attempts_per_phase)
-        self._check_positive("max_log_bytes", "--max-log-bytes", self.max_log_bytes)
-        for name, flag in (
-            ("max_timeouts_per_run", "--max-timeouts-per-run"),
-            ("max_fingerprint_repeats", "--max-fingerprint-repeats"),
-            ("max_consecutive_zero_yield", "--max-consecutive-zero-yield"),
-        ):
+        if self.database_url is None:
+            raise UsageError(
+                "no database given: pass --database-url URL or set DATABASE_URL "
+                "(drainer never falls back to a default database)"
+            )
+        setattr_ = object.__setattr__
+        setattr_(self, "command", split_command(self.command))
+        setattr_(self, "workspace", Path(self.workspace))
+        setattr_(self, "session_dir", Path(self.session_dir))
+        setattr_(self, "skip_run_prefixes", tuple(self.skip_run_prefixes))
+        setattr_(self, "telemetry_tables", tuple(self.telemetry_tables))
+        if self.halt_on_failures is not None:
+            setattr_(self, "halt_on_failures", FailureLimit.parse(self.halt_on_failures))
+        for name, opt in OPTIONS.items():
             value = getattr(self, name)
-            if value is not None:
-                self._check_positive(name, flag, value)
-        for flag, value in (
-            ("--phase-timeout-seconds", self.phase_timeout),
-            ("--max-total-minutes", self.max_total_minutes),
-        ):
-            if value is not None and not value > 0:
-                raise UsageError(f"{flag} must be a positive number, got {value}")
-        for flag, value in (
-            ("--kill-grace-seconds", self.kill_grace_period),
-            ("--stop-grace-seconds", self.stop_grace_period),
-            ("final_state_wait", self.final_state_wait),
-        ):
-            if not value >= 0:
-                raise UsageError(f"{flag} must be zero or more, got {value}")
-        for flag, value in (
-            ("--phase-timeout-seconds", self.phase_timeout),
-            ("--max-total-minutes", self.max_total_minutes),
-            ("--kill-grace-seconds", self.kill_grace_period),
-            ("--stop-grace-seconds", self.stop_grace_period),
-            ("--lease-ttl-seconds", self.lease_ttl),
-        ):
-            if value is not None and not math.isfinite(value):
-                raise UsageError(f"{flag} must be a finite number, got {value}")
+            if opt.check is not None and value is not None:
+                opt.check(opt.flag, value)
+        _seconds(positive=False)("final_state_wait", self.final_state_wait)
         if self.api_url is not None:
             _check_http_url(self.api_url)
-        if self.lanes > MAX_LANES:
-            raise UsageError(f"--lanes must be at most {MAX_LANES}, got {self.lanes}")
-        if not self.lease_ttl > 0:
-            raise UsageError(f"--lease-ttl-seconds must be a positive number, got {self.lease_ttl}")
-        if self.max_leaks is not None and (isinstance(self.max_leaks, bool) or self.max_leaks < 0):
-            raise UsageError(f"--max-leaks must be zero or more, got {self.max_leaks}")
         try:
             re.compile(self.leak_pattern)
         except re.error as exc:
@@ -200,7 +412,7 @@ class DrainConfig:
                                    option="--api-command")
             if not any("{port}" in t for t in tokens):
                 raise UsageError("--api-command needs a {port} placeholder for the free port")
-            object.__setattr__(self, "api_command", tokens)
+            setattr_(self, "api_command", tokens)
         if self.leak_policy not in LEAK_POLICIES:
             raise UsageError(f"--leak-policy must be one of {', '.join(LEAK_POLICIES)}")
         if self.run_id is not None and not self.run_id:
@@ -213,11 +425,6 @@ class DrainConfig:
                 raise UsageError("telemetry table names must not be empty")
         _ = self.db  # validates the URL now, not at first use
 
-    @staticmethod
-    def _check_positive(name: str, flag: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{flag} must be a whole number of at least 1, got {value!r}")
-
     @property
     def command_tokens(self) -> tuple[str, ...]:
         """The command template as argv tokens (normalised at construction)."""
@@ -228,6 +435,11 @@ class DrainConfig:
     def api_command_tokens(self) -> tuple[str, ...]:
         assert isinstance(self.api_command, tuple)
         return self.api_command
+
+    @property
+    def failure_limit(self) -> FailureLimit | None:
+        assert self.halt_on_failures is None or isinstance(self.halt_on_failures, FailureLimit)
+        return self.halt_on_failures
 
     @cached_property
     def db(self) -> DatabaseURL:
@@ -250,37 +462,58 @@ class DrainConfig:
         return "none" if self.phase_timeout is None else f"{self.phase_timeout:g}s"
 
     def to_json(self) -> dict[str, Any]:
-        """The config as written into session files: the password is redacted."""
-        return {
-            "database_url": self.db.redacted,
-            "command": list(self.command_tokens),
-            "workspace": str(self.workspace),
-            "session_dir": str(self.session_dir),
-            "batch_size": self.batch_size,
-            "run_id": self.run_id,
-            "skip_run_prefixes": list(self.skip_run_prefixes),
-            "skip_runs_with_queued": self.skip_runs_with_queued,
-            "api_url": _strip_userinfo(self.api_url) if self.api_url else None,
-            "phase_timeout": self.phase_timeout,
-            "max_total_minutes": self.max_total_minutes,
-            "max_timeouts_per_run": self.max_timeouts_per_run,
-            "max_attempts_per_phase": self.max_attempts_per_phase,
-            "max_fingerprint_repeats": self.max_fingerprint_repeats,
-            "max_consecutive_zero_yield": self.max_consecutive_zero_yield,
-            "allow_empty_db": self.allow_empty_db,
-            "env": {k: "***" if _looks_secret(k) else v for k, v in self.env},
-            "max_log_bytes": self.max_log_bytes,
-            "kill_grace_period": self.kill_grace_period,
-            "stop_grace_period": self.stop_grace_period,
-            "lanes": self.lanes,
-            "lease_ttl": self.lease_ttl,
-            "api_command": list(self.api_command_tokens) if self.api_command else None,
-            "leak_pattern": self.leak_pattern,
-            "max_leaks": self.max_leaks,
-            "leak_policy": self.leak_policy,
-            "telemetry_tables": list(self.telemetry_tables),
-            "schema": self.schema.to_json(),
-        }
+        """The options as written into session files (keys: field names); secrets redacted."""
+        out: dict[str, Any] = {}
+        for name in OPTIONS:
+            out[name] = _jsonable(getattr(self, name))
+        out["database_url"] = self.db.redacted
+        out["api_url"] = strip_userinfo(self.api_url) if self.api_url else None
+        out["env"] = {k: "***" if _looks_secret(k) else v for k, v in self.env}
+        out["telemetry_tables"] = list(self.telemetry_tables)
+        out["schema"] = self.schema.to_json()
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, FailureLimit):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _option_fields() -> dict[str, Option]:
+    return {f.name: f.metadata["option"] for f in fields(DrainConfig) if "option" in f.metadata}
+
+
+#: field name -> its Option, in declaration order (the --help order within a group).
+OPTIONS: dict[str, Option] = _option_fields()
+#: config-file key / flag name (underscores) -> field name.
+FIELD_OF_KEY: dict[str, str] = {opt.key: name for name, opt in OPTIONS.items()}
+
+
+def default_of(name: str) -> Any:
+    """The default of a DrainConfig field (the one place defaults are written)."""
+    f: Field[Any] = DrainConfig.__dataclass_fields__[name]
+    if f.default is not MISSING:
+        return f.default
+    assert f.default_factory is not MISSING
+    return f.default_factory()
+
+
+def saved_value(name: str, value: Any) -> Any:
+    """A value from a session's saved config, as the field takes it (on --resume)."""
+    if name == "env":
+        pairs = tuple((str(k), str(v)) for k, v in dict(value).items())
+        hidden = [k for k, v in pairs if v == "***"]
+        if hidden:
+            raise UsageError(
+                f"the session's --env {hidden[0]} was redacted when saved; give --env again"
+            )
+        return pairs
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _check_http_url(url: str) -> None:
@@ -288,12 +521,13 @@ def _check_http_url(url: str) -> None:
         parts = urlsplit(url)
         _ = parts.port  # raises on a bad port
     except ValueError as exc:
-        raise UsageError(f"--api-url {_strip_userinfo(url)!r} is not a valid URL: {exc}") from exc
+        raise UsageError(f"--api-url {strip_userinfo(url)!r} is not a valid URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--api-url must be an http(s) URL, got {_strip_userinfo(url)!r}")
+        raise UsageError(f"--api-url must be an http(s) URL, got {strip_userinfo(url)!r}")
 
 
-def _strip_userinfo(url: str) -> str:
+def strip_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (for messages and files)."""
     scheme, sep, rest = url.partition("://")
     host = rest.rsplit("@", 1)[-1]
     return f"{scheme}{sep}{host}" if sep else url

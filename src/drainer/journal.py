@@ -1,8 +1,10 @@
-"""Sessions on disk: the directory layout, the append-only journal and the snapshot.
+"""Sessions on disk: the directory layout, the append-only journal, its streaming readers,
+resume replay and the snapshot.
 
 The journal (``<id>/journal.jsonl``) is the source of truth: one JSON object per line,
 appended before each spawn and after each finish. The snapshot (``<id>.json``) is the
-Autopack-compatible summary, written atomically (temp file + rename).
+Autopack-compatible summary, written atomically (temp file + rename) by streaming the journal,
+so neither writing nor reading a session holds its attempts in memory.
 """
 
 from __future__ import annotations
@@ -15,17 +17,31 @@ import re
 import secrets
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 from .errors import SessionError
+from .events import (
+    AttemptFinished,
+    AttemptSpawned,
+    AttemptStarted,
+    JournalEvent,
+    RunStopped,
+    SessionResumed,
+    SessionStarted,
+    SessionStopped,
+)
+from .models import Attempt, StopReason, stop_reason_of
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME = 60
+JOURNAL_NAME = "journal.jsonl"
+LIFECYCLE = frozenset({SessionStarted.kind, SessionResumed.kind, SessionStopped.kind})
 
 
 def utcnow() -> datetime:
@@ -40,6 +56,10 @@ def new_session_id(now: datetime | None = None) -> str:
     """``batch-drain-YYYYMMDD-HHMMSS-<4 hex>``: random suffix so two hosts never collide."""
     now = now or utcnow()
     return f"batch-drain-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def hostname() -> str:
+    return socket.gethostname()
 
 
 def safe_name(value: str) -> str:
@@ -85,6 +105,9 @@ def journal_in_use(path: Path) -> bool:
     return False
 
 
+# -- writing -----------------------------------------------------------------------------
+
+
 class SessionFiles:
     """Paths of one session and the journal writer.
 
@@ -99,16 +122,17 @@ class SessionFiles:
         self.session_id = session_id
         self.snapshot_path = session_dir / f"{session_id}.json"
         self.root = session_dir / session_id
-        self.journal_path = self.root / "journal.jsonl"
+        self.journal_path = self.root / JOURNAL_NAME
         self.logs_dir = self.root / "logs"
-        self._journal: Any = None
+        self.journal_size = 0  #: bytes in the journal (where the next line starts)
+        self._journal: BinaryIO | None = None
         self._secrets: list[bytes] = []
         for secret in secrets:
             if secret:
                 self._secrets.append(secret.encode())
                 self._secrets.append(orjson.dumps(secret)[1:-1])  # as it appears inside JSON
 
-    def _redact(self, data: bytes) -> bytes:
+    def redact(self, data: bytes) -> bytes:
         for secret in self._secrets:
             data = data.replace(secret, b"***")
         return data
@@ -130,7 +154,7 @@ class SessionFiles:
                 "right now; wait for it to stop (drainer status)"
             ) from None
         try:
-            _drop_torn_line(journal.fileno())
+            self.journal_size = _drop_torn_line(journal.fileno())
         except OSError as exc:
             journal.close()
             raise SessionError(f"cannot repair journal {self.journal_path}: {exc}") from exc
@@ -140,19 +164,24 @@ class SessionFiles:
         base = f"{safe_name(run_id)}__{safe_name(phase_id)}__{attempt_number}"
         out = self.logs_dir / f"{base}.stdout.txt"
         err = self.logs_dir / f"{base}.stderr.txt"
-        for p in (out, err):
-            if p.resolve().parent != self.logs_dir.resolve():  # pragma: no cover - defence
-                raise SessionError(f"refusing log path outside the logs directory: {p}")
+        # safe_name leaves no separator and no leading dot: the names cannot leave logs_dir.
+        # Checked once more without resolving each path (a resolve costs a syscall per part).
+        if os.sep in base or base.startswith("."):  # pragma: no cover - defence in depth
+            raise SessionError(f"refusing log path outside the logs directory: {out}")
         return out, err
 
-    def append(self, event: dict[str, Any]) -> None:
+    def append(self, event: JournalEvent, at: str) -> None:
         """Append one event to the journal (a small local write; done synchronously)."""
         if self._journal is None:
             raise SessionError("journal is not open")
+        data = event.to_journal()
+        data["at"] = at
+        line = self.redact(orjson.dumps(data)) + b"\n"
         try:
-            self._journal.write(self._redact(orjson.dumps(event)) + b"\n")
+            self._journal.write(line)
         except OSError as exc:
             raise SessionError(f"cannot append to journal {self.journal_path}: {exc}") from exc
+        self.journal_size += len(line)
 
     def close(self) -> None:
         if self._journal is not None:
@@ -161,63 +190,278 @@ class SessionFiles:
             self._journal.close()
             self._journal = None
 
-    def write_snapshot(self, data: dict[str, Any]) -> None:
-        write_json_atomic(self.snapshot_path, data, redact=self._redact)
 
-
-def _drop_torn_line(fd: int) -> None:
-    """A journal whose last line was cut by a crash: cut it off before appending more."""
+def _drop_torn_line(fd: int) -> int:
+    """A journal whose last line was cut by a crash: cut it off before appending more.
+    Returns the journal's size afterwards."""
     size = os.lseek(fd, 0, os.SEEK_END)
     if size == 0:
-        return
+        return 0
     tail_size = min(size, 1 << 16)
     tail = os.pread(fd, tail_size, size - tail_size)
     if tail.endswith(b"\n"):
-        return
+        return size
     cut = tail.rfind(b"\n")
-    os.ftruncate(fd, size - tail_size + cut + 1 if cut >= 0 else (0 if size <= tail_size else size))
+    keep = size - tail_size + cut + 1 if cut >= 0 else (0 if size <= tail_size else size)
+    os.ftruncate(fd, keep)
+    return keep
 
 
-def write_json_atomic(
-    path: Path, data: dict[str, Any], *, redact: Callable[[bytes], bytes] | None = None
-) -> None:
-    payload = orjson.dumps(data, option=orjson.OPT_INDENT_2)
-    if redact is not None:
-        payload = redact(payload)
+def write_json_atomic(path: Path, chunks: Iterator[bytes]) -> int:
+    """Write ``chunks`` to ``path`` atomically (temp file, fsync, rename); returns the size."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    size = 0
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+            for chunk in chunks:
+                fh.write(chunk)
+                size += len(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return size
 
 
-def read_journal(path: Path) -> list[dict[str, Any]]:
-    """Every event of a journal. A torn last line is dropped; a bad line elsewhere is corrupt."""
+def snapshot_chunks(
+    header: dict[str, Any], journal_path: Path, *, upto: int | None,
+    redact: Callable[[bytes], bytes] = lambda b: b,
+) -> Iterator[bytes]:
+    """The Autopack-compatible session file: ``header`` (every field but the results), then
+    ``results[]`` streamed from the journal, one record per line."""
+    head = redact(orjson.dumps(header, option=orjson.OPT_INDENT_2))
+    yield head[: head.rfind(b"}")].rstrip() + b',\n  "results": ['
+    first = True
+    for attempt in iter_attempts(journal_path, upto=upto):
+        yield (b"\n    " if first else b",\n    ") + orjson.dumps(attempt.to_json())
+        first = False
+    yield b"\n  ]\n}\n" if not first else b"]\n}\n"
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def iter_records(path: Path, *, upto: int | None = None) -> Iterator[dict[str, Any]]:
+    """Every event of a journal as a dict, streamed (up to byte ``upto`` when given).
+
+    A torn last line (no newline, not JSON) is dropped; a bad line elsewhere is corrupt.
+    """
     try:
-        raw = path.read_bytes()
+        fh = path.open("rb")
     except OSError as exc:
         raise SessionError(f"cannot read journal {path}: {exc.strerror}") from exc
-    lines = raw.split(b"\n")
-    events: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    with fh:
+        read = 0
+        for number, line in enumerate(fh, start=1):
+            read += len(line)
+            if upto is not None and read > upto:
+                return
+            if not line.strip():
+                continue
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                if not line.endswith(b"\n"):  # the last line, cut short: a torn write
+                    return
+                raise SessionError(f"corrupt journal {path}: line {number} is not JSON") from exc
+            if not isinstance(event, dict) or "type" not in event:
+                raise SessionError(f"corrupt journal {path}: line {number} is not an event")
+            yield event
+
+
+def iter_events(path: Path, *, upto: int | None = None) -> Iterator[JournalEvent]:
+    """The journal's events, typed, in order, streamed.
+
+    An ``attempt_finished`` counts only while its ``attempt_started`` is open: a finish
+    written twice, or one without a start, is skipped. Memory holds the open attempts only.
+    """
+    open_ids: set[str] = set()
+    session_id = path.parent.name
+    for number, data in enumerate(iter_records(path, upto=upto), start=1):
+        kind = data["type"]
         try:
-            event = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            if number == len(lines):  # the last line, not newline-terminated: torn write
-                break
-            raise SessionError(f"corrupt journal {path}: line {number} is not JSON") from exc
-        if not isinstance(event, dict) or "type" not in event:
-            raise SessionError(f"corrupt journal {path}: line {number} is not an event")
-        events.append(event)
-    return events
+            if kind == AttemptStarted.kind:
+                started = AttemptStarted.from_journal(data, session_id)
+                open_ids.add(started.attempt_id)
+                yield started
+            elif kind == AttemptFinished.kind:
+                attempt_id = str(data["attempt_id"])
+                if attempt_id in open_ids:
+                    open_ids.discard(attempt_id)
+                    yield AttemptFinished.from_journal(data, session_id)
+            elif kind == AttemptSpawned.kind:
+                yield AttemptSpawned.from_journal(data)
+            elif kind == RunStopped.kind:
+                yield RunStopped.from_journal(data, session_id)
+            elif kind == SessionStopped.kind:
+                yield SessionStopped.from_journal(data, session_id)
+            elif kind == SessionStarted.kind:
+                started_session = SessionStarted.from_journal(data)
+                session_id = started_session.session_id or session_id
+                yield started_session
+            elif kind == SessionResumed.kind:
+                yield SessionResumed.from_journal(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SessionError(
+                f"corrupt journal {path}: line {number} ({kind}) lacks a field or has a "
+                f"wrong type ({exc})"
+            ) from exc
 
 
-def hostname() -> str:
-    return socket.gethostname()
+def iter_attempts(path: Path, *, upto: int | None = None) -> Iterator[Attempt]:
+    """Every finished attempt of a session's journal, in order, streamed."""
+    for event in iter_events(path, upto=upto):
+        if isinstance(event, AttemptFinished):
+            yield event.attempt
+
+
+@dataclass
+class Dangling:
+    """An attempt the journal shows started but never finished (drainer died meanwhile)."""
+
+    started: AttemptStarted
+    pid: int | None = None
+    create_time: float | None = None
+
+
+@dataclass
+class Replay:
+    """What a journal says about its session, in bounded memory (no attempt records)."""
+
+    session_id: str
+    journal_path: Path
+    started_at: str
+    config: dict[str, Any]
+    finished: int = 0  #: attempts finished (interrupted ones included)
+    interrupted: int = 0
+    dangling: list[Dangling] = field(default_factory=list)  #: started, never finished
+    stopped_runs: dict[str, str] = field(default_factory=dict)
+    stopped: bool = False  #: the last lifecycle event is session_stopped
+    stop_reason: StopReason | None = None
+    completed_at: str | None = None
+    last_event_at: str = ""
+
+    @property
+    def complete(self) -> bool:
+        """Ended for good: stopped, and not by a resumable reason."""
+        return self.stopped and not (self.stop_reason is not None and self.stop_reason.resumable)
+
+    @property
+    def done(self) -> int:
+        """Attempts that really ran to an end (not interrupted)."""
+        return self.finished - self.interrupted
+
+
+def replay(journal_path: Path) -> Replay:
+    """One streaming pass over a journal."""
+    events = iter_events(journal_path)
+    first = next(events, None)
+    if not isinstance(first, SessionStarted):
+        raise SessionError(f"corrupt journal {journal_path}: it does not start a session")
+    state = Replay(
+        session_id=first.session_id or journal_path.parent.name,
+        journal_path=journal_path,
+        started_at=first.started_at,
+        config=first.config,
+    )
+    open_attempts: dict[str, Dangling] = {}
+    for event in events:
+        if isinstance(event, AttemptStarted):
+            open_attempts[event.attempt_id] = Dangling(event)
+        elif isinstance(event, AttemptSpawned):
+            dangling = open_attempts.get(event.attempt_id)
+            if dangling is not None:
+                dangling.pid, dangling.create_time = event.pid, event.create_time
+        elif isinstance(event, AttemptFinished):
+            open_attempts.pop(event.attempt.attempt_id, None)
+            state.finished += 1
+            state.interrupted += event.attempt.interrupted
+        elif isinstance(event, RunStopped):
+            state.stopped_runs[event.run_id] = str(event.reason)
+        elif isinstance(event, SessionStopped):
+            state.stopped = True
+            state.stop_reason = event.stop_reason
+            state.completed_at = event.completed_at or None
+        elif isinstance(event, SessionResumed | SessionStarted):
+            state.stopped = False
+    state.dangling = list(open_attempts.values())
+    state.last_event_at = _last_at(journal_path)
+    return state
+
+
+def _last_at(path: Path) -> str:
+    """The ``at`` of the journal's last whole line (read from its end, not streamed)."""
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - (1 << 16)))
+            tail = fh.read()
+    except OSError:
+        return ""
+    for line in reversed(tail.split(b"\n")):
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            return str(data.get("at", ""))
+    return ""
+
+
+def session_journals(session_dir: Path) -> list[Path]:
+    if not session_dir.is_dir():
+        return []
+    return sorted(session_dir.glob(f"batch-drain-*/{JOURNAL_NAME}"))
+
+
+def find_resumable(session_dir: Path, which: str) -> Replay | None:
+    """``which`` is ``latest`` (newest incomplete session, or None) or a session id."""
+    if which != "latest":
+        journal = session_dir / which / JOURNAL_NAME
+        if "/" in which or not journal.is_file():
+            raise SessionError(f"no session {which!r} in {session_dir} (see drainer status)")
+        if journal_in_use(journal):
+            raise SessionError(
+                f"session {which} is being drained by another drainer process right now; "
+                "it can be resumed once that process stops"
+            )
+        found = replay(journal)
+        if found.complete:
+            raise SessionError(
+                f"session {which} completed ({found.stop_reason or 'stopped'}); it cannot be "
+                "resumed, start a new session instead"
+            )
+        return found
+    candidates = []
+    for journal in session_journals(session_dir):
+        if journal_in_use(journal):
+            continue  # alive in another drainer process: not ours to resume
+        if _peek_stopped_for_good(journal):
+            continue  # cheap: a complete session's last line says so
+        try:
+            found = replay(journal)
+        except SessionError:
+            continue  # a corrupt old session does not block resuming the newest good one
+        if not found.complete:
+            candidates.append(found)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r.started_at, r.session_id))
+
+
+def _peek_stopped_for_good(journal: Path) -> bool:
+    """True when the journal's last line is a session_stopped with a final reason."""
+    try:
+        with journal.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - 4096))
+            last = fh.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        data = orjson.loads(last)
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    if not isinstance(data, dict) or data.get("type") != SessionStopped.kind:
+        return False
+    reason = stop_reason_of(data.get("stop_reason"))
+    return not (reason is not None and reason.resumable)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from .events import AttemptFinished, AttemptStarted, DrainEvent, SessionStopped
+from .models import Totals
 
 REFRESH_INTERVAL = 0.5
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -30,12 +31,7 @@ class LaneState:
 class LiveState:
     total: int
     lanes: int
-    done: int = 0
-    ok: int = 0
-    failed: int = 0
-    timeouts: int = 0
-    events: int = 0
-    durations: list[float] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals)
     active: dict[int, LaneState] = field(default_factory=dict)
     stopped: str | None = None
 
@@ -43,14 +39,8 @@ class LiveState:
         if isinstance(event, AttemptStarted):
             self.active[event.lane] = LaneState(event.run_id, event.phase_id, now)
         elif isinstance(event, AttemptFinished):
-            a = event.attempt
-            self.active.pop(a.lane, None)
-            self.done += 1
-            self.ok += a.success
-            self.failed += a.failed and not a.timed_out
-            self.timeouts += a.timed_out
-            self.events += a.telemetry_events_collected or 0
-            self.durations.append(a.subprocess_duration_seconds)
+            self.active.pop(event.attempt.lane, None)
+            self.totals.add(event.attempt)
         elif isinstance(event, SessionStopped):
             self.stopped = event.stop_reason
 
@@ -63,16 +53,17 @@ def _clock(seconds: float) -> str:
 def render(state: LiveState, now: float, *, width: int = 100, height: int = 40) -> list[str]:
     """The footer lines for ``state`` at time ``now``, each at most ``width - 1`` characters
     (a full-width line would wrap and break the redraw), at most ``height // 2`` lines."""
-    remaining = max(0, state.total - state.done)
-    if state.durations and remaining:
-        mean = sum(state.durations) / len(state.durations)
+    t = state.totals
+    remaining = max(0, state.total - t.processed)
+    if t.processed and remaining:
+        mean = t.duration_seconds / t.processed
         eta = _clock(mean * remaining / max(1, state.lanes))
     else:
         eta = "--:--:--" if remaining else "0:00:00"
-    minutes = sum(state.durations) / 60
-    rate = f"{state.events / minutes:.1f}/min" if minutes > 0 else "-"
-    head = (f"[{state.done}/{state.total}] ok {state.ok}  fail {state.failed}  "
-            f"timeout {state.timeouts}  telemetry {state.events} ({rate})  ETA {eta}")
+    minutes = t.duration_seconds / 60
+    rate = f"{t.telemetry_events / minutes:.1f}/min" if minutes > 0 else "-"
+    head = (f"[{t.processed}/{state.total}] ok {t.succeeded}  fail {t.failed - t.timed_out}  "
+            f"timeout {t.timed_out}  telemetry {t.telemetry_events} ({rate})  ETA {eta}")
     if state.stopped:
         head += f"  stopped: {state.stopped}"
     lines = [head]

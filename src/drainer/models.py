@@ -1,9 +1,14 @@
-"""Plain records shared by every module: phase states, phase references, attempt results."""
+"""Plain records shared by every module: states, stop reasons, phases, attempts, totals.
+
+A leaf: it imports nothing from drainer, so any module may import it.
+"""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -29,6 +34,61 @@ def is_final_state(state: str | None) -> bool:
     return state is not None and state not in NON_FINAL_STATES
 
 
+class StopReason(enum.StrEnum):
+    """Why a session ended (``stop_reason`` in the session files, DESIGN.md §5)."""
+
+    BATCH_SIZE_REACHED = "batch_size_reached"  #: --batch-size attempts started
+    TIME_LIMIT_REACHED = "time_limit_reached"  #: --max-total-minutes passed
+    CONSECUTIVE_ZERO_YIELD = "consecutive_zero_yield"  #: --max-consecutive-zero-yield
+    FAILURE_LIMIT = "failure_limit"  #: --halt-on-failures
+    NO_CANDIDATES = "no_candidates"  #: nothing left that could be drained
+    MAX_LEAKS = "max_leaks"  #: --max-leaks exceeded
+    SIGNAL = "signal"  #: SIGINT/SIGTERM (resumable)
+    CANCELLED = "cancelled"  #: the embedding caller cancelled or stopped it (resumable)
+    ERROR = "error"  #: drainer could not go on, e.g. the database went away (resumable)
+
+    @property
+    def resumable(self) -> bool:
+        """True when the session was interrupted and ``--resume`` continues it."""
+        return self in _RESUMABLE
+
+
+_RESUMABLE = frozenset({StopReason.SIGNAL, StopReason.CANCELLED, StopReason.ERROR})
+
+
+def stop_reason_of(value: Any) -> StopReason | None:
+    """The StopReason a session file names; None for none or one this version does not know
+    (such a session is treated as complete)."""
+    try:
+        return StopReason(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class RunStopReason(enum.StrEnum):
+    """Why a run gets no more attempts this session (``stopped_runs``)."""
+
+    FINGERPRINT_REPEATS = "max_fingerprint_repeats"
+    TIMEOUTS = "max_timeouts_per_run"
+
+
+@dataclass(frozen=True, slots=True)
+class RunStop:
+    """A stop rule's decision: ``run_id`` gets no more attempts this session."""
+
+    run_id: str
+    reason: RunStopReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStop:
+    """A stop rule's decision: the session stops picking."""
+
+    reason: StopReason
+    detail: str
+
+
 @dataclass(frozen=True, slots=True)
 class PhaseRef:
     """One phase of the backlog as loaded for selection."""
@@ -44,21 +104,42 @@ class PhaseRef:
         return (self.run_id, self.phase_id)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """What one load of the backlog found."""
+
+    failed: list[PhaseRef]
+    queued: list[PhaseRef]  #: QUEUED phases in the scanned runs (never drained by default)
+    failed_per_run: Counter[str] = field(default_factory=Counter)
+
+
+# Triage tiers of a run (sample-first), drained in this order.
+TIER_UNSAMPLED = 0  #: no attempt yet this session: sample it first
+TIER_PROMISING = 1  #: its first attempt succeeded, yielded telemetry, timed out or failed newly
+TIER_DEPRIORITISED = 2  #: first attempt failed with an already-seen fingerprint, no telemetry
+TIER_NAMES = ("unsampled", "promising", "deprioritised")
+
+
+@dataclass(frozen=True, slots=True)
 class LeakedProcess:
     """A process that carried an attempt's marker after the attempt ended."""
 
     pid: int
     name: str
-    cmdline: list[str]
+    cmdline: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"pid": self.pid, "name": self.name, "cmdline": self.cmdline}
+        return {"pid": self.pid, "name": self.name, "cmdline": list(self.cmdline)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LeakedProcess:
+        return cls(pid=int(data["pid"]), name=str(data["name"]),
+                   cmdline=tuple(str(p) for p in data["cmdline"]))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Attempt:
-    """The result record of one attempt; ``to_json`` gives Autopack's fields plus drainer's."""
+    """The record of one attempt; ``to_json`` gives Autopack's fields plus drainer's."""
 
     run_id: str
     phase_id: str
@@ -88,10 +169,14 @@ class Attempt:
     cancelled: bool = False
     interrupted: bool = False
     state_restored: bool = False
-    leaked_processes: list[LeakedProcess] = field(default_factory=list)
+    leaked_processes: tuple[LeakedProcess, ...] = ()
     peak_rss_bytes: int | None = None
     stdout_bytes: int = 0
     stderr_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.leaked_processes, tuple):  # a list from a caller
+            object.__setattr__(self, "leaked_processes", tuple(self.leaked_processes))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -103,52 +188,142 @@ class Attempt:
         return not self.success and not self.interrupted
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "phase_id": self.phase_id,
-            "phase_index": self.phase_index,
-            "initial_state": self.initial_state,
-            "final_state": self.final_state,
-            "success": self.success,
-            "error_message": self.error_message,
-            "timestamp": self.timestamp,
-            "subprocess_returncode": self.subprocess_returncode,
-            "subprocess_duration_seconds": round(self.subprocess_duration_seconds, 3),
-            "subprocess_stdout_path": self.subprocess_stdout_path,
-            "subprocess_stderr_path": self.subprocess_stderr_path,
-            "subprocess_stdout_excerpt": self.subprocess_stdout_excerpt,
-            "subprocess_stderr_excerpt": self.subprocess_stderr_excerpt,
-            "failure_fingerprint": self.failure_fingerprint,
-            "telemetry_events_collected": self.telemetry_events_collected,
-            "telemetry_yield_per_minute": self.telemetry_yield_per_minute,
-            "reached_llm_boundary": self.reached_llm_boundary,
-            "zero_yield_reason": self.zero_yield_reason,
-            "attempt_id": self.attempt_id,
-            "attempt_number": self.attempt_number,
-            "lane": self.lane,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "timed_out": self.timed_out,
-            "cancelled": self.cancelled,
-            "interrupted": self.interrupted,
-            "state_restored": self.state_restored,
-            "leaked_processes": [p.to_json() for p in self.leaked_processes],
-            "peak_rss_bytes": self.peak_rss_bytes,
-            "stdout_bytes": self.stdout_bytes,
-            "stderr_bytes": self.stderr_bytes,
-        }
+        out = {name: getattr(self, name) for name in _ATTEMPT_FIELDS}
+        out["subprocess_duration_seconds"] = round(self.subprocess_duration_seconds, 3)
+        out["leaked_processes"] = [p.to_json() for p in self.leaked_processes]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Attempt:
-        leaked = [
-            LeakedProcess(pid=int(p["pid"]), name=str(p["name"]), cmdline=list(p["cmdline"]))
-            for p in data.get("leaked_processes") or []
-        ]
-        known = {f for f in cls.__dataclass_fields__ if f != "leaked_processes"}
-        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs = {k: v for k, v in data.items() if k in _ATTEMPT_FIELDS}
+        kwargs["leaked_processes"] = tuple(
+            LeakedProcess.from_json(p) for p in data.get("leaked_processes") or ()
+        )
         kwargs.setdefault("attempt_id", "")
         kwargs.setdefault("attempt_number", 1)
         kwargs.setdefault("lane", 0)
         kwargs.setdefault("started_at", data.get("timestamp", ""))
         kwargs.setdefault("initial_state", "FAILED")
-        return cls(leaked_processes=leaked, **kwargs)
+        return cls(**kwargs)
+
+
+#: Field order of an attempt record (Autopack's fields first, then drainer's).
+_ATTEMPT_FIELDS: tuple[str, ...] = (
+    "run_id", "phase_id", "phase_index", "initial_state", "final_state", "success",
+    "error_message", "timestamp", "subprocess_returncode", "subprocess_duration_seconds",
+    "subprocess_stdout_path", "subprocess_stderr_path", "subprocess_stdout_excerpt",
+    "subprocess_stderr_excerpt", "failure_fingerprint", "telemetry_events_collected",
+    "telemetry_yield_per_minute", "reached_llm_boundary", "zero_yield_reason", "attempt_id",
+    "attempt_number", "lane", "started_at", "finished_at", "timed_out", "cancelled",
+    "interrupted", "state_restored", "leaked_processes", "peak_rss_bytes", "stdout_bytes",
+    "stderr_bytes",
+)
+assert set(_ATTEMPT_FIELDS) == {f.name for f in fields(Attempt)}
+
+
+@dataclass(slots=True)
+class RunTotals:
+    """Counts of one run's attempts in a session."""
+
+    attempts: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    timed_out: int = 0
+
+
+@dataclass(slots=True)
+class Totals:
+    """The counts of a session, fed one attempt at a time: the same figures for the footer,
+    the summary, the snapshot, the embedding API and ``analyze``. Memory is per run, never
+    per attempt."""
+
+    processed: int = 0
+    succeeded: int = 0
+    failed: int = 0  #: :attr:`Attempt.failed`: timeouts included, interrupted attempts not
+    timed_out: int = 0
+    cancelled: int = 0
+    interrupted: int = 0
+    restored: int = 0
+    leaked: int = 0  #: processes listed in the attempts' ``leaked_processes``
+    telemetry_events: int = 0
+    telemetry_known: int = 0  #: attempts whose telemetry count is known
+    telemetry_seconds: float = 0.0  #: duration of those attempts
+    duration_seconds: float = 0.0  #: duration of every attempt
+    runs: dict[str, RunTotals] = field(default_factory=dict)
+
+    def add(self, a: Attempt) -> None:
+        self.processed += 1
+        self.succeeded += a.success
+        self.failed += a.failed
+        self.timed_out += a.timed_out
+        self.cancelled += a.cancelled
+        self.interrupted += a.interrupted
+        self.restored += a.state_restored
+        self.leaked += len(a.leaked_processes)
+        self.duration_seconds += a.subprocess_duration_seconds
+        if a.telemetry_events_collected is not None:
+            self.telemetry_known += 1
+            self.telemetry_events += a.telemetry_events_collected
+            self.telemetry_seconds += a.subprocess_duration_seconds
+        run = self.runs.get(a.run_id)
+        if run is None:
+            run = self.runs[a.run_id] = RunTotals()
+        run.attempts += 1
+        run.succeeded += a.success
+        run.failed += a.failed
+        run.timed_out += a.timed_out
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.succeeded / self.processed if self.processed else None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """What a finished (or stopped) session did. ``exit_code`` follows DESIGN.md §8.
+
+    The attempts themselves are in the journal: ``drainer.iter_attempts(summary.journal_path)``
+    streams them (a summary stays small however long the session was).
+    """
+
+    session_id: str
+    started_at: str
+    completed_at: str | None
+    stop_reason: StopReason | None
+    totals: Totals
+    snapshot_path: Path
+    journal_path: Path
+    logs_dir: Path
+    stop_detail: str | None = None  #: the [STOP] line's text, e.g. the caller's reason
+    stopped_runs: dict[str, str] = field(default_factory=dict)
+    pattern_leaks: tuple[LeakedProcess, ...] = ()
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason is not None and self.stop_reason.resumable
+
+    @property
+    def total_processed(self) -> int:
+        return self.totals.processed
+
+    @property
+    def total_success(self) -> int:
+        return self.totals.succeeded
+
+    @property
+    def total_failed(self) -> int:
+        return self.totals.failed
+
+    @property
+    def total_timeouts(self) -> int:
+        return self.totals.timed_out
+
+    @property
+    def total_telemetry_events(self) -> int:
+        return self.totals.telemetry_events
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.totals.failed else 0

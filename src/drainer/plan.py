@@ -1,17 +1,21 @@
 """The dry run: what a session would drain, in order, and what it skips and why.
 
-Opens the database read-only in effect (no WAL switch, no lease table, no session files).
+Drives the session's own :class:`~drainer.selection.Selector` on one load of the backlog,
+as if every attempt left its phase FAILED and kept its run promising: the never-tried phases
+in priority order, then the retries a long enough batch would reach. Opens the database
+read-only in effect (no WAL switch, no lease table, no session files).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .backlog import open_backlog
 from .config import DrainConfig
 from .errors import UsageError
-from .models import PhaseRef
-from .selection import CATEGORY_NAMES, CandidateIndex, failure_category
+from .models import Attempt, PhaseRef, PhaseState
+from .selection import CATEGORY_NAMES, Selector, failure_category
 
 SKIPPED_SHOWN = 50
 
@@ -19,32 +23,43 @@ SKIPPED_SHOWN = 50
 @dataclass(frozen=True)
 class Plan:
     counts: dict[str, int]
-    picks: list[PhaseRef]
-    remaining: int
+    picks: list[tuple[PhaseRef, int]]  #: phase, attempt number (2 and up: a retry)
+    remaining: int  #: candidate phases the batch does not reach
     skipped: list[tuple[PhaseRef, str]]
+
+
+def _failed_again(ref: PhaseRef, attempt_number: int) -> Attempt:
+    """The outcome a plan assumes: FAILED again, with telemetry (the run stays promising)."""
+    return Attempt(run_id=ref.run_id, phase_id=ref.phase_id, phase_index=ref.phase_index,
+                   initial_state=ref.state, attempt_id="plan", attempt_number=attempt_number,
+                   lane=0, started_at="", final_state=PhaseState.FAILED.value,
+                   telemetry_events_collected=1)
 
 
 async def make_plan(config: DrainConfig) -> Plan:
     async with open_backlog(config.db, config.telemetry_tables, config.schema) as backlog:
-        counts = await backlog.counts_by_state()
+        counts = await backlog.phases.counts_by_state()
         if sum(counts.values()) == 0 and not config.allow_empty_db:
             raise UsageError(
                 f"{config.db.redacted} has no phases at all; is it the right database? "
                 "Pass --allow-empty-db to plan against it anyway"
             )
-        candidates = await backlog.load_candidates(run_id=config.run_id)
-    index = CandidateIndex.build(
-        candidates,
-        skip_run_prefixes=config.skip_run_prefixes,
-        skip_queued=config.skip_runs_with_queued,
-    )
-    picks = index.preview(config.batch_size)
-    return Plan(
-        counts=counts,
-        picks=picks,
-        remaining=len(index) - len(picks),
-        skipped=index.skipped,
-    )
+        selector = Selector(
+            functools.partial(backlog.phases.load_candidates, run_id=config.run_id),
+            max_attempts_per_phase=config.max_attempts_per_phase,
+            skip_run_prefixes=config.skip_run_prefixes,
+            skip_queued=config.skip_runs_with_queued, keep_skipped=True, reloads=False)
+        picks: list[tuple[PhaseRef, int]] = []
+        while len(picks) < config.batch_size:
+            ref = await selector.pick()
+            if ref is None:
+                break
+            number = selector.attempts_of(ref) + 1
+            picks.append((ref, number))
+            selector.observe(_failed_again(ref, number))
+    reached = len({ref.key for ref, _ in picks})
+    return Plan(counts=counts, picks=picks, remaining=selector.candidates - reached,
+                skipped=selector.skipped)
 
 
 def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
@@ -56,11 +71,12 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
     ]
     if not plan.picks:
         lines.append("  (nothing: no candidate phases)")
-    for n, ref in enumerate(plan.picks, start=1):
+    for n, (ref, attempt) in enumerate(plan.picks, start=1):
         category = CATEGORY_NAMES[failure_category(ref.last_failure_reason)]
+        retry = f", retry: attempt {attempt}" if attempt > 1 else ""
         lines.append(
             f"  {n:>4}. {ref.run_id} / {ref.phase_id}  "
-            f"[{ref.state}, index {ref.phase_index}, {category}]"
+            f"[{ref.state}, index {ref.phase_index}, {category}{retry}]"
         )
     if plan.remaining:
         lines.append(f"  ... {plan.remaining} more candidate(s) after this batch")
@@ -72,7 +88,7 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
     if len(plan.skipped) > SKIPPED_SHOWN:
         lines.append(f"  ... and {len(plan.skipped) - SKIPPED_SHOWN} more")
     lines.append(
-        "Stops and triage may end the session earlier or reorder later picks; "
-        "see the stop rules with 'drainer run --help'."
+        "Retries assume every attempt fails again; stops and triage may end the session "
+        "earlier or reorder later picks (see the stop rules with 'drainer run --help')."
     )
     return lines

@@ -137,9 +137,9 @@ def tree(pid: int) -> list[psutil.Process]:
 def describe(proc: psutil.Process) -> LeakedProcess:
     try:
         with proc.oneshot():
-            return LeakedProcess(pid=proc.pid, name=proc.name(), cmdline=proc.cmdline())
+            return LeakedProcess(pid=proc.pid, name=proc.name(), cmdline=tuple(proc.cmdline()))
     except psutil.Error:
-        return LeakedProcess(pid=proc.pid, name="?", cmdline=[])
+        return LeakedProcess(pid=proc.pid, name="?", cmdline=())
 
 
 def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:

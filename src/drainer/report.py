@@ -1,36 +1,25 @@
-"""Human-readable output: the identity header, per-attempt lines, the session summary."""
+"""Human-readable output: the identity header, per-attempt lines, the session summary.
+
+Reads records only (config, attempts, the summary and its totals).
+"""
 
 from __future__ import annotations
 
 import shlex
-from collections import defaultdict
-from typing import TYPE_CHECKING
 
 from .config import DrainConfig
-from .models import Attempt
-
-if TYPE_CHECKING:
-    from .session import SessionSummary
+from .models import Attempt, SessionSummary
 
 STATE_ORDER = ("FAILED", "QUEUED", "EXECUTING", "GATE", "CI_RUNNING", "COMPLETE", "SKIPPED")
 EXCERPT = 240
 
 
-def _limit(value: float | int | None, unit: str = "") -> str:
-    return "off" if value is None else f"{value:g}{unit}"
-
-
-def header_lines(cfg: DrainConfig, session_id: str, counts: dict[str, int]) -> list[str]:
+def header_lines(
+    cfg: DrainConfig, session_id: str, counts: dict[str, int], rules: str
+) -> list[str]:
+    """``rules``: the stop rules and their settings (``Policy.describe()``)."""
     states = [s for s in STATE_ORDER if s in counts] + sorted(set(counts) - set(STATE_ORDER))
     phases = ", ".join(f"{s} {counts[s]}" for s in states) or "none"
-    rules = (
-        f"batch {cfg.batch_size}, phase timeout {cfg.phase_timeout_label}, "
-        f"time limit {_limit(cfg.max_total_minutes, ' min')}, "
-        f"timeouts/run {_limit(cfg.max_timeouts_per_run)}, "
-        f"attempts/phase {cfg.max_attempts_per_phase}, "
-        f"fingerprint repeats {_limit(cfg.max_fingerprint_repeats)}, "
-        f"zero-yield streak {_limit(cfg.max_consecutive_zero_yield)}"
-    )
     scope = []
     if cfg.run_id:
         scope.append(f"run {cfg.run_id}")
@@ -53,6 +42,11 @@ def header_lines(cfg: DrainConfig, session_id: str, counts: dict[str, int]) -> l
 def _one_line(text: str | None, limit: int = EXCERPT) -> str:
     flat = " ".join((text or "").split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def started_line(a: Attempt, number: int, batch_size: int, lanes: int) -> str:
+    lane = f" [lane {a.lane}]" if lanes > 1 else ""
+    return f"[{number}/{batch_size}]{lane} Draining: {a.run_id} / {a.phase_id}"
 
 
 def attempt_lines(a: Attempt) -> list[str]:
@@ -81,46 +75,37 @@ def attempt_lines(a: Attempt) -> list[str]:
     return lines
 
 
-def summary_lines(s: SessionSummary, cfg: DrainConfig) -> list[str]:
-    results = s.results
-    n = len(results)
-    rate = f"{100 * s.total_success / n:.1f}%" if n else "n/a"
-    leaks = sum(len(r.leaked_processes) for r in results)
-    restored = sum(1 for r in results if r.state_restored)
-    known = [r for r in results if r.telemetry_events_collected is not None]
-    minutes = sum(r.subprocess_duration_seconds for r in known) / 60
-    if known:
-        per_min = s.total_telemetry_events / minutes if minutes > 0 else 0.0
-        telemetry = (
-            f"{s.total_telemetry_events} events ({per_min:.1f}/min over "
-            f"{minutes:.1f} min of attempts)"
-        )
+def summary_lines(s: SessionSummary, leak_pattern: str) -> list[str]:
+    t = s.totals
+    n = t.processed
+    rate = f"{100 * t.succeeded / n:.1f}%" if n else "n/a"
+    minutes = t.telemetry_seconds / 60
+    if t.telemetry_known:
+        per_min = t.telemetry_events / minutes if minutes > 0 else 0.0
+        telemetry = (f"{t.telemetry_events} events ({per_min:.1f}/min over "
+                     f"{minutes:.1f} min of attempts)")
     else:
         telemetry = "unavailable" if n else "none"
     lines = [
         "",
         f"==== Session {s.session_id} ====",
         f"Stop reason: {s.stop_reason or 'unknown'}",
-        f"Processed: {n}  succeeded: {s.total_success}  failed: {s.total_failed}  "
-        f"success rate: {rate}",
-        f"Timeouts: {s.total_timeouts}  cancelled: {sum(1 for r in results if r.cancelled)}  "
-        f"phases restored: {restored}  leaked processes: {leaks}",
+        f"Processed: {n}  succeeded: {t.succeeded}  failed: {t.failed}  success rate: {rate}",
+        f"Timeouts: {t.timed_out}  cancelled: {t.cancelled}  phases restored: {t.restored}  "
+        f"leaked processes: {t.leaked}",
         f"Telemetry: {telemetry}",
     ]
-    by_run: dict[str, list[Attempt]] = defaultdict(list)
-    for r in results:
-        by_run[r.run_id].append(r)
-    if by_run:
+    if t.runs:
         lines.append("Results by run:")
-        width = min(max(len(run) for run in by_run), 48)
-        for run, items in sorted(by_run.items()):
-            ok = sum(1 for r in items if r.success)
-            tmo = sum(1 for r in items if r.timed_out)
-            extra = f", {tmo} timed out" if tmo else ""
+        width = min(max(len(run) for run in t.runs), 48)
+        for run, counts in sorted(t.runs.items()):
+            ok = counts.succeeded
+            extra = f", {counts.timed_out} timed out" if counts.timed_out else ""
             stopped = f"  [stopped: {s.stopped_runs[run]}]" if run in s.stopped_runs else ""
-            lines.append(f"  {run:<{width}}  {ok} ok / {len(items) - ok} failed{extra}{stopped}")
+            lines.append(f"  {run:<{width}}  {ok} ok / {counts.attempts - ok} failed"
+                         f"{extra}{stopped}")
     if s.pattern_leaks:
-        lines.append(f"Leak gauge (--leak-pattern {cfg.leak_pattern}): "
+        lines.append(f"Leak gauge (--leak-pattern {leak_pattern}): "
                      f"{len(s.pattern_leaks)} process(es) appeared and outlived their attempt:")
         for p in s.pattern_leaks:
             lines.append(f"  pid {p.pid} {_one_line(' '.join(p.cmdline) or p.name, 120)}")
@@ -130,3 +115,14 @@ def summary_lines(s: SessionSummary, cfg: DrainConfig) -> list[str]:
         f"Logs:          {s.logs_dir}",
     ]
     return lines
+
+
+def resume_command(cfg: DrainConfig, session_id: str) -> str:
+    """The command that resumes a session (the database URL only when it holds no secret)."""
+    parts = ["python -m drainer run --resume", session_id, "--session-dir",
+             shlex.quote(str(cfg.session_dir))]
+    if cfg.db.password is None:
+        parts += ["--database-url", shlex.quote(cfg.db.sync_url)]
+    else:
+        parts.append("(with your --database-url or DATABASE_URL)")
+    return " ".join(parts)

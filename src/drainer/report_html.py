@@ -142,8 +142,8 @@ def _tip(a: Attempt) -> str:
             f"{a.subprocess_duration_seconds:.1f}s")
 
 
-def _timeline(session: LoadedSession) -> str:
-    spans = [(a, s, f) for a in session.results
+def _timeline(session: LoadedSession, attempts: Sequence[Attempt]) -> str:
+    spans = [(a, s, f) for a in attempts
              if (s := _when(a.started_at)) is not None and (f := _when(a.finished_at)) is not None]
     if not spans:
         return '<p class="note">No attempts with start and finish times: no timeline.</p>'
@@ -166,14 +166,14 @@ def _timeline(session: LoadedSession) -> str:
     for key, label in LEGEND.items():
         parts += [_rect(x, bottom + 46, 14, 14, COLOURS[key]), _text(x + 20, bottom + 57, label)]
         x += 40 + 7 * len(label)
-    skipped = len(session.results) - len(spans)
+    skipped = len(attempts) - len(spans)
     note = (f'<p class="note">{skipped} attempt(s) without start and finish times are not shown.'
             "</p>" if skipped else "")
     return _svg("chart-timeline", "Attempts per lane over time", bottom + 70, parts) + note
 
 
-def _histogram(session: LoadedSession) -> str:
-    durations = [a.subprocess_duration_seconds for a in session.results
+def _histogram(attempts: Sequence[Attempt]) -> str:
+    durations = [a.subprocess_duration_seconds for a in attempts
                  if not a.interrupted and a.subprocess_duration_seconds > 0]
     if not durations:
         return '<p class="note">No attempts with a duration: no histogram.</p>'
@@ -218,12 +218,12 @@ def _fingerprints(report: dict[str, Any]) -> str:
                 16 + row * len(top), parts)
 
 
-def _yield(session: LoadedSession) -> str:
+def _yield(attempts: Sequence[Attempt]) -> str:
     def start_key(pair: tuple[int, Attempt]) -> tuple[bool, float, int]:
         when = _when(pair[1].started_at)
         return (when is None, when.timestamp() if when else 0.0, pair[0])
 
-    ordered = [a for _, a in sorted(enumerate(session.results), key=start_key)]
+    ordered = [a for _, a in sorted(enumerate(attempts), key=start_key)]
     if not ordered:
         return '<p class="note">No attempts: no yield chart.</p>'
     yields = [a.telemetry_yield_per_minute or 0.0 for a in ordered
@@ -317,7 +317,11 @@ def _details(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 def render_html(session: LoadedSession, report: dict[str, Any]) -> str:
     """The analysis of ``session`` (``report`` is ``analyze(session)``) as one HTML document:
-    session header, totals, recommendations, the four charts, then the detailed tables."""
+    session header, totals, recommendations, the four charts, then the detailed tables.
+
+    The charts draw every attempt, so this holds the session's attempts in memory (the
+    document is that large anyway); the text and JSON analyses stream them."""
+    attempts = list(session.attempts())
     recs = report["recommendations"]
     advice = ("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in recs) + "</ul>" if recs else
               '<p class="note">none: nothing in the figures calls for a change</p>')
@@ -327,10 +331,10 @@ def render_html(session: LoadedSession, report: dict[str, Any]) -> str:
     sections = [
         ("Totals", _totals(report)),
         ("Recommendations", advice),
-        ("Lane timeline", _timeline(session)),
-        ("Duration histogram", _histogram(session)),
+        ("Lane timeline", _timeline(session, attempts)),
+        ("Duration histogram", _histogram(attempts)),
         ("Top failure fingerprints", _fingerprints(report)),
-        ("Telemetry yield per attempt", _yield(session)),
+        ("Telemetry yield per attempt", _yield(attempts)),
         *_details(report),
     ]
     title = f"drainer analysis: session {report['session_id']}"

@@ -1,19 +1,33 @@
-"""Which phase to drain next: priority categories and the candidate index."""
+"""Which phase to drain next: priority categories, the candidate index and the Selector.
+
+The :class:`Selector` owns everything selection needs across a session: the index of one
+backlog load, the runs' triage tiers, attempts per phase, retries, phases found drained
+elsewhere, runs leased by another drainer or stopped by a rule, and reloads. ``run`` and
+``plan`` drive the same :meth:`Selector.pick`. Memory is per candidate phase (a few bytes of
+counters beside each), never per attempt.
+"""
 
 from __future__ import annotations
 
 import functools
 import heapq
 import itertools
+import math
 import re
-from collections.abc import Callable, Set
-from typing import TYPE_CHECKING
+from array import array
+from collections.abc import Awaitable, Callable, Set
 
-from .backlog import Candidates
-from .models import PhaseRef, PhaseState
+import anyio
 
-if TYPE_CHECKING:
-    from .policy import Policy
+from .models import (
+    TIER_DEPRIORITISED,
+    TIER_PROMISING,
+    TIER_UNSAMPLED,
+    Attempt,
+    Candidates,
+    PhaseRef,
+    PhaseState,
+)
 
 # Priority of a phase by its last failure reason (lower drains first). DESIGN.md §5:
 # none, collection/import, deliverable/missing, patch/no-op/manifest, other, timeout last.
@@ -35,6 +49,10 @@ _RULES: tuple[tuple[int, re.Pattern[str]], ...] = (
     (CATEGORY_PATCH, re.compile(r"patch|no[- ]?op|manifest", re.I)),
 )
 
+INDEX_REFRESH_INTERVAL = 300.0  #: reload candidates this often, to find newly FAILED phases
+DRY_RELOAD_INTERVAL = 1.0  #: with runs in flight, a dry index reloads at most this often
+QUEUED_SKIP = "QUEUED phase (left for its executor; --no-skip-runs-with-queued drains it)"
+
 
 @functools.lru_cache(maxsize=4096)
 def failure_category(reason: str | None) -> int:
@@ -47,16 +65,20 @@ def failure_category(reason: str | None) -> int:
     return CATEGORY_OTHER
 
 
-QUEUED_SKIP = "QUEUED phase (left for its executor; --no-skip-runs-with-queued drains it)"
+def triage_tier(attempt: Attempt, *, fingerprint_seen_before: bool) -> int:
+    """The tier a run's first attempt (its sample) earns it: sample-first triage.
 
-# Triage tiers of a run (sample-first): drained in this order.
-TIER_UNSAMPLED = 0  #: no attempt yet this session: sample it first
-TIER_PROMISING = 1  #: its first attempt succeeded, yielded telemetry, timed out or failed newly
-TIER_DEPRIORITISED = 2  #: first attempt failed with an already-seen fingerprint, no telemetry
-TIER_NAMES = ("unsampled", "promising", "deprioritised")
+    Deprioritised when the sample failed with a fingerprint already seen this session and
+    produced no telemetry; success, telemetry or a timeout keep the run promising.
+    """
+    if attempt.success or attempt.timed_out or (attempt.telemetry_events_collected or 0) > 0:
+        return TIER_PROMISING
+    if attempt.failure_fingerprint is not None and fingerprint_seen_before:
+        return TIER_DEPRIORITISED
+    return TIER_PROMISING
+
 
 OrderKey = tuple[int, int, int, str, str]
-Tried = Callable[[tuple[str, str]], object]  #: truthy when a phase was tried this session
 
 
 def order_key(ref: PhaseRef, failed_in_run: int) -> OrderKey:
@@ -70,13 +92,18 @@ def order_key(ref: PhaseRef, failed_in_run: int) -> OrderKey:
     )
 
 
+_REMOVED = 1  #: drained by someone else meanwhile: not a candidate any more
+_LAST_FAILED = 2  #: its last attempt this session left it FAILED (a retry may follow)
+_SCAN = 32  #: runs with more phases than this get a phase-id map for lookups
+
+
 class _RunQueue:
-    """One run's candidate phases in priority order, with a cursor past the tried ones.
+    """One run's candidate phases in priority order, with per-phase counters and a cursor
+    past the tried ones. Order keys are computed when a phase reaches the head (memory: no
+    key tuple per phase)."""
 
-    Only the phases are stored; a phase's order key is computed when it reaches the head
-    (memory: no key tuple per phase, which matters at 100,000 phases)."""
-
-    __slots__ = ("cursor", "failed", "phases", "run_id", "tier", "version")
+    __slots__ = ("_where", "attempts", "cursor", "failed", "flags", "phases", "run_id",
+                 "tier", "version")
 
     def __init__(self, run_id: str, phases: list[PhaseRef], failed: int) -> None:
         self.run_id = run_id
@@ -85,14 +112,27 @@ class _RunQueue:
         self.cursor = 0
         self.tier = TIER_UNSAMPLED
         self.version = 0
+        self.attempts = array("I", bytes(4 * len(phases)))
+        self.flags = bytearray(len(phases))
+        self._where: dict[str, int] | None = None
 
-    def key(self, ref: PhaseRef) -> OrderKey:
-        return order_key(ref, self.failed)
+    def key(self, i: int) -> OrderKey:
+        return order_key(self.phases[i], self.failed)
 
-    def head(self, tried: Tried) -> PhaseRef | None:
-        while self.cursor < len(self.phases) and tried(self.phases[self.cursor].key):
+    def head(self) -> int | None:
+        """The best never-tried phase (its position), or None."""
+        n = len(self.phases)
+        while self.cursor < n and (self.attempts[self.cursor] or
+                                   self.flags[self.cursor] & _REMOVED):
             self.cursor += 1
-        return self.phases[self.cursor] if self.cursor < len(self.phases) else None
+        return self.cursor if self.cursor < n else None
+
+    def position(self, phase_id: str) -> int | None:
+        if len(self.phases) <= _SCAN:
+            return next((i for i, r in enumerate(self.phases) if r.phase_id == phase_id), None)
+        if self._where is None:
+            self._where = {r.phase_id: i for i, r in enumerate(self.phases)}
+        return self._where.get(phase_id)
 
 
 class CandidateIndex:
@@ -100,22 +140,18 @@ class CandidateIndex:
 
     Each run keeps its phases sorted once; a heap orders runs by (triage tier, best untried
     phase). A pick pops the heap (O(log runs)), skipping stale entries, stopped runs and
-    runs with an attempt in flight. Retries come from a small side heap and only when no
+    busy runs. Retries come from a side heap, fewest attempts first, and only when no
     never-tried candidate is left.
     """
 
     def __init__(self, runs: dict[str, _RunQueue], skipped: list[tuple[PhaseRef, str]]) -> None:
-        self._runs = runs
+        self.runs = runs
         self.skipped = skipped
-        self._heap: list[tuple[int, OrderKey, int, str]] = []
-        #: (attempts so far, order, ref): retries go round-robin, then by priority
-        self._retry_heap: list[tuple[int, OrderKey, PhaseRef]] = []
         self.size = sum(len(q.phases) for q in runs.values())
+        self._heap: list[tuple[int, OrderKey, int, str]] = []
+        self._retry_heap: list[tuple[int, OrderKey, str, int]] = []
         for queue in runs.values():
-            self._push(queue, lambda _key: False)
-
-    def __len__(self) -> int:
-        return self.size
+            self.push(queue)
 
     @classmethod
     def build(
@@ -124,132 +160,274 @@ class CandidateIndex:
         *,
         skip_run_prefixes: tuple[str, ...] = (),
         skip_queued: bool = True,
+        keep_skipped: bool = True,
     ) -> CandidateIndex:
         skipped: list[tuple[PhaseRef, str]] = []
         per_run_refs: dict[str, list[PhaseRef]] = {}
-        per_run = candidates.failed_per_run
         for ref in itertools.chain(candidates.failed, candidates.queued):
             prefix = next((p for p in skip_run_prefixes if ref.run_id.startswith(p)), None)
             if prefix is not None:
-                skipped.append((ref, f"run matches --skip-run-prefix {prefix}"))
+                why = f"run matches --skip-run-prefix {prefix}"
             elif ref.state == PhaseState.QUEUED and skip_queued:
-                skipped.append((ref, QUEUED_SKIP))
+                why = QUEUED_SKIP
             else:
                 per_run_refs.setdefault(ref.run_id, []).append(ref)
+                continue
+            if keep_skipped:
+                skipped.append((ref, why))
         runs = {}
         for run_id, refs in per_run_refs.items():
-            failed = per_run[run_id]
+            failed = candidates.failed_per_run[run_id]
             refs.sort(key=lambda r: order_key(r, failed))
             runs[run_id] = _RunQueue(run_id, refs, failed)
         skipped.sort(key=lambda item: (item[0].run_id, item[0].phase_index, item[0].phase_id))
         return cls(runs, skipped)
 
-    def _push(self, queue: _RunQueue, tried: Tried) -> None:
-        head = queue.head(tried)
+    def push(self, queue: _RunQueue) -> None:
+        head = queue.head()
         if head is not None:
             heapq.heappush(self._heap, (queue.tier, queue.key(head), queue.version,
                                         queue.run_id))
 
-    def set_tier(self, run_id: str, tier: int, tried: Tried) -> None:
-        """Move a run to a triage tier and re-queue it behind its best untried phase."""
-        queue = self._runs.get(run_id)
-        if queue is None:
-            return
+    def rerank(self, queue: _RunQueue, tier: int) -> None:
+        """Queue a run again (its tier may have changed) behind its best untried phase."""
         queue.tier = tier
         queue.version += 1
-        self._push(queue, tried)
+        self.push(queue)
 
-    def pick(
-        self,
-        policy: Policy,
-        busy_runs: Set[str] = frozenset(),
-        removed: Set[tuple[str, str]] = frozenset(),
-    ) -> PhaseRef | None:
-        """The best phase to drain now: never-tried first (by tier), then retries.
-
-        ``busy_runs`` have an attempt in flight (here or under another drainer's lease);
-        ``removed`` phases turned out not drainable any more (done by someone else).
-        """
-
-        def tried(key: tuple[str, str]) -> bool:
-            return bool(policy.attempts_of(key)) or key in removed
-
+    def pick(self, busy: Set[str], stopped: Set[str]) -> tuple[_RunQueue, int] | None:
+        """The best phase to drain now: never-tried first (by tier), then retries."""
         deferred: list[tuple[int, OrderKey, int, str]] = []
-        found: PhaseRef | None = None
+        found: tuple[_RunQueue, int] | None = None
         while self._heap:
             entry = heapq.heappop(self._heap)
-            tier, _key, version, run_id = entry
-            queue = self._runs[run_id]
-            if version != queue.version or tier != queue.tier or not policy.run_allowed(run_id):
+            tier, key, version, run_id = entry
+            queue = self.runs[run_id]
+            if version != queue.version or tier != queue.tier or run_id in stopped:
                 continue  # stale entry, or the run was stopped
-            head = queue.head(tried)
+            head = queue.head()
             if head is None:
                 continue
-            key = queue.key(head)
-            if key != _key:  # the head moved on (tried elsewhere): re-queue by its new key
-                heapq.heappush(self._heap, (tier, key, version, run_id))
+            if queue.key(head) != key:  # the head moved on: re-queue by its new key
+                heapq.heappush(self._heap, (tier, queue.key(head), version, run_id))
                 continue
-            if run_id in busy_runs:
-                deferred.append(entry)
-                continue
-            found = head
-            deferred.append(entry)  # stays queued until the attempt ends and re-ranks it
-            break
+            deferred.append(entry)  # a picked run stays queued until its attempt re-ranks it
+            if run_id not in busy:
+                found = (queue, head)
+                break
         for entry in deferred:
             heapq.heappush(self._heap, entry)
-        if found is not None:
-            return found
-        return self._pick_retry(policy, busy_runs, removed)
+        return found if found is not None else self._pick_retry(busy, stopped)
 
-    def note_retry(self, key: tuple[str, str], attempts: int) -> None:
-        """A tried phase may be retried later (FAILED, under the cap): queue it once."""
-        queue = self._runs.get(key[0])
-        if queue is None:
-            return
-        for ref in queue.phases:
-            if ref.key == key:
-                heapq.heappush(self._retry_heap, (attempts, queue.key(ref), ref))
-                return
+    def note_retry(self, queue: _RunQueue, i: int) -> None:
+        heapq.heappush(self._retry_heap, (queue.attempts[i], queue.key(i), queue.run_id, i))
 
-    def _pick_retry(
-        self, policy: Policy, busy_runs: Set[str], removed: Set[tuple[str, str]]
-    ) -> PhaseRef | None:
-        deferred: list[tuple[int, OrderKey, PhaseRef]] = []
-        found: PhaseRef | None = None
+    def _pick_retry(self, busy: Set[str], stopped: Set[str]) -> tuple[_RunQueue, int] | None:
+        deferred: list[tuple[int, OrderKey, str, int]] = []
+        found: tuple[_RunQueue, int] | None = None
         while self._retry_heap:
             entry = heapq.heappop(self._retry_heap)
-            attempts, _order, ref = entry
-            if policy.attempts_of(ref.key) != attempts or not policy.retry_allowed(ref.key):
-                continue  # stale: tried again since, or no longer retryable
-            if ref.key in removed:
-                continue
-            if not policy.run_allowed(ref.run_id):
-                continue
-            if ref.run_id in busy_runs:
+            attempts, _order, run_id, i = entry
+            queue = self.runs[run_id]
+            if queue.attempts[i] != attempts or queue.flags[i] != _LAST_FAILED \
+                    or run_id in stopped:
+                continue  # stale (tried again since, drained elsewhere) or the run stopped
+            if run_id in busy:
                 deferred.append(entry)
                 continue
-            found = ref  # its attempt re-queues it (note_retry) if it fails again
+            found = (queue, i)  # its attempt queues it again (note_retry) if it fails again
             break
         for entry in deferred:
             heapq.heappush(self._retry_heap, entry)
         return found
 
-    def preview(self, count: int) -> list[PhaseRef]:
-        """The first ``count`` picks if every attempt kept its run promising (for ``plan``)."""
-        tried: set[tuple[str, str]] = set()
-        heap = [(TIER_UNSAMPLED, q.key(q.phases[0]), q.run_id) for q in self._runs.values()
-                if q.phases]
-        heapq.heapify(heap)
-        cursors = dict.fromkeys(self._runs, 0)
-        out: list[PhaseRef] = []
-        while heap and len(out) < count:
-            _tier, _key, run_id = heapq.heappop(heap)
-            queue = self._runs[run_id]
-            i = cursors[run_id]
-            ref = queue.phases[i]
-            out.append(ref)
-            tried.add(ref.key)
-            cursors[run_id] = i + 1
-            if i + 1 < len(queue.phases):
-                heapq.heappush(heap, (TIER_PROMISING, queue.key(queue.phases[i + 1]), run_id))
-        return out
+
+Load = Callable[[], Awaitable[Candidates]]
+
+
+class Selector:
+    """Picks the next phase for a session (or a plan) and learns from each attempt.
+
+    ``load`` reads the candidates from the backlog. The index is loaded at the first pick,
+    reloaded when it runs dry (phases may have become FAILED meanwhile), every
+    ``refresh_interval`` seconds, and after :meth:`invalidate`; with ``reloads=False``
+    (``plan``) it is loaded once.
+    """
+
+    def __init__(
+        self,
+        load: Load,
+        *,
+        max_attempts_per_phase: int,
+        skip_run_prefixes: tuple[str, ...] = (),
+        skip_queued: bool = True,
+        keep_skipped: bool = False,
+        reloads: bool = True,
+        refresh_interval: float = INDEX_REFRESH_INTERVAL,
+    ) -> None:
+        self._load = load
+        self._max_attempts = max_attempts_per_phase
+        self._build = functools.partial(CandidateIndex.build,
+                                        skip_run_prefixes=skip_run_prefixes,
+                                        skip_queued=skip_queued, keep_skipped=keep_skipped)
+        self._reloads = reloads
+        self._refresh_interval = refresh_interval
+        self._index: CandidateIndex | None = None
+        self._loaded_at = -math.inf
+        self._stale = True
+        self._tiers: dict[str, int] = {}  #: tier of every run sampled this session
+        self._stopped: set[str] = set()  #: runs a stop rule stopped
+        self._leased_elsewhere: set[str] = set()
+        self._picked: dict[str, int] = {}  #: run -> position of its phase in flight
+
+    # -- picking --------------------------------------------------------------------------
+
+    async def load(self) -> bool:
+        """Load the index when there is none, it is stale or old; True when it was loaded."""
+        due = self._index is None or (self._reloads and (
+            self._stale or anyio.current_time() - self._loaded_at > self._refresh_interval))
+        if due:
+            await self._reload()
+        return due
+
+    async def pick(self, busy: Set[str] = frozenset()) -> PhaseRef | None:
+        """The best phase to drain now, or None when nothing is drainable at the moment.
+
+        ``busy`` runs have an attempt in flight here; runs leased by another drainer and runs
+        stopped by a rule are left out too.
+        """
+        fresh = await self.load()
+        assert self._index is not None
+        blocked = busy | self._leased_elsewhere if self._leased_elsewhere else busy
+        found = self._index.pick(blocked, self._stopped)
+        if found is None and self._reloads and not fresh and (
+                not blocked or anyio.current_time() - self._loaded_at >= DRY_RELOAD_INTERVAL):
+            # The index ran dry: reload once, so phases that became FAILED meanwhile count
+            # (while other runs are in flight, at most once a second).
+            await self._reload()
+            assert self._index is not None
+            found = self._index.pick(blocked, self._stopped)
+        if found is None:
+            return None
+        queue, i = found
+        self._picked[queue.run_id] = i
+        return queue.phases[i]
+
+    def attempts_of(self, ref: PhaseRef) -> int:
+        """Attempts of ``ref`` this session (finished, not interrupted)."""
+        where = self._locate(ref.run_id, ref.phase_id)
+        return where[0].attempts[where[1]] if where is not None else 0
+
+    @property
+    def waiting_on_leases(self) -> bool:
+        """Runs leased by another live drainer are all that may be left."""
+        return bool(self._leased_elsewhere)
+
+    @property
+    def candidates(self) -> int:
+        return self._index.size if self._index is not None else 0
+
+    @property
+    def skipped(self) -> list[tuple[PhaseRef, str]]:
+        return self._index.skipped if self._index is not None else []
+
+    # -- what happened ---------------------------------------------------------------------
+
+    def observe(self, attempt: Attempt, *, fingerprint_seen_before: bool = False) -> None:
+        """A finished attempt: count it for its phase, queue a retry, triage its run."""
+        position = self._picked.pop(attempt.run_id, None)
+        if attempt.interrupted:
+            return  # drainer died while it ran: it counts for nothing, the phase is redone
+        index = self._index
+        tier = self._tiers.get(attempt.run_id)
+        if tier is None:
+            tier = self._tiers[attempt.run_id] = triage_tier(
+                attempt, fingerprint_seen_before=fingerprint_seen_before)
+        if index is None:
+            return
+        queue = index.runs.get(attempt.run_id)
+        if queue is None:
+            return
+        if position is None or queue.phases[position].phase_id != attempt.phase_id:
+            position = queue.position(attempt.phase_id)
+        if position is not None:
+            queue.attempts[position] += 1
+            failed = attempt.final_state == PhaseState.FAILED
+            queue.flags[position] = (queue.flags[position] & _REMOVED) | (
+                _LAST_FAILED if failed else 0)
+            if failed and queue.attempts[position] < self._max_attempts:
+                index.note_retry(queue, position)
+        index.rerank(queue, tier)
+
+    def tier_of(self, run_id: str) -> int | None:
+        return self._tiers.get(run_id)
+
+    def release(self, run_id: str) -> None:
+        """The phase picked for ``run_id`` will not be attempted (the claim failed)."""
+        self._picked.pop(run_id, None)
+
+    def remove(self, ref: PhaseRef) -> None:
+        """``ref`` was drained elsewhere meanwhile: no candidate until the next reload."""
+        self._picked.pop(ref.run_id, None)
+        where = self._locate(ref.run_id, ref.phase_id)
+        if where is not None:
+            where[0].flags[where[1]] |= _REMOVED
+
+    def leased_elsewhere(self, run_id: str) -> None:
+        """Another live drainer holds ``run_id``: leave it alone until :meth:`forget_leases`."""
+        self._picked.pop(run_id, None)
+        self._leased_elsewhere.add(run_id)
+
+    def forget_leases(self) -> None:
+        """Look at runs leased elsewhere again, on a fresh load (their phases may be done)."""
+        self._leased_elsewhere.clear()
+        self.invalidate()
+
+    def stop_run(self, run_id: str) -> None:
+        self._stopped.add(run_id)
+
+    def invalidate(self) -> None:
+        """The backlog changed (a swept lease restored a phase): reload at the next pick."""
+        self._stale = True
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _locate(self, run_id: str, phase_id: str) -> tuple[_RunQueue, int] | None:
+        queue = self._index.runs.get(run_id) if self._index is not None else None
+        if queue is None:
+            return None
+        i = queue.position(phase_id)
+        return None if i is None else (queue, i)
+
+    async def _reload(self) -> None:
+        # What carries over to the new load: tiers (per run), and the counters of phases
+        # whose last attempt left them FAILED. Everything else of the old index is dropped
+        # before the new one is built, so two loads never sit in memory at once.
+        carried: dict[str, list[tuple[str, int, int]]] = {}
+        if self._index is not None:
+            for queue in self._index.runs.values():
+                kept = [(queue.phases[i].phase_id, queue.attempts[i], queue.flags[i])
+                        for i in range(len(queue.phases))
+                        if queue.attempts[i] and queue.flags[i] & _LAST_FAILED]
+                if kept:
+                    carried[queue.run_id] = kept
+        self._index = None
+        index = self._build(await self._load())
+        self._loaded_at = anyio.current_time()
+        self._stale = False
+        self._picked.clear()
+        for run_id, kept in carried.items():
+            found = index.runs.get(run_id)
+            if found is None:
+                continue
+            for phase_id, attempts, flags in kept:
+                i = found.position(phase_id)
+                if i is not None:
+                    found.attempts[i], found.flags[i] = attempts, flags & _LAST_FAILED
+                    if attempts < self._max_attempts:
+                        index.note_retry(found, i)
+        for run_id, tier in self._tiers.items():
+            found = index.runs.get(run_id)
+            if found is not None:
+                index.rerank(found, tier)
+        self._index = index

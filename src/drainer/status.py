@@ -15,8 +15,8 @@ from .backlog import Lease, open_backlog
 from .config import DEFAULT_TELEMETRY_TABLES
 from .dburl import DatabaseURL
 from .errors import SessionError
+from .journal import Replay, replay, session_journals
 from .report import STATE_ORDER
-from .resume import Replay, replay, session_journals
 from .schema import Schema
 
 RUNS_SHOWN = 40
@@ -47,9 +47,9 @@ async def collect_status(
     db: DatabaseURL, session_dir: Path, stale_minutes: float, schema: Schema | None = None
 ) -> Status:
     async with open_backlog(db, DEFAULT_TELEMETRY_TABLES, schema) as backlog:
-        by_run = await backlog.counts_by_run()
-        rows, db_now = await backlog.non_final_phases()
-        leases = await backlog.live_leases()
+        by_run = await backlog.phases.counts_by_run()
+        rows, db_now = await backlog.phases.non_final()
+        leases = await backlog.leases.live()
     now = _as_datetime(db_now)
     stale: list[tuple[str, str, str, float | None]] = []
     for run_id, phase_id, state, updated in rows:
@@ -106,9 +106,8 @@ def status_lines(
     lines.append(f"Sessions in {session_dir}: {len(status.sessions)}, "
                  f"incomplete: {len(incomplete)}")
     for s in incomplete:
-        done = sum(1 for r in s.results if not r.interrupted)
         why = s.stop_reason or "crashed or killed"
-        lines.append(f"  {s.session_id}: {done} attempt(s) done, {len(s.dangling)} unfinished, "
+        lines.append(f"  {s.session_id}: {s.done} attempt(s) done, {len(s.dangling)} unfinished, "
                      f"stopped: {why}")
         lines.append(f"    resume: python -m drainer run --resume {s.session_id} "
                      f"--session-dir {shlex.quote(str(session_dir))} (same --database-url)")

@@ -1,0 +1,448 @@
+"""One attempt: claim the run's lease, spawn and supervise the worker, judge what happened,
+record it; and, after a crash, reconcile the attempts that never finished.
+
+:func:`judge` is pure: what the supervisor saw and what the database says in, an
+:class:`~drainer.models.Attempt` out. Everything else here talks to the store, the supervisor
+or the recorder, one call per touch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+
+from . import proctree
+from .backlog import BacklogStore, Lease, PhaseRow
+from .config import DrainConfig, render_command
+from .dburl import redact_text
+from .errors import DatabaseError, DrainerError, UsageError
+from .events import AttemptSpawned, AttemptStarted
+from .faults import crash_point
+from .fingerprint import (
+    error_excerpt,
+    failure_fingerprint,
+    reached_llm_boundary,
+    yield_per_minute,
+    zero_yield_reason,
+)
+from .journal import Dangling, SessionFiles, iso, utcnow
+from .models import Attempt, PhaseRef, PhaseState, is_final_state
+from .recorder import Recorder
+from .supervisor import AttemptSpec, ProcessResult, Supervisor
+
+DB_CLEANUP_TIMEOUT = 30.0  #: settling an attempt gives up after this long (resume mends it)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A phase that is ours to attempt: its run's lease is held under ``attempt_id``."""
+
+    ref: PhaseRef  #: as re-read under the lease (state, reason)
+    attempt_id: str
+    telemetry_before: int | None
+
+
+ClaimOutcome = Claimed | Literal["leased", "gone"]
+LEASED: Literal["leased"] = "leased"  #: another live drainer holds the run
+GONE: Literal["gone"] = "gone"  #: the phase is no longer drainable (done meanwhile)
+
+
+# -- the worker's command and environment ---------------------------------------------------
+
+
+def placeholder_values(
+    config: DrainConfig, *, run_id: str, phase_id: str, phase_index: int, attempt_id: str,
+    session_id: str,
+) -> dict[str, str]:
+    return {
+        "run_id": run_id,
+        "phase_id": phase_id,
+        "phase_index": str(phase_index),
+        "attempt_id": attempt_id,
+        "session_id": session_id,
+        "python": config.python,
+        "workspace": str(config.workspace.resolve()),
+    }
+
+
+def check_worker_program(config: DrainConfig) -> None:
+    """Fail early when the worker's program or workspace is missing (instead of failing every
+    phase with a misleading spawn error)."""
+    if not config.workspace.is_dir():
+        raise UsageError(f"--workspace {config.workspace} is not a directory")
+    first = render_command(config.command_tokens[:1], placeholder_values(
+        config, run_id="", phase_id="", phase_index=0, attempt_id="", session_id=""))[0]
+    if "/" in first:
+        path = Path(first) if Path(first).is_absolute() else config.workspace / first
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise UsageError(f"worker program {first!r} is not an executable file (--command)")
+    elif shutil.which(first) is None:
+        raise UsageError(f"worker program {first!r} is not on PATH (--command)")
+
+
+def worker_env(
+    config: DrainConfig, *, session_id: str, attempt_id: str, ref: PhaseRef,
+    api_url: str | None,
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PYTHONUTF8": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "TELEMETRY_DB_ENABLED": "1",
+        "DATABASE_URL": config.db.sync_url,
+        "DRAINER_SESSION_ID": session_id,
+        "DRAINER_ATTEMPT_ID": attempt_id,
+        "DRAINER_RUN_ID": ref.run_id,
+        "DRAINER_PHASE_ID": ref.phase_id,
+    })
+    if api_url:
+        env["AUTOPACK_API_URL"] = api_url
+    env.update(dict(config.env))
+    return env
+
+
+# -- judging -------------------------------------------------------------------------------
+
+
+def restore_reason(
+    result: ProcessResult, state: str | None, timeout_label: str, *, lease_lost: bool = False
+) -> str:
+    """The ``last_failure_reason`` of a phase an attempt left non-final."""
+    if lease_lost:
+        what = "lease lost (not renewed in time); attempt stopped"
+    elif result.cancelled:
+        what = "attempt cancelled (session stopping)"
+    elif result.timed_out:
+        what = f"attempt timed out after {timeout_label}; process tree killed"
+    elif result.spawn_error:
+        what = result.spawn_error
+    else:
+        what = f"worker exited with status {result.returncode}"
+    return f"drainer: {what}; phase was left {state}, restored to FAILED"
+
+
+def error_message(
+    started: Attempt,
+    result: ProcessResult,
+    *,
+    row: PhaseRow | None,
+    restored: bool,
+    previous_reason: str | None,
+    timeout_label: str,
+    lease_lost: bool = False,
+) -> tuple[str, str]:
+    """An actionable failure message, and the part of it the fingerprint is built from.
+
+    The database reason comes first when there is one. When it equals the reason the phase
+    had before and the worker exited non-zero, the worker may have crashed before writing
+    its own, so the exit status, stderr tail and log path are added as context (outside
+    the fingerprint, which must not change with a log path).
+    """
+    if row is None:
+        text = f"phase {started.run_id}/{started.phase_id} no longer exists in the database"
+        return text, text
+    if result.spawn_error:
+        return result.spawn_error, result.spawn_error
+    state, reason = row
+    db_reason = (reason or "").strip()
+    tail = error_excerpt(result.stderr_tail, 300) or error_excerpt(result.stdout_tail, 300)
+    log = f"(log: {started.subprocess_stderr_path})"
+    if lease_lost:
+        head = "drainer: lease lost (not renewed in time); attempt stopped, process tree killed"
+    elif result.cancelled:
+        head = "drainer: attempt cancelled (session stopping); process tree killed"
+    elif result.timed_out:
+        head = f"drainer: timed out after {timeout_label}; process tree killed"
+    elif restored or not db_reason:
+        head = db_reason or f"worker exited with status {result.returncode}, phase {state}"
+    elif db_reason == (previous_reason or "").strip() and result.returncode != 0:
+        context = f"unchanged by this attempt? worker exited with status {result.returncode}"
+        return " | ".join(p for p in (db_reason, context, tail, log) if p), db_reason
+    else:
+        return db_reason, db_reason
+    return " | ".join(p for p in (head, tail, log) if p), head
+
+
+def judge(
+    started: Attempt,
+    result: ProcessResult,
+    *,
+    row: PhaseRow | None,
+    restored: bool,
+    telemetry_before: int | None,
+    telemetry_after: int | None,
+    previous_reason: str | None,
+    timeout_label: str,
+    secrets: tuple[str, ...] = (),
+    finished_at: str,
+    lease_lost: bool = False,
+) -> Attempt:
+    """The record of a finished attempt, from what happened (pure)."""
+    state = row[0] if row is not None else None
+    success = state == PhaseState.COMPLETE and not result.cancelled
+    events = None if telemetry_before is None or telemetry_after is None else max(
+        0, telemetry_after - telemetry_before)
+    llm = reached_llm_boundary(result.stdout_tail + "\n" + result.stderr_tail)
+    message = fingerprint = None
+    if not success:
+        text, basis = error_message(started, result, row=row, restored=restored,
+                                    previous_reason=previous_reason,
+                                    timeout_label=timeout_label, lease_lost=lease_lost)
+        message = redact_text(text, secrets)
+        fingerprint = failure_fingerprint(state, result.returncode, timed_out=result.timed_out,
+                                          error=redact_text(basis, secrets))
+    return dataclasses.replace(
+        started,
+        finished_at=finished_at,
+        timestamp=finished_at,
+        final_state=state,
+        success=success,
+        error_message=message,
+        failure_fingerprint=fingerprint,
+        subprocess_returncode=result.returncode,
+        subprocess_duration_seconds=result.duration,
+        subprocess_stdout_excerpt=error_excerpt(result.stdout_tail),
+        subprocess_stderr_excerpt=error_excerpt(result.stderr_tail),
+        timed_out=result.timed_out,
+        cancelled=result.cancelled,
+        state_restored=restored,
+        leaked_processes=tuple(result.leaked),
+        peak_rss_bytes=result.peak_rss_bytes,
+        stdout_bytes=result.stdout_bytes,
+        stderr_bytes=result.stderr_bytes,
+        telemetry_events_collected=events,
+        telemetry_yield_per_minute=yield_per_minute(events, result.duration),
+        reached_llm_boundary=llm,
+        zero_yield_reason=zero_yield_reason(success=success, timed_out=result.timed_out,
+                                            telemetry_events=events, llm_boundary=llm,
+                                            returncode=result.returncode),
+    )
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+class AttemptRunner:
+    """Claims, runs and settles attempts of one session."""
+
+    def __init__(
+        self,
+        config: DrainConfig,
+        store: BacklogStore,
+        files: SessionFiles,
+        recorder: Recorder,
+        *,
+        host: str,
+        api_url: str | None,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._files = files
+        self._recorder = recorder
+        self._session_id = files.session_id
+        self._host = host
+        self._api_url = api_url
+
+    async def claim(self, ref: PhaseRef) -> ClaimOutcome:
+        """Claim the run's lease and re-read the phase under it."""
+        attempt_id = str(uuid.uuid4())
+        lease = Lease(run_id=ref.run_id, session_id=self._session_id, attempt_id=attempt_id,
+                      phase_id=ref.phase_id, host=self._host, pid=os.getpid())
+        claim = await self._store.leases.claim(lease, self.config.lease_ttl)
+        if claim.holder is not None:
+            return LEASED
+        drainable = (PhaseState.FAILED,) if self.config.skip_runs_with_queued else (
+            PhaseState.FAILED, PhaseState.QUEUED)
+        if claim.phase is None or claim.phase[0] not in drainable:
+            # Drained meanwhile (another drainer, or the executor): give the run back.
+            await self._store.leases.release(ref.run_id, attempt_id)
+            return GONE
+        state, reason = claim.phase
+        return Claimed(ref=dataclasses.replace(ref, state=state, last_failure_reason=reason),
+                       attempt_id=attempt_id, telemetry_before=claim.telemetry)
+
+    async def release(self, claimed: Claimed) -> None:
+        """A claimed phase that will not be attempted after all: give its run back."""
+        await self._store.leases.release_quietly(claimed.ref.run_id, claimed.attempt_id)
+
+    def _log_paths(self, ref: PhaseRef, attempt_number: int) -> tuple[Path, Path, int]:
+        out, err = self._files.log_paths(ref.run_id, ref.phase_id, attempt_number)
+        while out.exists():  # a re-attempt after an interrupted one keeps that one's logs
+            attempt_number += 1
+            out, err = self._files.log_paths(ref.run_id, ref.phase_id, attempt_number)
+        return out, err, attempt_number
+
+    async def run(self, claimed: Claimed, *, lane: int, number: int,
+                  attempt_number: int) -> Attempt:
+        """Run one claimed attempt to its end and record it. Cancelled (a stop, the caller),
+        the worker's tree is killed and the attempt settled before the cancellation goes on."""
+        cfg, ref = self.config, claimed.ref
+        out, err, attempt_number = self._log_paths(ref, attempt_number)
+        started = Attempt(
+            run_id=ref.run_id, phase_id=ref.phase_id, phase_index=ref.phase_index,
+            initial_state=ref.state, attempt_id=claimed.attempt_id,
+            attempt_number=attempt_number, lane=lane, started_at=iso(utcnow()),
+            subprocess_stdout_path=str(out), subprocess_stderr_path=str(err),
+        )
+        spec = AttemptSpec(
+            argv=render_command(cfg.command_tokens, placeholder_values(
+                cfg, run_id=ref.run_id, phase_id=ref.phase_id, phase_index=ref.phase_index,
+                attempt_id=claimed.attempt_id, session_id=self._session_id)),
+            env=worker_env(cfg, session_id=self._session_id, attempt_id=claimed.attempt_id,
+                           ref=ref, api_url=self._api_url),
+            cwd=cfg.workspace,
+            attempt_id=claimed.attempt_id,
+            stdout_path=out,
+            stderr_path=err,
+            timeout=cfg.phase_timeout,
+            kill_grace_period=cfg.kill_grace_period,
+            max_log_bytes=cfg.max_log_bytes,
+            secrets=cfg.secrets,
+            kill_leaks=cfg.leak_policy == "kill",
+        )
+        settled: Attempt | None = None
+        try:
+            self._recorder.attempt_started(
+                AttemptStarted(session_id=self._session_id, attempt=started,
+                               argv=tuple(spec.argv), telemetry_before=claimed.telemetry_before),
+                number)
+            crash_point("before_spawn")
+
+            def spawned(pid: int, create_time: float | None) -> None:
+                self._recorder.attempt_spawned(AttemptSpawned(claimed.attempt_id, pid,
+                                                              create_time))
+                crash_point("worker_running")
+
+            supervisor = Supervisor(spec, on_spawn=spawned)
+            lease_lost = anyio.Event()
+            try:
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._heartbeat, claimed, scope, lease_lost)
+                        await supervisor.run()
+                        tg.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    settled = await self._settle(started, supervisor.result, claimed,
+                                                 lease_lost=lease_lost.is_set())
+        finally:
+            if settled is None:  # it never got to settle: give the run back now
+                await self.release(claimed)
+        assert settled is not None
+        return settled
+
+    async def _settle(
+        self, started: Attempt, result: ProcessResult, claimed: Claimed, *, lease_lost: bool
+    ) -> Attempt:
+        """Read the outcome, restore a non-final phase and release the lease (one
+        transaction), judge, record. After a lost lease the phase belongs to whoever took
+        the run over: it is restored only if nobody leases the run now."""
+        cfg, ref = self.config, claimed.ref
+        phases, leases = self._store.phases, self._store.leases
+        clean_exit = result.returncode == 0 and not result.timed_out and not result.cancelled
+        try:
+            with anyio.fail_after(DB_CLEANUP_TIMEOUT):
+                outcome = await phases.wait_final_state(
+                    ref.run_id, ref.phase_id, wait=cfg.final_state_wait if clean_exit else 0.0)
+                row = outcome.row
+                why = None
+                if row is not None and not is_final_state(row[0]):
+                    why = restore_reason(result, row[0], cfg.phase_timeout_label,
+                                         lease_lost=lease_lost)
+                restored = await leases.finish(ref.run_id, ref.phase_id, claimed.attempt_id,
+                                               restore=why, release=not lease_lost)
+                if restored:
+                    row = (PhaseState.FAILED.value, why)
+                elif why is not None:  # changed under us: read what it is now
+                    row = await phases.read(ref.run_id, ref.phase_id)
+        except TimeoutError:
+            # Not journaled as finished: --resume reconciles this attempt.
+            raise DatabaseError(
+                f"the database did not answer within {DB_CLEANUP_TIMEOUT:g}s while finishing "
+                f"{ref.run_id} / {ref.phase_id}; resume the session to reconcile it"
+            ) from None
+        attempt = judge(
+            started, result, row=row, restored=restored,
+            telemetry_before=claimed.telemetry_before, telemetry_after=outcome.telemetry,
+            previous_reason=ref.last_failure_reason, timeout_label=cfg.phase_timeout_label,
+            secrets=cfg.secrets, finished_at=iso(utcnow()), lease_lost=lease_lost,
+        )
+        crash_point("after_exit")
+        self._recorder.attempt_finished(attempt)
+        return attempt
+
+    async def _heartbeat(
+        self, claimed: Claimed, scope: anyio.CancelScope, lost: anyio.Event
+    ) -> None:
+        """Renew the lease every TTL/3. A lease that cannot be renewed before it expires is
+        lost: the attempt is cancelled at once, since another drainer may now take the run."""
+        ttl = self.config.lease_ttl
+        run_id = claimed.ref.run_id
+        renewed = anyio.current_time()
+        while True:
+            await anyio.sleep(ttl / 3)
+            try:
+                held = await self._store.leases.renew(run_id, claimed.attempt_id, ttl)
+            except DrainerError as exc:
+                if anyio.current_time() - renewed < ttl * 2 / 3:
+                    self._recorder.echo(
+                        f"[LEASE] renewing the lease of {run_id} failed, retrying: {exc}")
+                    continue
+                held = False
+            if held:
+                renewed = anyio.current_time()
+                continue
+            self._recorder.echo(f"[LEASE] lost the lease of {run_id} (not renewed within "
+                                f"--lease-ttl-seconds {ttl:g}); stopping its attempt")
+            lost.set()
+            scope.cancel()
+            return
+
+    # -- after a crash -------------------------------------------------------------------------
+
+    async def reconcile(self, dangling: Dangling) -> Attempt:
+        """An attempt that started but never finished: kill what it left, restore its phase,
+        record it ``interrupted``."""
+        started = dangling.started
+        record = started.attempt
+        killed = await anyio.to_thread.run_sync(functools.partial(
+            proctree.kill_leftovers, record.attempt_id, dangling.pid, dangling.create_time,
+            grace=self.config.kill_grace_period))
+        phases = self._store.phases
+        row = await phases.read(record.run_id, record.phase_id)
+        state = row[0] if row is not None else None
+        restored = False
+        if row is not None and not is_final_state(state):
+            why = "drainer: attempt interrupted (drainer stopped while it ran); restored"
+            if await phases.restore_failed(record.run_id, record.phase_id, why):
+                restored, state = True, PhaseState.FAILED.value
+        before = started.telemetry_before
+        after = await phases.telemetry_count(record.run_id, record.phase_id)
+        success = state == PhaseState.COMPLETE
+        finished_at = iso(utcnow())
+        attempt = dataclasses.replace(
+            record,
+            interrupted=True,
+            final_state=state,
+            success=success,
+            state_restored=restored,
+            leaked_processes=tuple(killed),
+            finished_at=finished_at,
+            timestamp=finished_at,
+            telemetry_events_collected=None if before is None or after is None else max(
+                0, after - before),
+            error_message=None if success else (
+                f"drainer: interrupted: drainer stopped while this attempt ran "
+                f"({len(killed)} leftover process(es) killed); phase now {state}"),
+        )
+        await self._store.leases.release(record.run_id, record.attempt_id)
+        self._recorder.attempt_reconciled(attempt)
+        return attempt

@@ -1,0 +1,112 @@
+"""The backlog store: every SQL statement drainer runs lives in this package.
+
+``_engine`` holds the dialects and the one error translator, ``phases`` the phases and
+telemetry tables, ``leases`` drainer's own ``drainer_leases``. The drain talks to them through
+the :class:`BacklogStore` protocol; :func:`open_backlog` opens the SQL implementation.
+
+Transactions are short and never held while a worker runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import anyio
+
+from ..dburl import DatabaseURL
+from ..models import Candidates
+from ..schema import Schema
+from ._engine import Engine, check_sqlite_file
+from .leases import LEASE_TABLE, Claim, Lease, Leases
+from .phases import Outcome, PhaseRow, Phases
+
+__all__ = [
+    "LEASE_TABLE",
+    "Backlog",
+    "BacklogStore",
+    "Claim",
+    "Lease",
+    "LeaseStore",
+    "Outcome",
+    "PhaseRow",
+    "PhaseStore",
+    "open_backlog",
+]
+
+
+class PhaseStore(Protocol):
+    """What the drain reads and writes in the phases table."""
+
+    telemetry_tables: tuple[str, ...]
+    missing_telemetry_tables: tuple[str, ...]
+
+    @property
+    def telemetry_available(self) -> bool: ...
+    async def counts_by_state(self) -> dict[str, int]: ...
+    async def load_candidates(self, *, run_id: str | None = None) -> Candidates: ...
+    async def read(self, run_id: str, phase_id: str) -> PhaseRow | None: ...
+    async def wait_final_state(self, run_id: str, phase_id: str, *, wait: float) -> Outcome: ...
+    async def restore_failed(self, run_id: str, phase_id: str, reason: str) -> bool: ...
+    async def telemetry_count(self, run_id: str, phase_id: str) -> int | None: ...
+
+
+class LeaseStore(Protocol):
+    """What the drain does with run leases."""
+
+    async def claim(self, lease: Lease, ttl: float) -> Claim: ...
+    async def renew(self, run_id: str, attempt_id: str, ttl: float) -> bool: ...
+    async def finish(self, run_id: str, phase_id: str, attempt_id: str, *,
+                     restore: str | None, release: bool) -> bool: ...
+    async def release(self, run_id: str, attempt_id: str) -> None: ...
+    async def release_quietly(self, run_id: str, attempt_id: str) -> None: ...
+    async def release_session(self, session_id: str) -> int: ...
+    async def sweep_expired(self) -> list[Lease]: ...
+
+
+class BacklogStore(Protocol):
+    """A backlog as the drain sees it: its phases and its leases."""
+
+    @property
+    def phases(self) -> PhaseStore: ...
+    @property
+    def leases(self) -> LeaseStore: ...
+    async def prepare_for_writes(self) -> None: ...
+
+
+class Backlog:
+    """One backlog database (Autopack schema by default). Use :func:`open_backlog`."""
+
+    def __init__(self, db: DatabaseURL, telemetry_tables: Iterable[str] = (),
+                 schema: Schema | None = None) -> None:
+        self.db = db
+        self.engine = Engine(db)
+        self.phases = Phases(self.engine, schema or Schema(), tuple(telemetry_tables))
+        self.leases = Leases(self.engine, self.phases)
+
+    async def prepare_for_writes(self) -> None:
+        """Called once input is known good: SQLite gets WAL so workers and drainer coexist,
+        and the lease table is created if missing."""
+        if self.db.is_sqlite:
+            await self.engine.set_wal()
+        await self.leases.ensure_table()
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+
+
+@asynccontextmanager
+async def open_backlog(
+    db: DatabaseURL, telemetry_tables: Iterable[str] = (), schema: Schema | None = None
+) -> AsyncIterator[Backlog]:
+    """Open and schema-check a backlog; nothing is written here."""
+    if db.is_sqlite:
+        check_sqlite_file(db)
+    backlog = Backlog(db, telemetry_tables, schema)
+    try:
+        await backlog.phases.check_schema()
+        yield backlog
+    finally:
+        with anyio.CancelScope(shield=True):
+            await backlog.aclose()

@@ -1,0 +1,154 @@
+"""The database behind a backlog: engines per dialect, short transactions, the database's
+clock, and the one place lower-level errors become :class:`~drainer.errors.DatabaseError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ..dburl import DatabaseURL
+from ..errors import DatabaseError
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
+SQLITE_BUSY_TIMEOUT = 30.0  #: wait this long for a worker's write lock instead of failing
+
+
+def first_line(exc: BaseException) -> str:
+    """The driver's own message (first line) behind a SQLAlchemy error."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Engine:
+    """One backlog database: connections, write transactions, the clock, error translation."""
+
+    def __init__(self, db: DatabaseURL) -> None:
+        self.db = db
+        try:
+            self._engine = _make_engine(db)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise DatabaseError(f"cannot open {db.redacted}: {_import_hint(exc)}") from exc
+
+    @contextmanager
+    def errors(self, action: str) -> Iterator[None]:
+        """Translate what the driver raises while doing ``action`` ("reading a phase from")
+        into one line: ``<action> <database> failed: <driver message>``."""
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"{action} {self.db.redacted} failed: {first_line(exc)}") \
+                from exc
+        except OSError as exc:  # the driver could not reach the server at all
+            raise DatabaseError(f"connecting to {self.db.redacted} failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads: on SQLite each statement runs without a BEGIN."""
+        async with self._engine.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def write(self, *, single: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A short write transaction (BEGIN IMMEDIATE on SQLite). ``single``: the caller
+        runs one statement, atomic by itself, so SQLite needs no explicit BEGIN."""
+        async with self._engine.connect() as conn:
+            if self.db.is_sqlite and not single:
+                conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
+            async with conn.begin():
+                yield conn
+
+    @property
+    def now_sql(self) -> str:
+        """The database's clock as epoch seconds: expiry is judged by one clock for all."""
+        if self.db.is_sqlite:
+            return "((julianday('now') - 2440587.5) * 86400.0)"
+        return "extract(epoch from clock_timestamp())::double precision"
+
+    async def set_wal(self) -> None:
+        """SQLite: WAL, so workers and drainer read and write side by side."""
+        with self.errors("switching to WAL mode in"):
+            async with self._engine.connect() as conn:
+                conn = await conn.execution_options(sqlite_begin="NONE")
+                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+    async def run_sync(self, fn: Any) -> Any:
+        """Run ``fn(sync_connection)`` (schema inspection) on a read connection."""
+        async with self._engine.connect() as conn:
+            return await conn.run_sync(fn)
+
+    async def aclose(self) -> None:
+        await self._engine.dispose()
+
+
+def check_sqlite_file(db: DatabaseURL) -> None:
+    """A SQLite URL must name an existing SQLite file: checked before anything opens it
+    (opening would create an empty one)."""
+    path = db.sqlite_path
+    assert path is not None
+    if not path.exists():
+        raise DatabaseError(
+            f"SQLite database {path} does not exist; check --database-url / DATABASE_URL"
+        )
+    if not path.is_file():
+        raise DatabaseError(f"SQLite database {path} is not a file")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise DatabaseError(f"cannot read SQLite database {path}: {exc.strerror}") from exc
+    if head != SQLITE_MAGIC:
+        raise DatabaseError(f"{path} is not a SQLite database (bad header)")
+
+
+def _import_hint(exc: BaseException) -> str:
+    if isinstance(exc, ImportError) and "asyncpg" in str(exc):
+        return ("No module named 'asyncpg': install the postgres extra "
+                "(pip install 'drainer[postgres]')")
+    return first_line(exc)
+
+
+def _make_engine(db: DatabaseURL) -> AsyncEngine:
+    if db.is_sqlite:
+        engine = create_async_engine(db.async_url,
+                                     connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        _sqlite_transactions(engine)
+        return engine
+    return create_async_engine(
+        db.async_url, pool_size=4, max_overflow=8, connect_args={"timeout": 10}
+    )
+
+
+def _sqlite_transactions(engine: AsyncEngine) -> None:
+    """Let drainer choose how a transaction starts on SQLite.
+
+    The driver's own implicit transactions are switched off. Reads are single statements and
+    run without a BEGIN (each is consistent by itself, and no read snapshot is left open); a
+    write transaction starts with BEGIN IMMEDIATE (``sqlite_begin``), so it takes the write
+    lock up front and never fails half-way with "database is locked": it waits (busy
+    timeout) at BEGIN. Every BEGIN saved is a round trip to aiosqlite's thread saved.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        # drainer reads phases by key and streams the candidate load once: a small page
+        # cache per connection (SQLite's default is 2 MiB) keeps the process within its
+        # memory budget at 100,000 phases.
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "NONE")
+        if mode != "NONE":
+            conn.exec_driver_sql(f"BEGIN {mode}")

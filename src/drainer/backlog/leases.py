@@ -1,0 +1,264 @@
+"""drainer's own table ``drainer_leases`` (DESIGN.md §6): one row per run being drained.
+
+A claim is one atomic insert-if-absent, or the take-over of an expired lease after restoring
+the phase it names; a heartbeat renews it; the attempt's end restores (if needed) and releases
+it in one transaction. Expiry is judged by the database's clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..errors import DatabaseError
+from ._engine import Engine
+from .phases import PhaseRow, Phases
+
+LEASE_TABLE = "drainer_leases"
+# Advisory lock key taken while creating LEASE_TABLE on PostgreSQL ("drainer" in ASCII).
+_LEASE_DDL_LOCK = 0x647261696E6572
+_COLUMNS = "run_id, session_id, attempt_id, phase_id, host, pid, acquired_at, heartbeat_at, " \
+           "expires_at"
+RELEASE_TIMEOUT = 5.0  #: a best-effort release gives up after this long (the lease expires)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One row of ``drainer_leases``: who drains which run right now."""
+
+    run_id: str
+    session_id: str
+    attempt_id: str
+    phase_id: str
+    host: str
+    pid: int
+    expires_at: float | None = None
+
+    def params(self, ttl: float) -> dict[str, Any]:
+        return {"run_id": self.run_id, "session_id": self.session_id,
+                "attempt_id": self.attempt_id, "phase_id": self.phase_id, "host": self.host,
+                "pid": self.pid, "ttl": ttl}
+
+    @classmethod
+    def from_row(cls, row: Any) -> Lease:
+        return cls(run_id=str(row.run_id), session_id=str(row.session_id),
+                   attempt_id=str(row.attempt_id), phase_id=str(row.phase_id),
+                   host=str(row.host), pid=int(row.pid),
+                   expires_at=float(row.expires_at) if row.expires_at is not None else None)
+
+
+UNKNOWN_HOLDER = Lease(run_id="?", session_id="?", attempt_id="?", phase_id="?", host="?", pid=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The answer to a lease claim: who blocks it, or the phase as read under the lease."""
+
+    holder: Lease | None  #: a live lease of someone else: the run is not ours now
+    phase: PhaseRow | None = None  #: (state, reason); None: the phase is gone
+    telemetry: int | None = None  #: telemetry rows of the phase before the attempt
+
+
+class Leases:
+    """Claims, heartbeats, releases and sweeps of ``drainer_leases``."""
+
+    def __init__(self, engine: Engine, phases: Phases) -> None:
+        self._engine = engine
+        self._phases = phases
+        self._now = engine.now_sql
+        self._sqlite = engine.db.is_sqlite
+
+    async def ensure_table(self) -> None:
+        ddl = (
+            f"CREATE TABLE IF NOT EXISTS {LEASE_TABLE} ("
+            "run_id VARCHAR(512) PRIMARY KEY, session_id VARCHAR(64) NOT NULL, "
+            "attempt_id VARCHAR(64) NOT NULL, phase_id VARCHAR(512) NOT NULL, "
+            "host VARCHAR(255) NOT NULL, pid INTEGER NOT NULL, "
+            "acquired_at DOUBLE PRECISION NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL, "
+            "expires_at DOUBLE PRECISION NOT NULL)"
+        )
+        with self._engine.errors(f"creating {LEASE_TABLE} in"):
+            try:
+                async with self._engine.write() as conn:
+                    if not self._sqlite:
+                        # Two drainers starting together race in PostgreSQL's catalog even
+                        # with IF NOT EXISTS ("type ... already exists"); a transaction-scoped
+                        # advisory lock makes the second wait and then find the table.
+                        # SQLite's BEGIN IMMEDIATE already serialises writers.
+                        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                           {"key": _LEASE_DDL_LOCK})
+                    await conn.execute(text(ddl))
+            except (IntegrityError, ProgrammingError):
+                # Something that does not take the lock (an older drainer, a migration tool)
+                # created it at the same moment: fine if the table is there now.
+                if not await self._has_table():
+                    raise
+
+    async def _has_table(self) -> bool:
+        try:
+            return bool(await self._engine.run_sync(
+                lambda c: inspect(c).has_table(LEASE_TABLE)))
+        except SQLAlchemyError:
+            return False
+
+    async def claim(self, lease: Lease, ttl: float) -> Claim:
+        """Claim ``lease.run_id``: insert the lease, or take over an expired one after
+        restoring the phase it names (one transaction); then read ``lease.phase_id`` and its
+        telemetry count under the lease (the "before" of the attempt)."""
+        params = lease.params(ttl)
+        with self._engine.errors("claiming a lease in"):
+            try:
+                # The common case is one statement, atomic by itself: nobody holds the run.
+                async with self._engine.write(single=True) as conn:
+                    inserted = (await conn.execute(self._insert(if_absent=True),
+                                                   params)).rowcount
+                if not inserted:
+                    async with self._engine.write() as conn:
+                        holder = await self._take_over_expired(conn, params)
+                        if holder is not None:
+                            return Claim(holder=holder)
+            except IntegrityError:
+                # Another drainer inserted first (PostgreSQL, between our two statements).
+                return Claim(holder=UNKNOWN_HOLDER)
+        try:
+            outcome = await self._phases.read_outcome(lease.run_id, lease.phase_id)
+        except BaseException:
+            # No attempt will follow: give the run back now rather than at expiry.
+            await self.release_quietly(lease.run_id, lease.attempt_id)
+            raise
+        return Claim(holder=None, phase=outcome.row, telemetry=outcome.telemetry)
+
+    def _insert(self, *, if_absent: bool) -> Any:
+        """INSERT of a new lease row (parameters: :meth:`Lease.params`); ``if_absent``: do
+        nothing (rowcount 0) when the run already has one."""
+        now = self._now
+        verb = "INSERT OR IGNORE INTO" if if_absent and self._sqlite else "INSERT INTO"
+        conflict = " ON CONFLICT (run_id) DO NOTHING" if if_absent and not self._sqlite else ""
+        return text(
+            f"{verb} {LEASE_TABLE} ({_COLUMNS}) VALUES (:run_id, :session_id, "
+            f":attempt_id, :phase_id, :host, :pid, {now}, {now}, {now} + :ttl){conflict}"
+        )
+
+    async def _take_over_expired(
+        self, conn: AsyncConnection, params: dict[str, Any]
+    ) -> Lease | None:
+        """The run is leased: its live holder, or None once an expired lease is taken over
+        (the phase it names restored first)."""
+        now = self._now
+        lock = "" if self._sqlite else " FOR UPDATE"
+        row = (await conn.execute(text(
+            f"SELECT {_COLUMNS}, expires_at < {now} AS expired "
+            f"FROM {LEASE_TABLE} WHERE run_id = :run_id{lock}"
+        ), params)).first()
+        if row is None:
+            # Released between our insert and this read (PostgreSQL): it is free now.
+            await conn.execute(self._insert(if_absent=False), params)
+            return None
+        if not row.expired:
+            return Lease.from_row(row)
+        await self._phases.restore_in(conn, str(row.run_id), str(row.phase_id),
+                                      _expired_reason(row))
+        await conn.execute(text(
+            f"UPDATE {LEASE_TABLE} SET session_id = :session_id, "
+            f"attempt_id = :attempt_id, phase_id = :phase_id, host = :host, "
+            f"pid = :pid, acquired_at = {now}, heartbeat_at = {now}, "
+            f"expires_at = {now} + :ttl WHERE run_id = :run_id"
+        ), params)
+        return None
+
+    async def finish(
+        self, run_id: str, phase_id: str, attempt_id: str, *, restore: str | None, release: bool
+    ) -> bool:
+        """After an attempt, in one transaction: restore the phase to FAILED with reason
+        ``restore`` (when given and it is still non-final) and release the lease. Without
+        ``release`` (our lease was lost) the restore happens only if no other drainer leases
+        the run now. Returns whether the phase was restored."""
+        if restore is None and not release:
+            return False
+        with self._engine.errors("finishing an attempt in"):
+            # A lone release is one statement: no explicit transaction needed.
+            async with self._engine.write(single=restore is None) as conn:
+                restored = False
+                if restore is not None:
+                    restored = await self._phases.restore_in(
+                        conn, run_id, phase_id, restore,
+                        unless_leased_in=None if release else LEASE_TABLE)
+                if release:
+                    await self._delete(conn, run_id, attempt_id)
+        return restored
+
+    async def _delete(self, conn: AsyncConnection, run_id: str, attempt_id: str) -> None:
+        await conn.execute(text(
+            f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id AND attempt_id = :attempt_id"
+        ), {"run_id": run_id, "attempt_id": attempt_id})
+
+    async def renew(self, run_id: str, attempt_id: str, ttl: float) -> bool:
+        now = self._now
+        with self._engine.errors("renewing a lease in"):
+            async with self._engine.write() as conn:
+                result = await conn.execute(text(
+                    f"UPDATE {LEASE_TABLE} SET heartbeat_at = {now}, expires_at = {now} + :ttl "
+                    "WHERE run_id = :run_id AND attempt_id = :attempt_id"
+                ), {"ttl": ttl, "run_id": run_id, "attempt_id": attempt_id})
+        return bool(result.rowcount)
+
+    async def release(self, run_id: str, attempt_id: str) -> None:
+        with self._engine.errors("releasing a lease in"):
+            async with self._engine.write(single=True) as conn:
+                await self._delete(conn, run_id, attempt_id)
+
+    async def release_quietly(self, run_id: str, attempt_id: str) -> None:
+        """Release best effort, shielded and bounded: if the database does not answer, the
+        lease simply expires."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT), \
+                contextlib.suppress(DatabaseError):
+            await self.release(run_id, attempt_id)
+
+    async def release_session(self, session_id: str) -> int:
+        """On resume: leases the crashed run of this session still held."""
+        with self._engine.errors("releasing leases in"):
+            async with self._engine.write(single=True) as conn:
+                result = await conn.execute(text(
+                    f"DELETE FROM {LEASE_TABLE} WHERE session_id = :session_id"
+                ), {"session_id": session_id})
+        return int(result.rowcount or 0)
+
+    async def sweep_expired(self) -> list[Lease]:
+        """Restore the phase each expired lease names (if non-final), then delete the lease."""
+        lock = "" if self._sqlite else " FOR UPDATE SKIP LOCKED"
+        swept: list[Lease] = []
+        with self._engine.errors("sweeping expired leases in"):
+            async with self._engine.write() as conn:
+                rows = (await conn.execute(text(
+                    f"SELECT {_COLUMNS} FROM {LEASE_TABLE} WHERE expires_at < {self._now}{lock}"
+                ))).all()
+                for row in rows:
+                    await self._phases.restore_in(conn, str(row.run_id), str(row.phase_id),
+                                                  _expired_reason(row))
+                    await self._delete(conn, str(row.run_id), str(row.attempt_id))
+                    swept.append(Lease.from_row(row))
+        return swept
+
+    async def live(self) -> list[tuple[Lease, float]]:
+        """Leases not expired, with their age in seconds (for status)."""
+        now = self._now
+        try:
+            async with self._engine.read() as conn:
+                rows = (await conn.execute(text(
+                    f"SELECT {_COLUMNS}, {now} - acquired_at AS age "
+                    f"FROM {LEASE_TABLE} WHERE expires_at >= {now} ORDER BY run_id"
+                ))).all()
+        except SQLAlchemyError:
+            return []  # no lease table yet: no leases
+        return [(Lease.from_row(r), float(r.age)) for r in rows]
+
+
+def _expired_reason(row: Any) -> str:
+    return (f"drainer: lease expired (drainer {row.host} pid {row.pid}, session "
+            f"{row.session_id} stopped renewing it); restored to FAILED")

@@ -1,0 +1,294 @@
+"""The phases table (and the telemetry tables counted per phase): every statement on them.
+
+Writes are conditional (``WHERE state IN (non-final)``) so a worker that finishes at the same
+moment is never overwritten. States are translated at this edge: the rest of drainer sees
+canonical :class:`~drainer.models.PhaseState` names whatever the database stores.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from sqlalchemy import bindparam, column, exists, func, inspect, select, table, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.types import String
+
+from ..errors import DatabaseError
+from ..models import NON_FINAL_STATES, Candidates, PhaseRef, PhaseState
+from ..schema import Schema
+from ._engine import Engine
+
+LOAD_CHUNK = 1000  #: rows per fetch while loading candidates (bounds the transient memory)
+FINAL_STATE_POLL_INTERVAL = 0.1
+
+PhaseRow = tuple[str, str | None]  #: (canonical state, last_failure_reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A phase as read after an attempt: ``row`` (None: the phase is gone) and its telemetry
+    rows (None: no telemetry tables)."""
+
+    row: PhaseRow | None
+    telemetry: int | None
+
+
+class Phases:
+    """Reads and conditional writes of the phases table; see :meth:`check_schema` first."""
+
+    def __init__(self, engine: Engine, schema: Schema, telemetry_tables: tuple[str, ...]):
+        self._engine = engine
+        self.schema = sc = schema
+        self._wanted_telemetry = telemetry_tables
+        self.telemetry_tables: tuple[str, ...] = ()
+        self.missing_telemetry_tables: tuple[str, ...] = ()
+        self.has_updated_at = False
+        self._telemetry_stmt: Any = None
+        self._outcome_stmt: Any = None
+        names = dict.fromkeys([*sc.required_columns, sc.updated_at or sc.state])
+        self._table = table(sc.phases_table, *(column(n) for n in names))
+        c = self._table.c
+        self._run, self._phase, self._index = c[sc.run_id], c[sc.phase_id], c[sc.phase_index]
+        self._state, self._reason = c[sc.state], c[sc.failure_reason]
+        self._updated = c[sc.updated_at] if sc.updated_at else None
+
+    @property
+    def telemetry_available(self) -> bool:
+        return bool(self.telemetry_tables)
+
+    # -- schema --------------------------------------------------------------------------
+
+    async def check_schema(self) -> None:
+        """Fail with a message naming what is missing; learn which optional parts exist."""
+        sc = self.schema
+        with self._engine.errors("reading the schema of"):
+            tables, phase_cols = await self._engine.run_sync(
+                lambda conn: _inspect_schema(conn, sc.phases_table)
+            )
+        redacted = self._engine.db.redacted
+        if phase_cols is None:
+            raise DatabaseError(
+                f"{redacted} has no '{sc.phases_table}' table; is this the backlog "
+                f"database? (expected {sc.phases_table}({', '.join(sc.required_columns)}); "
+                "other names can be mapped in [tool.drainer.schema])"
+            )
+        missing = [c for c in sc.required_columns if c not in phase_cols]
+        if missing:
+            raise DatabaseError(
+                f"table '{sc.phases_table}' in {redacted} lacks column(s) {', '.join(missing)}"
+            )
+        for name in (sc.run_id, sc.phase_id):
+            kind = phase_cols[name]
+            if not isinstance(kind, String):
+                raise DatabaseError(
+                    f"column '{sc.phases_table}.{name}' is {kind}, but drainer needs text ids "
+                    "(run and phase ids are compared and stored as text)"
+                )
+        self.has_updated_at = bool(sc.updated_at) and sc.updated_at in phase_cols
+        self.telemetry_tables = tuple(t for t in self._wanted_telemetry if t in tables)
+        self.missing_telemetry_tables = tuple(
+            t for t in self._wanted_telemetry if t not in tables
+        )
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def counts_by_state(self) -> dict[str, int]:
+        stmt = select(self._state, func.count()).group_by(self._state)
+        with self._engine.errors("counting phases in"):
+            async with self._engine.read() as conn:
+                rows = (await conn.execute(stmt)).all()
+        out: dict[str, int] = {}
+        for state, n in rows:
+            key = self.schema.canonical(state)
+            out[key] = out.get(key, 0) + int(n)
+        return out
+
+    async def counts_by_run(self) -> dict[str, dict[str, int]]:
+        """``{run_id: {state: count}}`` for every run with phases."""
+        stmt = select(self._run, self._state, func.count()).group_by(self._run, self._state)
+        with self._engine.errors("counting phases in"):
+            async with self._engine.read() as conn:
+                rows = (await conn.execute(stmt)).all()
+        out: dict[str, dict[str, int]] = {}
+        for run, state, n in rows:
+            counts = out.setdefault(str(run), {})
+            key = self.schema.canonical(state)
+            counts[key] = counts.get(key, 0) + int(n)
+        return out
+
+    async def non_final(self) -> tuple[list[tuple[str, str, str, Any]], Any]:
+        """Phases in a non-final state with their ``updated_at``, and the database's now."""
+        cols = [self._run, self._phase, self._state]
+        if self.has_updated_at and self._updated is not None:
+            cols.append(self._updated)
+        stmt = select(*cols).where(self._state.in_(self.schema.non_final_db))
+        with self._engine.errors("reading non-final phases in"):
+            async with self._engine.read() as conn:
+                rows = (await conn.execute(stmt)).all()
+                now = (await conn.execute(select(func.current_timestamp()))).scalar_one()
+        out = [(str(r[0]), str(r[1]), self.schema.canonical(r[2]), r[3] if len(r) > 3 else None)
+               for r in rows]
+        return out, now
+
+    async def load_candidates(self, *, run_id: str | None = None) -> Candidates:
+        """All FAILED and QUEUED phases (of ``run_id`` when given), in no particular order."""
+        stmt = select(
+            self._run, self._phase, self._index, self._state, self._reason
+        ).where(self._state.in_([self.schema.db(PhaseState.FAILED),
+                                 self.schema.db(PhaseState.QUEUED)]))
+        if run_id is not None:
+            stmt = stmt.where(self._run == run_id)
+        failed: list[PhaseRef] = []
+        queued: list[PhaseRef] = []
+        per_run: Counter[str] = Counter()
+        # Streamed in chunks, with one shared string per run id, state and reason: memory
+        # stays proportional to the candidates, not to the driver's row objects.
+        with self._engine.errors("loading candidates from"):
+            async with self._engine.read() as conn:
+                result = await conn.stream(stmt.execution_options(yield_per=LOAD_CHUNK))
+                async for chunk in result.partitions():
+                    for run, phase, index, state, reason in chunk:
+                        ref = PhaseRef(
+                            run_id=sys.intern(str(run)),
+                            phase_id=str(phase),
+                            phase_index=int(index) if index is not None else 0,
+                            state=sys.intern(self.schema.canonical(state)),
+                            last_failure_reason=None if reason is None else sys.intern(reason),
+                        )
+                        if ref.state == PhaseState.FAILED:
+                            failed.append(ref)
+                            per_run[ref.run_id] += 1
+                        else:
+                            queued.append(ref)
+        return Candidates(failed=failed, queued=queued, failed_per_run=per_run)
+
+    async def read(self, run_id: str, phase_id: str) -> PhaseRow | None:
+        """``(state, last_failure_reason)`` of one phase, or None if it does not exist."""
+        stmt = select(self._state, self._reason).where(
+            self._run == run_id, self._phase == phase_id
+        )
+        with self._engine.errors("reading a phase from"):
+            async with self._engine.read() as conn:
+                row = (await conn.execute(stmt)).first()
+        return None if row is None else (self.schema.canonical(row[0]), row[1])
+
+    async def read_outcome(self, run_id: str, phase_id: str) -> Outcome:
+        """A phase's state, reason and telemetry count, in one statement."""
+        with self._engine.errors("reading a phase from"):
+            async with self._engine.read() as conn:
+                return await self.outcome_in(conn, run_id, phase_id)
+
+    async def outcome_in(self, conn: AsyncConnection, run_id: str, phase_id: str) -> Outcome:
+        if self._outcome_stmt is None:
+            telemetry = self._telemetry_total()
+            columns = [self._state, self._reason]
+            if telemetry is not None:
+                columns.append(telemetry.label("telemetry"))
+            self._outcome_stmt = select(*columns).where(
+                self._run == bindparam("r"), self._phase == bindparam("p")
+            )
+        row = (await conn.execute(self._outcome_stmt, {"r": run_id, "p": phase_id})).first()
+        if row is None:
+            # The phase is gone; its telemetry (if any) still counts.
+            return Outcome(None, await self._telemetry_in(conn, run_id, phase_id))
+        count = int(row[2]) if len(row) > 2 and row[2] is not None else None
+        return Outcome((self.schema.canonical(row[0]), row[1]), count)
+
+    async def wait_final_state(self, run_id: str, phase_id: str, *, wait: float) -> Outcome:
+        """Read a phase and its telemetry; while it is non-final, re-read it for up to
+        ``wait`` seconds (and count telemetry once more at the end).
+
+        A worker that exits cleanly may have committed through another connection a moment
+        before; the short re-read avoids judging it on a stale read.
+        """
+        outcome = await self.read_outcome(run_id, phase_id)
+        if wait <= 0 or outcome.row is None or outcome.row[0] not in NON_FINAL_STATES:
+            return outcome
+        row: PhaseRow | None = outcome.row
+        with anyio.move_on_after(wait):
+            while row is not None and row[0] in NON_FINAL_STATES:
+                await anyio.sleep(FINAL_STATE_POLL_INTERVAL)
+                row = await self.read(run_id, phase_id)  # cheap: no telemetry count
+        return await self.read_outcome(run_id, phase_id)
+
+    async def telemetry_count(self, run_id: str, phase_id: str) -> int | None:
+        """Telemetry rows for one phase across the telemetry tables; None when unavailable."""
+        if not self.telemetry_tables:
+            return None
+        with self._engine.errors("counting telemetry in"):
+            async with self._engine.read() as conn:
+                return await self._telemetry_in(conn, run_id, phase_id)
+
+    def _telemetry_total(self) -> Any:
+        """A scalar expression summing the phase's rows over every telemetry table (bound
+        parameters ``r`` and ``p``), or None when there are none."""
+        if not self.telemetry_tables:
+            return None
+        sc = self.schema
+        total: Any = None
+        for name in self.telemetry_tables:
+            t = table(name, column(sc.telemetry_run_id), column(sc.telemetry_phase_id))
+            count = (
+                select(func.count()).select_from(t)
+                .where(t.c[sc.telemetry_run_id] == bindparam("r"),
+                       t.c[sc.telemetry_phase_id] == bindparam("p"))
+                .scalar_subquery()
+            )
+            total = count if total is None else total + count
+        return total
+
+    async def _telemetry_in(
+        self, conn: AsyncConnection, run_id: str, phase_id: str
+    ) -> int | None:
+        if not self.telemetry_tables:
+            return None
+        if self._telemetry_stmt is None:
+            self._telemetry_stmt = select(self._telemetry_total())  # one round trip for all
+        result = await conn.execute(self._telemetry_stmt, {"r": run_id, "p": phase_id})
+        return int(result.scalar_one())
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def restore_failed(self, run_id: str, phase_id: str, reason: str) -> bool:
+        """Set a phase left non-final back to FAILED. True when a row was changed."""
+        with self._engine.errors("restoring a phase in"):
+            async with self._engine.write() as conn:
+                return await self.restore_in(conn, run_id, phase_id, reason)
+
+    async def restore_in(
+        self,
+        conn: AsyncConnection,
+        run_id: str,
+        phase_id: str,
+        reason: str,
+        *,
+        unless_leased_in: str | None = None,
+    ) -> bool:
+        """Set a non-final phase to FAILED inside the caller's transaction.
+        ``unless_leased_in`` (the lease table): only while no drainer holds a lease on its
+        run (after our own lease was lost, the run may have a new owner)."""
+        sc = self.schema
+        values: dict[str, Any] = {sc.state: sc.db(PhaseState.FAILED), sc.failure_reason: reason}
+        if self.has_updated_at and sc.updated_at:
+            values[sc.updated_at] = func.current_timestamp()
+        stmt = update(self._table).where(self._run == run_id, self._phase == phase_id,
+                                         self._state.in_(self.schema.non_final_db))
+        if unless_leased_in is not None:
+            leases = table(unless_leased_in, column("run_id"))
+            stmt = stmt.where(~exists().where(leases.c.run_id == run_id))
+        result = await conn.execute(stmt.values(**values))
+        return bool(result.rowcount)
+
+
+def _inspect_schema(conn: Connection, phases: str) -> tuple[set[str], dict[str, Any] | None]:
+    """The tables, and the phases table's columns with their types."""
+    insp = inspect(conn)
+    tables = set(insp.get_table_names())
+    if phases not in tables:
+        return tables, None
+    return tables, {c["name"]: c["type"] for c in insp.get_columns(phases)}

@@ -1,0 +1,212 @@
+"""Writes each happening once: the journal line, the typed event, the progress line, the
+totals and (on a timer) the snapshot.
+
+The snapshot is assembled by streaming the journal, so its cost is the size of the session;
+it is rewritten every ``SNAPSHOT_INTERVAL`` seconds while the session is small, and later only
+once the journal has grown by ``SNAPSHOT_GROWTH`` of its size at the last write, so the bytes
+written per attempt stay flat however long the session runs. The journal stays the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from . import __version__
+from .config import DrainConfig
+from .dburl import redact_text
+from .errors import SessionError
+from .events import (
+    AttemptFinished,
+    AttemptSpawned,
+    AttemptStarted,
+    DrainEvent,
+    JournalEvent,
+    RunStopped,
+    SessionStopped,
+)
+from .journal import SessionFiles, hostname, iso, snapshot_chunks, utcnow, write_json_atomic
+from .models import Attempt, LeakedProcess, RunStop, SessionSummary, Totals
+from .report import attempt_lines, resume_command, started_line, summary_lines
+
+log = logging.getLogger("drainer")
+
+Echo = Callable[[str], None]
+SNAPSHOT_INTERVAL = 2.0  #: the journal is the truth; the snapshot follows it on a timer
+SNAPSHOT_SMALL = 1 << 20  #: journal bytes under which every interval rewrites the snapshot
+SNAPSHOT_GROWTH = 0.25  #: past that, rewrite once the journal grew by this share
+
+
+def make_echo(config: DrainConfig, echo: Echo | None) -> Echo:
+    """Where progress lines go: ``echo`` when given, else the ``drainer`` logger; secrets
+    are redacted from every line."""
+
+    def say(line: str) -> None:
+        line = redact_text(line, config.secrets)
+        if echo is not None:
+            echo(line)
+        else:
+            log.info("%s", line)
+
+    return say
+
+
+class Recorder:
+    """Where everything that happens in a session is written, once."""
+
+    def __init__(
+        self,
+        config: DrainConfig,
+        files: SessionFiles,
+        *,
+        echo: Echo | None = None,
+        on_event: Callable[[DrainEvent], None] | None = None,
+        snapshot_fields: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        self.config = config
+        self.files = files
+        self.session_id = files.session_id
+        self.totals = Totals()
+        self.echo = make_echo(config, echo)
+        self._on_event = on_event
+        self._snapshot_fields = snapshot_fields
+        self._snapshot_at = 0.0
+        self._snapshot_journal_size = 0
+        self._snapshot_running = False
+
+    # -- output ------------------------------------------------------------------------
+
+    def emit(self, event: DrainEvent) -> None:
+        """Hand an event to the embedding application (errors there must not stop a drain)."""
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # a broken callback is the caller's bug: log it, drain on
+                log.exception("on_event callback failed for %s", type(event).__name__)
+
+    def journal(self, event: JournalEvent) -> None:
+        self.files.append(event, iso(utcnow()))
+
+    # -- what happens ----------------------------------------------------------------------
+
+    def attempt_started(self, event: AttemptStarted, number: int) -> None:
+        self.journal(event)
+        self.echo(started_line(event.attempt, number, self.config.batch_size,
+                               self.config.lanes))
+        self.emit(event)
+
+    def attempt_spawned(self, event: AttemptSpawned) -> None:
+        self.journal(event)
+
+    def attempt_finished(self, attempt: Attempt) -> None:
+        event = AttemptFinished(session_id=self.session_id, attempt=attempt)
+        self.journal(event)
+        self.totals.add(attempt)
+        for line in attempt_lines(attempt):
+            self.echo(line)
+        self.emit(event)
+
+    def attempt_reconciled(self, attempt: Attempt) -> None:
+        """An attempt a crash left unfinished, now settled by ``--resume``."""
+        self.journal(AttemptFinished(session_id=self.session_id, attempt=attempt))
+        self.totals.add(attempt)
+        self.echo(f"[RECONCILED] {attempt.run_id} / {attempt.phase_id}: interrupted attempt, "
+                  f"phase {attempt.final_state}, {len(attempt.leaked_processes)} process(es) "
+                  "killed")
+
+    def replayed(self, attempt: Attempt) -> None:
+        """An attempt of the session's earlier part, read back from its journal."""
+        self.totals.add(attempt)
+
+    def run_stopped(self, stop: RunStop) -> None:
+        event = RunStopped(session_id=self.session_id, run_id=stop.run_id,
+                           reason=str(stop.reason), detail=stop.detail)
+        self.journal(event)
+        self.echo(f"[STOP] run {stop.run_id}: {stop.reason} ({stop.detail})")
+        self.emit(event)
+
+    def stopping(self, detail: str) -> None:
+        self.echo(f"[STOP] {detail}")
+
+    def leak_found(self, proc: LeakedProcess) -> None:
+        self.echo(f"  [LEAK] --leak-pattern: pid {proc.pid} "
+                  f"{' '.join(proc.cmdline)[:120]} outlived its attempt")
+
+    def session_stopped(self, summary: SessionSummary) -> None:
+        """The last word: journal, final snapshot, summary lines, event. Synchronous, so a
+        cancellation cannot skip any of it."""
+        event = SessionStopped(session_id=self.session_id, stop_reason=summary.stop_reason,
+                               completed_at=summary.completed_at or "",
+                               stop_detail=summary.stop_detail, totals=summary.totals,
+                               snapshot_path=str(summary.snapshot_path))
+        self.journal(event)
+        self.write_snapshot()
+        self.files.close()
+        for line in summary_lines(summary, self.config.leak_pattern):
+            self.echo(line)
+        self.emit(event)
+        if summary.interrupted:
+            self.echo(f"Resume with: {resume_command(self.config, self.session_id)}")
+
+    # -- the snapshot ------------------------------------------------------------------------
+
+    def _header(self) -> dict[str, Any]:
+        t = self.totals
+        fields = self._snapshot_fields()
+        return {
+            "session_id": self.session_id,
+            "started_at": fields.pop("started_at", None),
+            "completed_at": fields.pop("completed_at", None),
+            "batch_size": self.config.batch_size,
+            "total_processed": t.processed,
+            "total_success": t.succeeded,
+            "total_failed": t.failed,
+            "total_timeouts": t.timed_out,
+            "total_telemetry_events": t.telemetry_events,
+            **fields,
+            "lanes": self.config.lanes,
+            "config": self.config.to_json(),
+            "host": hostname(),
+            "drainer_version": __version__,
+        }
+
+    def write_snapshot(self) -> None:
+        """Write the snapshot now, from the whole journal (blocking)."""
+        self._write(self._header(), self.files.journal_size)
+
+    def _write(self, header: dict[str, Any], upto: int) -> None:
+        files = self.files
+        try:
+            write_json_atomic(files.snapshot_path, snapshot_chunks(
+                header, files.journal_path, upto=upto, redact=files.redact))
+        except OSError as exc:
+            raise SessionError(f"cannot write snapshot {files.snapshot_path}: {exc}") from exc
+        self._snapshot_journal_size = upto
+
+    def snapshot_due(self) -> bool:
+        size = self.files.journal_size
+        grown = size - self._snapshot_journal_size
+        if self._snapshot_running or grown <= 0:
+            return False
+        if time.monotonic() - self._snapshot_at < SNAPSHOT_INTERVAL:
+            return False
+        return size < SNAPSHOT_SMALL or grown >= SNAPSHOT_GROWTH * self._snapshot_journal_size
+
+    async def snapshot_if_due(self) -> None:
+        """Rewrite the snapshot when due, in a worker thread (the journal is read up to its
+        size now, while lanes go on appending)."""
+        if not self.snapshot_due():
+            return
+        self._snapshot_running = True
+        self._snapshot_at = time.monotonic()
+        header, upto = self._header(), self.files.journal_size
+        try:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._write, header, upto)
+        finally:
+            self._snapshot_running = False
+            self._snapshot_at = time.monotonic()
