@@ -140,8 +140,8 @@ def measure(
     """Drain ``db_path`` once with ``lanes`` lanes; return the figures."""
     import anyio
 
-    from drainer.config import DrainConfig
     from drainer import SessionSummary, drain, iter_attempts
+    from drainer.config import DrainConfig
 
     total = sum(phase_state_counts(db_path).values())
     config = DrainConfig(

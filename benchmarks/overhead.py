@@ -156,8 +156,8 @@ def drainer_loop(
     """One drain session over the copy, one lane; the wall time of ``anyio.run(drain)``."""
     import anyio
 
-    from drainer.config import DrainConfig
     from drainer import SessionSummary, drain, iter_attempts
+    from drainer.config import DrainConfig
 
     config = DrainConfig(
         database_url=f"sqlite:///{db_path}",

@@ -105,3 +105,23 @@ async def test_a_drainer_cannot_be_reopened_or_run_twice(env: Env) -> None:
         async with d:
             pass
     await d.aclose()  # idempotent
+
+
+@pytest.mark.anyio
+async def test_api_refuses_two_subscribers_and_stop_before_run(env: Env) -> None:
+    config = DrainConfig(database_url=env.url, session_dir=env.sessions)
+    async with open_drainer(config) as d:
+        with pytest.raises(UsageError, match="before run"):
+            d.stop()
+        first = d.events()
+        await anyio.lowlevel.checkpoint()
+        async def consume() -> None:
+            async for _ in first:
+                pass
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await anyio.lowlevel.checkpoint()
+            with pytest.raises(UsageError, match="already has a subscriber"):
+                async for _ in d.events():
+                    pass
+            tg.cancel_scope.cancel()

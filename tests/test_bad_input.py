@@ -55,6 +55,10 @@ CASES = {
     "api url not http": (["--api-url", "ftp://host/x"], "--api-url"),
     "infinite grace": (["--kill-grace-seconds", "inf"], "--kill-grace-seconds"),
     "missing workspace": (["--workspace", "/nonexistent/ws"], "--workspace"),
+    "zero failure limit": (["--halt-on-failures", "0"], "--halt-on-failures"),
+    "failure share over 100%": (["--halt-on-failures", "150%"], "--halt-on-failures"),
+    "failure limit not a number": (["--halt-on-failures", "many"], "--halt-on-failures"),
+    "bad leak policy": (["--leak-policy", "ignore"], "--leak-policy"),
 }
 
 
@@ -206,3 +210,15 @@ def test_help_reads_well() -> None:
                  "--command", "--workspace", "--session-dir", "--env", "--max-log-bytes",
                  "--kill-grace-seconds", "--lanes"):
         assert flag in proc.stdout, flag
+
+
+def test_integer_id_columns_are_rejected_before_anything_is_written(env: Env) -> None:
+    conn = sqlite3.connect(env.db)
+    conn.execute("CREATE TABLE phases (run_id INTEGER, phase_id INTEGER, phase_index INTEGER, "
+                 "state TEXT, last_failure_reason TEXT)")
+    conn.execute("INSERT INTO phases VALUES (1, 1, 0, 'FAILED', NULL)")
+    conn.commit()
+    conn.close()
+    proc = env.run_cli("run", *env.base_args())
+    assert proc.returncode == 2 and "needs text ids" in proc.stderr
+    assert not env.sessions.exists()

@@ -7,6 +7,7 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,32 +37,28 @@ def _assert_runs_never_overlap(results: list[dict[str, Any]]) -> None:
             assert start >= end, f"two attempts of {run} overlap"
 
 
-def _drain(env: Env, lanes: int, sessions: Path, **worker_env: str) -> tuple[float, Path]:
-    args = env.base_args()
-    args[args.index("--session-dir") + 1] = str(sessions)
-    proc = env.run_cli("run", *args, "--lanes", str(lanes), "--batch-size", "1000",
-                       env=env.worker_env(**worker_env))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
-    snapshot, _ = only_session(sessions)
-    snap = json.loads(snapshot.read_text())
-    # The drain itself, from session start to end (interpreter start-up is the same for both).
-    took = (datetime.fromisoformat(snap["completed_at"])
-            - datetime.fromisoformat(snap["started_at"])).total_seconds()
-    return took, snapshot
-
-
-@pytest.mark.slow
-def test_four_lanes_keep_runs_sequential_in_priority_order_and_are_3x_faster(
-    env: Env, tmp_path: Path
-) -> None:
-    phases = [(f"run-{r}", f"P{p}", p, "FAILED", None) for r in range(8) for p in range(3)]
+def test_four_lanes_run_four_runs_at_once_each_in_priority_order(env: Env) -> None:
+    # The speed-up itself is a figure of benchmarks/lanes.py; here: four attempts are in
+    # flight at once (each worker waits for the test's release once it has started), never
+    # two of one run, and each run drains in phase order.
+    phases = [(f"run-{r}", f"r{r}-P{p}", p, "FAILED", None) for r in range(8) for p in range(3)]
     create_backlog(env.db, phases)
-    seed = env.db.read_bytes()
-    one_lane, _ = _drain(env, 1, tmp_path / "s1", WORKER_SLEEP="0.7")
-    env.db.write_bytes(seed)  # the same backlog again, fresh
-    for extra in ("-wal", "-shm"):
-        Path(f"{env.db}{extra}").unlink(missing_ok=True)
-    four_lanes, snapshot = _drain(env, 4, tmp_path / "s4", WORKER_SLEEP="0.7")
+    args = env.base_args()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drainer", "run", *args, "--lanes", "4", "--batch-size", "100"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.tmp,
+        env=env.worker_env(WORKER_KIND="gated"),
+    )
+    try:
+        while len(list(env.out.glob("started.*"))) < 4:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        assert len(list(env.out.glob("started.*"))) == 4  # four lanes, four runs, all waiting
+    finally:
+        (env.out / "release").write_text("")
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:] + err
+    snapshot, _ = only_session(env.sessions)
     results = _results(snapshot)
     assert len(results) == 24 and all(r["success"] for r in results)
     assert {r["lane"] for r in results} == {1, 2, 3, 4}
@@ -70,7 +67,6 @@ def test_four_lanes_keep_runs_sequential_in_priority_order_and_are_3x_faster(
         order = [r["phase_index"] for r in sorted(results, key=lambda r: r["started_at"])
                  if r["run_id"] == run]
         assert order == [0, 1, 2], (run, order)
-    assert one_lane / four_lanes >= 3.0, (one_lane, four_lanes)
 
 
 @pytest.mark.slow

@@ -89,3 +89,12 @@ def test_json_output_is_one_event_object_per_line(env: Env) -> None:
         "session_stopped"]
     assert events[1]["success"] is True and events[1]["run_id"] == "run-0"
     assert events[-1]["stop_reason"] == "no_candidates" and events[-1]["processed"] == 2
+
+
+def test_live_footer_fits_the_terminal_and_strips_control_characters() -> None:
+    state = LiveState(total=10, lanes=30)
+    state.apply(_started("1", "run-\x1b[2J" + "x" * 200, "P", 1), now=0.0)
+    lines = render(state, now=1.0, width=40, height=12)
+    assert all(len(line) <= 39 for line in lines)
+    assert "\x1b" not in "".join(lines)
+    assert len(lines) <= 6 and lines[-1].startswith("  ... ")

@@ -207,3 +207,63 @@ def test_resume_of_a_corrupt_journal_is_exit_2(env: Env) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "corrupt journal" in proc.stderr
     assert env.db.read_bytes() == before
+
+
+def test_database_failure_mid_drain_is_one_line_exit_2_and_resumable(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 1, "FAILED", None)])
+    dropper = env.tmp / "dropper.py"
+    dropper.write_text(
+        "import os, sqlite3\n"
+        "db = sqlite3.connect(os.environ['DATABASE_URL'][10:])\n"
+        "db.execute('DROP TABLE drainer_leases'); db.commit()\n"
+    )
+    proc = env.run_cli("run", *env.base_args(f"{sys.executable} {dropper}"))
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    snapshot, _ = only_session(env.sessions)
+    assert json.loads(snapshot.read_text())["stop_reason"] == "error"
+    assert "Resume with: python -m drainer run --resume" in proc.stdout
+    # Resuming reconciles the attempt that could not be finished, then drains the rest.
+    resumed = env.run_cli("run", *env.base_args(), "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr
+    assert "[RECONCILED]" in resumed.stdout
+    assert {s for s, _ in phase_states(env.db).values()} <= {"COMPLETE", "FAILED"}
+
+
+def test_resume_refuses_a_session_another_drainer_is_running(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    first = subprocess.Popen(
+        [sys.executable, "-m", "drainer", "run", *env.base_args()],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.tmp,
+        env=env.worker_env(WORKER_KIND="gated"),
+    )
+    try:
+        wait_for_worker_file(env.out, "started.P", first)
+        (session_dir,) = [d for d in env.sessions.glob("batch-drain-*") if d.is_dir()]
+        second = env.run_cli("run", *env.base_args(), "--resume", session_dir.name)
+        assert second.returncode == 2
+        assert "being drained by another drainer process" in second.stderr
+        latest = env.run_cli("run", *env.base_args(), "--resume")  # skips the live one
+        assert "no incomplete session" in latest.stdout
+    finally:
+        (env.out / "release").write_text("")
+        _out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    snap = json.loads((env.sessions / f"{session_dir.name}.json").read_text())
+    assert [r["success"] for r in snap["results"]] == [True]  # the live attempt was left alone
+
+
+def test_a_torn_journal_line_survives_two_resumes(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(3)])
+    env.run_cli("run", *env.base_args(), env=env.worker_env(DRAINER_CRASH_AT="before_spawn:2"))
+    (session_dir,) = [d for d in env.sessions.glob("batch-drain-*") if d.is_dir()]
+    with open(session_dir / "journal.jsonl", "ab") as fh:
+        fh.write(b'{"type": "attempt_fini')  # a write cut short by the crash
+    again = env.run_cli("run", *env.base_args(), "--resume",
+                        env=env.worker_env(DRAINER_CRASH_AT="before_spawn:1"))
+    assert again.returncode == -signal.SIGKILL
+    final = env.run_cli("run", *env.base_args(), "--resume", session_dir.name)
+    assert final.returncode == 0, final.stderr
+    snap = json.loads((env.sessions / f"{session_dir.name}.json").read_text())
+    assert sorted(r["run_id"] for r in snap["results"] if not r["interrupted"]) == [
+        "run-0", "run-1", "run-2"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 from conftest import Env, create_backlog, only_session
 
@@ -77,3 +79,57 @@ def test_bad_values_in_file_and_environment_are_exit_2(env: Env) -> None:
     (env.tmp / "broken.toml").write_text("lanes = [\n")
     broken = env.run_cli("run", *env.base_args(), "--config", str(env.tmp / "broken.toml"))
     assert broken.returncode == 2 and "not valid TOML" in broken.stderr
+
+
+def test_resume_keeps_what_a_config_file_sets(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(8)])
+    env.run_cli("run", *env.base_args(), "--batch-size", "3",
+                env=env.worker_env(DRAINER_CRASH_AT="after_exit:2"))
+    (env.tmp / "drainer.toml").write_text("batch-size = 5\n")
+    resumed = env.run_cli("run", *env.base_args(), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    snap = json.loads(only_session(env.sessions)[0].read_text())
+    assert snap["batch_size"] == 5  # the file's value, not the session's saved 3
+
+
+def test_status_and_analyze_read_the_config_file(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    (env.tmp / "drainer.toml").write_text(
+        f'database-url = "sqlite:///{env.db.name}"\nsession-dir = "team-sessions"\n'
+        f'command = ["{sys.executable}", "{env.worker}", "{{run_id}}", "{{phase_id}}"]\n'
+    )
+    assert env.run_cli("run").returncode == 0
+    status = env.run_cli("status")
+    assert status.returncode == 0, status.stderr
+    assert "Sessions in" in status.stdout and "team-sessions" in status.stdout
+    analyze = env.run_cli("analyze", "--json")
+    assert analyze.returncode == 0, analyze.stderr
+    assert json.loads(analyze.stdout)["totals"]["processed"] == 1
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_the_file(env: Env, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    create_backlog(project / "backlog.db", [("run-0", "P", 0, "FAILED", None)])
+    (project / "drainer.toml").write_text('database-url = "sqlite:///backlog.db"\n'
+                                          'session-dir = "sessions"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = env.run_cli("plan", "--workspace", str(project),
+                       "--command", f"{sys.executable} {env.worker} {{run_id}} {{phase_id}}")
+    assert proc.returncode == 0, proc.stderr
+    assert str(project / "backlog.db") in proc.stdout
+    assert not (env.tmp / "backlog.db").exists()
+
+
+def test_drainer_run_id_in_the_environment_is_not_a_setting(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 0, "FAILED", None)])
+    proc = env.run_cli("plan", *env.base_args(), env=env.worker_env(DRAINER_RUN_ID="run-1"))
+    assert "run-0 / P" in proc.stdout and "run-1 / P" in proc.stdout
+
+
+def test_env_values_with_commas_via_drainer_env(env: Env) -> None:
+    proc = env.run_cli("config", "--database-url", env.url,
+                       env=env.worker_env(DRAINER_ENV="OPTS=a,b;MODE=x"))
+    assert proc.returncode == 0, proc.stderr
+    assert '{"OPTS": "a,b", "MODE": "x"}' in proc.stdout

@@ -122,6 +122,34 @@ def test_attempts_per_phase_and_retry_only_after_untried(env: Env) -> None:
     assert snap["stop_reason"] == "no_candidates"
 
 
+def test_halt_on_failures_stops_picking_at_the_nth_failed_attempt(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(8)])
+    proc = env.run_cli(
+        "run", *env.base_args(), "--halt-on-failures", "3", "--max-fingerprint-repeats", "100",
+        "--batch-size", "50", env=env.worker_env(WORKER_KIND="fail"),
+    )
+    assert proc.returncode == 1
+    snap = _snapshot(env)
+    assert snap["total_processed"] == 3 and snap["stop_reason"] == "failure_limit"
+    assert "[STOP] 3 failed attempts (--halt-on-failures 3)" in proc.stdout
+    assert "halt on failures 3" in proc.stdout  # the header's stop rules
+
+
+def test_halt_on_failures_share_is_judged_after_ten_attempts(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i:02d}", f"P{i}", 0, "FAILED", None) for i in range(14)])
+    # The first four attempts succeed, every later one fails: 6 of 10 (60%) at the 10th.
+    kinds = ",".join(f"P{i}=ok" for i in range(4))
+    proc = env.run_cli(
+        "run", *env.base_args(), "--halt-on-failures", "50%", "--max-fingerprint-repeats",
+        "100", "--batch-size", "50", env=env.worker_env(WORKER_KIND="fail",
+                                                        WORKER_KIND_BY_PHASE=kinds),
+    )
+    assert proc.returncode == 1
+    snap = _snapshot(env)
+    assert snap["total_processed"] == 10 and snap["stop_reason"] == "failure_limit"
+    assert "6 of 10 attempts failed, more than 50% (--halt-on-failures 50%)" in proc.stdout
+
+
 def test_batch_size_is_exact(env: Env) -> None:
     create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(6)])
     env.run_cli("run", *env.base_args(), "--batch-size", "4")

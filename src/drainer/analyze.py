@@ -432,23 +432,6 @@ def analyze(session: LoadedSession) -> dict[str, Any]:
     return report
 
 
-def analyze_session(target: str, session_dir: Path, *, html: str | None = None) -> dict[str, Any]:
-    """Load the session ``target`` names, analyse it and, with ``html``, write the HTML
-    report there. Raises :class:`SessionError` (or :class:`UsageError` for ``html``)."""
-    session = load_session(target, session_dir)
-    report = analyze(session)
-    if html is not None:
-        from .errors import UsageError
-        from .report_html import render_html
-
-        out = Path(html)
-        try:
-            out.write_text(render_html(session, report), encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot write --html {out}: {exc.strerror}") from exc
-    return report
-
-
 # -- recommendations -------------------------------------------------------------------------
 
 

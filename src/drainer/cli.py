@@ -302,12 +302,21 @@ def _print_config(
 
 
 def _analyze(args: argparse.Namespace, session_dir: Path) -> int:
-    from .analyze import analyze_session, render_text
+    from .analyze import analyze, load_session, render_text
 
     target = "latest" if getattr(args, "latest", False) else args.target
-    report = analyze_session(target, Path(session_dir), html=getattr(args, "html", None))
-    if getattr(args, "html", None):
-        print(f"HTML report written to {args.html}", file=sys.stderr)
+    session = load_session(target, Path(session_dir))
+    report = analyze(session)
+    html = getattr(args, "html", None)
+    if html is not None:
+        from .report_html import render_html
+
+        out = Path(html)
+        try:
+            out.write_text(render_html(session, report), encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write --html {out}: {exc.strerror}") from exc
+        print(f"HTML report written to {out}", file=sys.stderr)
     if getattr(args, "json", False):
         import orjson
 

@@ -50,7 +50,9 @@ _RULES: tuple[tuple[int, re.Pattern[str]], ...] = (
 )
 
 INDEX_REFRESH_INTERVAL = 300.0  #: reload candidates this often, to find newly FAILED phases
-DRY_RELOAD_INTERVAL = 1.0  #: with runs in flight, a dry index reloads at most this often
+DRY_RELOAD_INTERVAL = 1.0  #: with runs in flight, an index out of untried phases reloads at
+#: most this often; and reloads never take more than 1/DRY_RELOAD_COST of the time
+DRY_RELOAD_COST = 10
 QUEUED_SKIP = "QUEUED phase (left for its executor; --no-skip-runs-with-queued drains it)"
 
 
@@ -196,7 +198,7 @@ class CandidateIndex:
         self.push(queue)
 
     def pick(self, busy: Set[str], stopped: Set[str]) -> tuple[_RunQueue, int] | None:
-        """The best phase to drain now: never-tried first (by tier), then retries."""
+        """The best never-tried phase to drain now (by tier), or None."""
         deferred: list[tuple[int, OrderKey, int, str]] = []
         found: tuple[_RunQueue, int] | None = None
         while self._heap:
@@ -217,12 +219,13 @@ class CandidateIndex:
                 break
         for entry in deferred:
             heapq.heappush(self._heap, entry)
-        return found if found is not None else self._pick_retry(busy, stopped)
+        return found
 
     def note_retry(self, queue: _RunQueue, i: int) -> None:
         heapq.heappush(self._retry_heap, (queue.attempts[i], queue.key(i), queue.run_id, i))
 
-    def _pick_retry(self, busy: Set[str], stopped: Set[str]) -> tuple[_RunQueue, int] | None:
+    def pick_retry(self, busy: Set[str], stopped: Set[str]) -> tuple[_RunQueue, int] | None:
+        """The phase to retry now (fewest attempts first, then priority), or None."""
         deferred: list[tuple[int, OrderKey, str, int]] = []
         found: tuple[_RunQueue, int] | None = None
         while self._retry_heap:
@@ -251,7 +254,8 @@ class Selector:
     ``load`` reads the candidates from the backlog. The index is loaded at the first pick,
     reloaded when it runs dry (phases may have become FAILED meanwhile), every
     ``refresh_interval`` seconds, and after :meth:`invalidate`; with ``reloads=False``
-    (``plan``) it is loaded once.
+    (``plan``) it is loaded once. When no never-tried phase is left, the index is reloaded
+    before any retry, as long as loading takes at most ``1 / dry_reload_cost`` of the time.
     """
 
     def __init__(
@@ -264,6 +268,7 @@ class Selector:
         keep_skipped: bool = False,
         reloads: bool = True,
         refresh_interval: float = INDEX_REFRESH_INTERVAL,
+        dry_reload_cost: float = DRY_RELOAD_COST,
     ) -> None:
         self._load = load
         self._max_attempts = max_attempts_per_phase
@@ -272,8 +277,10 @@ class Selector:
                                         skip_queued=skip_queued, keep_skipped=keep_skipped)
         self._reloads = reloads
         self._refresh_interval = refresh_interval
+        self._dry_reload_cost = dry_reload_cost
         self._index: CandidateIndex | None = None
         self._loaded_at = -math.inf
+        self._load_seconds = 0.0
         self._stale = True
         self._tiers: dict[str, int] = {}  #: tier of every run sampled this session
         self._stopped: set[str] = set()  #: runs a stop rule stopped
@@ -300,13 +307,19 @@ class Selector:
         assert self._index is not None
         blocked = busy | self._leased_elsewhere if self._leased_elsewhere else busy
         found = self._index.pick(blocked, self._stopped)
-        if found is None and self._reloads and not fresh and (
-                not blocked or anyio.current_time() - self._loaded_at >= DRY_RELOAD_INTERVAL):
-            # The index ran dry: reload once, so phases that became FAILED meanwhile count
-            # (while other runs are in flight, at most once a second).
+        if found is None and not fresh and self._dry_reload_due(blocked):
+            # No never-tried phase left in this load: look again before retrying anything,
+            # so phases that became FAILED meanwhile go first.
             await self._reload()
-            assert self._index is not None
+            fresh = True
             found = self._index.pick(blocked, self._stopped)
+        if found is None:
+            found = self._index.pick_retry(blocked, self._stopped)
+        if found is None and not fresh and not blocked and self._reloads:
+            # Nothing to pick and nothing in flight: one fresh look before "no candidates".
+            await self._reload()
+            found = self._index.pick(blocked, self._stopped) or self._index.pick_retry(
+                blocked, self._stopped)
         if found is None:
             return None
         queue, i = found
@@ -392,6 +405,15 @@ class Selector:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _dry_reload_due(self, blocked: Set[str]) -> bool:
+        """Reloading is worth it: loads take at most 1/DRY_RELOAD_COST of the time, and with
+        runs in flight (their attempts may free phases) at most one a DRY_RELOAD_INTERVAL."""
+        if not self._reloads:
+            return False
+        since = anyio.current_time() - self._loaded_at
+        return since >= self._dry_reload_cost * self._load_seconds and (
+            not blocked or since >= DRY_RELOAD_INTERVAL)
+
     def _locate(self, run_id: str, phase_id: str) -> tuple[_RunQueue, int] | None:
         queue = self._index.runs.get(run_id) if self._index is not None else None
         if queue is None:
@@ -412,8 +434,10 @@ class Selector:
                 if kept:
                     carried[queue.run_id] = kept
         self._index = None
+        began = anyio.current_time()
         index = self._build(await self._load())
         self._loaded_at = anyio.current_time()
+        self._load_seconds = self._loaded_at - began
         self._stale = False
         self._picked.clear()
         for run_id, kept in carried.items():

@@ -1,0 +1,47 @@
+"""A lease that cannot be renewed is lost: the attempt stops at once, and its phase is
+restored only when no other drainer has taken the run over."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from conftest import Env, create_backlog, only_session, phase_states
+
+
+def _lease_thief(env: Env, takeover: str) -> Path:
+    thief = env.tmp / "thief.py"
+    thief.write_text(
+        "import os, sqlite3, time\n"
+        "db = sqlite3.connect(os.environ['DATABASE_URL'][10:], timeout=30)\n"
+        "db.execute(\"UPDATE phases SET state='EXECUTING'\"); db.commit()\n"
+        f"db.execute({takeover!r}); db.commit()\n"
+        "time.sleep(600)\n"
+    )
+    return thief
+
+
+def test_a_lost_lease_stops_the_attempt_and_a_phase_nobody_holds_is_restored(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    thief = _lease_thief(env, "DELETE FROM drainer_leases")  # the lease just vanished
+    proc = env.run_cli("run", *env.base_args(f"{sys.executable} {thief}"),
+                       "--lease-ttl-seconds", "1.5", "--max-attempts-per-phase", "1")
+    assert "[LEASE] lost the lease of run-0" in proc.stdout
+    (result,) = json.loads(only_session(env.sessions)[0].read_text())["results"]
+    assert result["cancelled"] is True and result["state_restored"] is True
+    assert "lease lost" in result["error_message"]
+    state, reason = phase_states(env.db)[("run-0", "P")]
+    assert state == "FAILED" and (reason or "").startswith("drainer: lease lost")
+
+
+def test_a_lost_lease_leaves_the_phase_to_the_drainer_that_took_the_run(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    thief = _lease_thief(env, "UPDATE drainer_leases SET attempt_id = 'other-drainer', "
+                              "expires_at = expires_at + 3600")
+    proc = env.run_cli("run", *env.base_args(f"{sys.executable} {thief}"),
+                       "--lease-ttl-seconds", "1.5", "--max-attempts-per-phase", "1")
+    assert "[LEASE] lost the lease of run-0" in proc.stdout
+    (result,) = json.loads(only_session(env.sessions)[0].read_text())["results"]
+    assert result["cancelled"] is True and result["state_restored"] is False
+    assert phase_states(env.db)[("run-0", "P")][0] == "EXECUTING"  # the new holder's business

@@ -1,0 +1,185 @@
+"""The Selector: which phase is drained next (DESIGN.md §5), fed candidates as the backlog
+store loads them, and attempts as the scheduler finishes them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import pytest
+
+from drainer.models import Attempt, Candidates, PhaseRef
+from drainer.selection import Selector
+
+pytestmark = pytest.mark.anyio
+
+Row = tuple[str, str, int, str | None]  # run, phase, index, last_failure_reason
+
+
+class Backlog:
+    """What the store would load: FAILED (and QUEUED) phases, changeable between loads."""
+
+    def __init__(self, failed: Iterable[Row], queued: Iterable[Row] = ()) -> None:
+        self.failed = list(failed)
+        self.queued = list(queued)
+        self.loads = 0
+
+    def done(self, ref: PhaseRef) -> None:
+        self.failed = [r for r in self.failed if (r[0], r[1]) != ref.key]
+
+    async def load(self) -> Candidates:
+        self.loads += 1
+        failed = [PhaseRef(r, p, i, "FAILED", why) for r, p, i, why in self.failed]
+        queued = [PhaseRef(r, p, i, "QUEUED", why) for r, p, i, why in self.queued]
+        return Candidates(failed=failed, queued=queued,
+                          failed_per_run=Counter(ref.run_id for ref in failed))
+
+
+def selector(backlog: Backlog, **kw: object) -> Selector:
+    kw.setdefault("max_attempts_per_phase", 2)
+    return Selector(backlog.load, **kw)  # type: ignore[arg-type]
+
+
+def outcome(ref: PhaseRef, state: str = "FAILED", *, events: int | None = 1,
+            fingerprint: str | None = None, interrupted: bool = False) -> Attempt:
+    return Attempt(run_id=ref.run_id, phase_id=ref.phase_id, phase_index=ref.phase_index,
+                   initial_state=ref.state, attempt_id="a", attempt_number=1, lane=1,
+                   started_at="", final_state=state, success=state == "COMPLETE",
+                   telemetry_events_collected=events, failure_fingerprint=fingerprint,
+                   interrupted=interrupted)
+
+
+async def drain_order(s: Selector, backlog: Backlog, limit: int = 50,
+                      state: str = "FAILED") -> list[str]:
+    """Pick, finish (as ``state``), pick again... the order a one-lane session drains in.
+    A phase that ends COMPLETE leaves the backlog, as it does in the database."""
+    order = []
+    for _ in range(limit):
+        ref = await s.pick()
+        if ref is None:
+            break
+        order.append(f"{ref.run_id}/{ref.phase_id}")
+        if state == "COMPLETE":
+            backlog.done(ref)
+        s.observe(outcome(ref, state))
+    return order
+
+
+@pytest.mark.parametrize(("rows", "expected"), [
+    # Category of last_failure_reason: none, collection/import, deliverable, patch, other,
+    # timeout last (one run each, so sample-first triage does not interfere).
+    ([("r1", "p", 0, "timed out after 900s"), ("r2", "p", 0, "ImportError: x"),
+      ("r3", "p", 0, None), ("r4", "p", 0, "Deliverable missing"), ("r5", "p", 0, "boom"),
+      ("r6", "p", 0, "patch did not apply")],
+     ["r3/p", "r2/p", "r4/p", "r6/p", "r5/p", "r1/p"]),
+    # Same category: lower phase_index first, then runs with fewer failed phases, then ids.
+    ([("big", "a", 1, None), ("big", "b", 2, None), ("big", "c", 3, None),
+      ("small", "a", 1, None), ("tie-b", "x", 0, None), ("tie-a", "x", 0, None)],
+     ["tie-a/x", "tie-b/x", "small/a", "big/a", "big/b", "big/c"]),
+])
+async def test_priority_order(rows: list[Row], expected: list[str]) -> None:
+    backlog = Backlog(rows)
+    s = selector(backlog, max_attempts_per_phase=1)
+    assert await drain_order(s, backlog, state="COMPLETE") == expected
+
+
+async def test_unsampled_runs_go_first() -> None:
+    rows = [("a", "p1", 0, None), ("a", "p2", 1, None), ("a", "p3", 2, None),
+            ("b", "p1", 5, None)]
+    backlog = Backlog(rows)
+    order = await drain_order(selector(backlog), backlog, state="COMPLETE")
+    assert order == ["a/p1", "b/p1", "a/p2", "a/p3"]
+
+
+async def test_a_run_whose_sample_repeats_a_known_failure_is_deprioritised() -> None:
+    rows = [("a", "p1", 0, None), ("a", "p2", 1, None), ("b", "p1", 0, None),
+            ("b", "p2", 1, None)]
+    backlog = Backlog(rows)
+    s = selector(backlog, max_attempts_per_phase=1)
+    a1 = await s.pick()
+    assert a1 is not None and a1.key == ("a", "p1")
+    s.observe(outcome(a1, events=0, fingerprint="FAILED|rc1|x"), fingerprint_seen_before=True)
+    b1 = await s.pick()
+    assert b1 is not None and b1.key == ("b", "p1")
+    s.observe(outcome(b1, events=3))  # telemetry: promising
+    assert await drain_order(s, backlog, state="COMPLETE") == ["b/p2", "a/p2"]
+
+
+async def test_retries_come_after_every_untried_phase_round_robin_up_to_the_cap() -> None:
+    backlog = Backlog([("a", "p", 0, None), ("b", "p", 0, None)])
+    s = selector(backlog, max_attempts_per_phase=3)
+    assert await drain_order(s, backlog) == ["a/p", "b/p"] * 3
+    assert s.attempts_of(PhaseRef("a", "p", 0, "FAILED")) == 3
+
+
+async def test_a_phase_that_succeeded_is_not_retried() -> None:
+    backlog = Backlog([("a", "p", 0, None), ("b", "p", 0, None)])
+    s = selector(backlog, max_attempts_per_phase=3)
+    first = await s.pick()
+    assert first is not None
+    backlog.done(first)
+    s.observe(outcome(first, "COMPLETE"))
+    assert await drain_order(s, backlog) == ["b/p"] * 3
+
+
+async def test_busy_leased_removed_and_stopped_runs_are_left_out() -> None:
+    backlog = Backlog([("busy", "p", 0, None), ("leased", "p", 0, None),
+                       ("gone", "p", 0, None), ("stopped", "p", 0, None),
+                       ("free", "p", 1, None)])
+    s = selector(backlog)
+    s.leased_elsewhere("leased")
+    s.stop_run("stopped")
+    await s.load()
+    gone = PhaseRef("gone", "p", 0, "FAILED")
+    backlog.done(gone)  # drained by someone else meanwhile
+    s.remove(gone)
+    ref = await s.pick(busy={"busy"})
+    assert ref is not None and ref.key == ("free", "p")
+    s.observe(outcome(ref, "COMPLETE"))
+    assert await s.pick(busy={"busy"}) is None
+    assert s.waiting_on_leases
+    s.forget_leases()  # a fresh load, and the leased run is a candidate again
+    keys = {(await s.pick(busy={"busy"}) or PhaseRef("", "", 0, "")).key}
+    assert keys == {("leased", "p")}
+
+
+async def test_a_dry_index_reloads_and_finds_phases_that_failed_meanwhile() -> None:
+    backlog = Backlog([("a", "p1", 0, None)])
+    s = selector(backlog, max_attempts_per_phase=2, dry_reload_cost=0)
+    ref = await s.pick()
+    assert ref is not None
+    s.observe(outcome(ref, "FAILED"))  # tried once, FAILED: its count must survive reloads
+    backlog.failed.append(("b", "p1", 0, None))  # a phase that became FAILED meanwhile
+    assert await drain_order(s, backlog) == ["b/p1", "a/p1", "b/p1"]
+    assert backlog.loads >= 2
+    assert s.attempts_of(PhaseRef("a", "p1", 0, "FAILED")) == 2
+
+
+async def test_the_index_is_loaded_once_without_reloads() -> None:
+    backlog = Backlog([("a", "p", 0, None)])
+    s = selector(backlog, reloads=False, max_attempts_per_phase=1)
+    assert await drain_order(s, backlog) == ["a/p"]
+    assert backlog.loads == 1
+
+
+async def test_an_interrupted_attempt_counts_for_nothing() -> None:
+    s = selector(Backlog([("a", "p", 0, None)]), max_attempts_per_phase=1)
+    ref = await s.pick()
+    assert ref is not None
+    s.observe(outcome(ref, "FAILED", interrupted=True))
+    again = await s.pick()
+    assert again is not None and again.key == ref.key
+    assert s.tier_of("a") is None  # not sampled either
+
+
+async def test_skipped_phases_and_why() -> None:
+    backlog = Backlog([("old-1", "p", 0, None), ("new-1", "p", 0, None)],
+                      queued=[("new-1", "q", 1, None)])
+    s = selector(backlog, skip_run_prefixes=("old-",), keep_skipped=True)
+    await s.load()
+    assert [(ref.run_id, ref.phase_id, why.split(" (")[0]) for ref, why in s.skipped] == [
+        ("new-1", "q", "QUEUED phase"), ("old-1", "p", "run matches --skip-run-prefix old-")]
+    assert s.candidates == 1
+    drains_queued = selector(backlog, skip_queued=False)
+    await drains_queued.load()
+    assert drains_queued.candidates == 3
