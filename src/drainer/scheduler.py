@@ -12,6 +12,7 @@ attempt ended.
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .attempt import LEASED, AttemptRunner, Claimed
@@ -87,10 +88,11 @@ class Scheduler:
         """Drain until a stop; returns once every lane is done."""
         cfg = self.config
         limit = self._policy.deadline
-        if limit is not None:
+        if limit is not None:  # min(): a stop before the start may have set one already
             start = anyio.current_time()
-            self._picking.deadline = start + limit
-            self._in_flight.deadline = start + limit + cfg.stop_grace_period
+            self._picking.deadline = min(self._picking.deadline, start + limit)
+            self._in_flight.deadline = min(self._in_flight.deadline,
+                                           start + limit + cfg.stop_grace_period)
         send, receive = anyio.create_memory_object_stream[Ticket](cfg.lanes)
         try:
             async with anyio.create_task_group() as services:
@@ -121,13 +123,18 @@ class Scheduler:
                             await self._changed.wait()
                         claimed = await self._claim_next()
                         if claimed is None:
-                            self.stop(StopReason.NO_CANDIDATES, "no candidates left")
+                            if not self._picking.cancel_called:
+                                self.stop(StopReason.NO_CANDIDATES, "no candidates left")
                             return
                         self._idle -= 1
                         self._running[claimed.ref.run_id] = claimed.attempt_id
                         send.send_nowait((claimed, self._policy.started_count + 1))
-                        self._decide(self._policy.started())
-            if self._picking.cancelled_caught and self.stop_reason is None:
+                        decision = self._policy.started()
+                        if decision is not None:
+                            await anyio.lowlevel.checkpoint()  # its lane announces it first
+                            self._decide(decision)
+            if self._picking.cancel_called and self.stop_reason is None:
+                # Nobody called stop(): the picking scope's deadline passed.
                 minutes = (self._policy.deadline or 0) / 60
                 self.stop(StopReason.TIME_LIMIT_REACHED,
                           f"time limit of {minutes:g} min reached")
@@ -137,7 +144,14 @@ class Scheduler:
         Called holding the condition."""
         selector = self._selector
         while True:
-            ref = await selector.pick(self._running.keys())
+            # Reads and claims are short and run shielded: a stop never cuts a statement
+            # in half; it takes effect right after.
+            with anyio.CancelScope(shield=True):
+                ref = await selector.pick(self._running.keys())
+            if self._picking.cancel_called:
+                if ref is not None:
+                    selector.release(ref.run_id)
+                return None
             if ref is None:
                 if self._running:
                     # Only runs with an attempt in flight here are left: wait for one to end
@@ -152,7 +166,7 @@ class Scheduler:
                     selector.forget_leases()
                     continue
                 return None
-            with anyio.CancelScope(shield=True):  # a claim is short; never leave it half-done
+            with anyio.CancelScope(shield=True):
                 outcome = await self._attempts.claim(ref)
             if isinstance(outcome, Claimed):
                 if self._picking.cancel_called:  # a stop arrived while we claimed
