@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from .dburl import DatabaseURL, parse_database_url
 from .errors import UsageError
+from .models import FAILURE_SHARE_MIN_ATTEMPTS, FailureLimit
 from .schema import Schema
 
 DEFAULT_COMMAND = (
@@ -43,8 +44,6 @@ DEFAULT_TELEMETRY_TABLES = ("token_estimation_v2_events", "token_budget_escalati
 DEFAULT_SESSION_DIR = Path(".drainer/sessions")
 MIB = 1024 * 1024
 LEAK_POLICIES = ("kill", "report")
-#: --halt-on-failures N% is judged only once this many attempts have finished.
-FAILURE_SHARE_MIN_ATTEMPTS = 10
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -103,44 +102,6 @@ def parse_env_pairs(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
             raise UsageError(f"--env expects KEY=VALUE with a plain variable name, got {pair!r}")
         out.append((key, value))
     return tuple(out)
-
-
-# -- --halt-on-failures ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class FailureLimit:
-    """``--halt-on-failures N`` (``count``) or ``N%`` (``percent``)."""
-
-    count: int | None = None
-    percent: float | None = None
-
-    @classmethod
-    def parse(cls, value: FailureLimit | int | str) -> FailureLimit:
-        if isinstance(value, FailureLimit):
-            return value
-        flag = "--halt-on-failures"
-        if isinstance(value, bool):
-            raise UsageError(f"{flag} takes N or N%, got {value!r}")
-        if isinstance(value, int):
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-            return cls(count=value)
-        text = str(value).strip()
-        try:
-            if text.endswith("%"):
-                percent = float(text[:-1])
-                if not 0 < percent < 100:
-                    raise UsageError(f"{flag} N% needs 0 < N < 100, got {text!r}")
-                return cls(percent=percent)
-            return cls.parse(int(text))
-        except ValueError:
-            raise UsageError(
-                f"{flag} takes a number of failed attempts (5) or a share (20%), got {text!r}"
-            ) from None
-
-    def __str__(self) -> str:
-        return f"{self.count}" if self.count is not None else f"{self.percent:g}%"
 
 
 # -- option declarations -----------------------------------------------------------------
@@ -260,10 +221,6 @@ def _seconds(*, positive: bool) -> Callable[[str, Any], None]:
     return check
 
 
-def _failure_limit(text: str) -> FailureLimit:
-    return FailureLimit.parse(text)
-
-
 BACKLOG, WORKER, STOPS, SESSION = "backlog", "worker", "stop conditions", "session"
 
 
@@ -351,10 +308,10 @@ class DrainConfig:
     max_consecutive_zero_yield: int | None = option(
         None, "--max-consecutive-zero-yield", "stop after N attempts in a row with no "
         "telemetry (default: off)", STOPS, metavar="N", parse=int, check=_whole(1))
-    halt_on_failures: FailureLimit | int | str | None = option(
+    halt_on_failures: int | str | None = option(
         None, "--halt-on-failures", "stop picking after N failed attempts, or once more than "
         f"N% of them failed (after {FAILURE_SHARE_MIN_ATTEMPTS} attempts; default: off)",
-        STOPS, metavar="N|N%", parse=_failure_limit)
+        STOPS, metavar="N|N%", check=FailureLimit.check)
     max_leaks: int | None = option(
         None, "--max-leaks", "stop the session when more than N processes have leaked "
         "(default: off)", STOPS, metavar="N", parse=int, check=_whole(0))
@@ -390,8 +347,6 @@ class DrainConfig:
         setattr_(self, "session_dir", Path(self.session_dir))
         setattr_(self, "skip_run_prefixes", tuple(self.skip_run_prefixes))
         setattr_(self, "telemetry_tables", tuple(self.telemetry_tables))
-        if self.halt_on_failures is not None:
-            setattr_(self, "halt_on_failures", FailureLimit.parse(self.halt_on_failures))
         for name, opt in OPTIONS.items():
             value = getattr(self, name)
             if opt.check is not None and value is not None:
@@ -436,11 +391,6 @@ class DrainConfig:
         assert isinstance(self.api_command, tuple)
         return self.api_command
 
-    @property
-    def failure_limit(self) -> FailureLimit | None:
-        assert self.halt_on_failures is None or isinstance(self.halt_on_failures, FailureLimit)
-        return self.halt_on_failures
-
     @cached_property
     def db(self) -> DatabaseURL:
         """The parsed database URL (validated at construction)."""
@@ -476,8 +426,6 @@ class DrainConfig:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, FailureLimit):
         return str(value)
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]

@@ -1,6 +1,7 @@
 """Plain records shared by every module: states, stop reasons, phases, attempts, totals.
 
-A leaf: it imports nothing from drainer, so any module may import it.
+A leaf: it imports nothing from drainer but ``errors`` (itself a leaf), so any module may
+import it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .errors import UsageError
 
 
 class PhaseState(enum.StrEnum):
@@ -87,6 +90,48 @@ class SessionStop:
 
     reason: StopReason
     detail: str
+
+
+#: --halt-on-failures N% is judged only once this many attempts have finished.
+FAILURE_SHARE_MIN_ATTEMPTS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class FailureLimit:
+    """``--halt-on-failures N`` (``count``) or ``N%`` (``percent``)."""
+
+    count: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, value: int | str) -> FailureLimit:
+        """``5``, ``"5"`` or ``"20%"``; anything else raises UsageError."""
+        flag = "--halt-on-failures"
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise UsageError(f"{flag} takes N or N%, got {value!r}")
+        text = str(value).strip()
+        try:
+            if text.endswith("%"):
+                percent = float(text[:-1])
+                if not 0 < percent < 100:
+                    raise UsageError(f"{flag} N% needs 0 < N < 100, got {text!r}")
+                return cls(percent=percent)
+            count = int(text)
+        except ValueError:
+            raise UsageError(
+                f"{flag} takes a number of failed attempts (5) or a share (20%), got {text!r}"
+            ) from None
+        if count < 1:
+            raise UsageError(f"{flag} must be at least 1, got {count}")
+        return cls(count=count)
+
+    @classmethod
+    def check(cls, flag: str, value: int | str) -> None:
+        """The option's range check (``Option.check``)."""
+        cls.parse(value)
+
+    def __str__(self) -> str:
+        return f"{self.count}" if self.count is not None else f"{self.percent:g}%"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .config import FAILURE_SHARE_MIN_ATTEMPTS, DrainConfig
-from .models import Attempt, RunStop, RunStopReason, SessionStop, StopReason
+from .config import DrainConfig
+from .models import (
+    FAILURE_SHARE_MIN_ATTEMPTS,
+    Attempt,
+    FailureLimit,
+    RunStop,
+    RunStopReason,
+    SessionStop,
+    StopReason,
+)
 
 Decision = RunStop | SessionStop
 
@@ -206,7 +214,8 @@ class HaltOnFailures(Rule):
     label = "halt on failures"
 
     def __init__(self, config: DrainConfig) -> None:
-        self.limit = config.failure_limit
+        given = config.halt_on_failures
+        self.limit = None if given is None else FailureLimit.parse(given)
         self.finished = 0
         self.failed = 0
 

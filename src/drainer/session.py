@@ -200,6 +200,10 @@ class DrainSession:
                 raise error from exc
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 scheduler.stop(StopReason.CANCELLED, "cancelled by the caller")
+            elif isinstance(exc, KeyboardInterrupt):
+                scheduler.stop(StopReason.SIGNAL, "interrupted")
+            elif isinstance(exc, Exception):  # a bug: the session stays resumable
+                scheduler.stop(StopReason.ERROR, f"unexpected error: {exc!r}")
             raise
         finally:
             self._finish()  # synchronous: no checkpoint, so a cancellation cannot skip it
