@@ -14,6 +14,8 @@ its size counts as written). At every 1% of the attempts it keeps a sample; the 
 
 * ``rss`` / ``peak``: the drainer process's resident memory then, and its peak so far;
 * ``att/s``: throughput over the preceding 5% of the attempts;
+* ``CPU ms/att``: drainer's own CPU per attempt over that window, and ``worker CPU ms/att``
+  the workers' (drainer reaps them, so their time is its children's);
 * ``B/att``: bytes written to session files per attempt over that window (journal growth plus
   snapshot rewrites; the worker prints nothing, so its logs are empty files); ``B/att so far``
   the same since the start (the snapshot is rewritten each time the journal grew by a
@@ -98,6 +100,17 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
+def _cpu(pid: int) -> tuple[float, float]:
+    """(drainer's own CPU seconds, its reaped workers' CPU seconds) from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
 def _wchar(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/io", encoding="ascii") as fh:
@@ -148,7 +161,9 @@ def drain_long(workdir: Path, attempts: int, lanes: int, url: str, command: str,
         pct = marks.get(finished)
         if pct is not None:
             mem = _status(proc.pid)
+            own_cpu, workers_cpu = _cpu(proc.pid)
             samples.append({
+                "cpu_s": own_cpu, "workers_cpu_s": workers_cpu,
                 "pct": pct, "attempts": finished, "t_s": time.monotonic() - started,
                 "rss_mib": mem.get("VmRSS", 0) / MIB, "peak_mib": mem.get("VmHWM", 0) / MIB,
                 "journal_bytes": journal.stat().st_size if journal is not None else 0,
@@ -171,6 +186,8 @@ def drain_long(workdir: Path, attempts: int, lanes: int, url: str, command: str,
         s["file_bytes_per_attempt"] = ((s["journal_bytes"] - base["journal_bytes"])
                                        + (s["snapshot_bytes"] - base["snapshot_bytes"])) / n
         s["wchar_per_attempt"] = (s["wchar"] - base["wchar"]) / n
+        s["cpu_ms_per_attempt"] = 1000 * (s["cpu_s"] - base["cpu_s"]) / n
+        s["workers_cpu_ms_per_attempt"] = 1000 * (s["workers_cpu_s"] - base["workers_cpu_s"]) / n
         # Since the start: the snapshot is rewritten at geometric intervals (each time the
         # journal grew by a quarter), so its cost per attempt is flat when amortised.
         s["file_bytes_per_attempt_so_far"] = (s["journal_bytes"] + s["snapshot_bytes"]) \
@@ -187,7 +204,8 @@ def _window_start(samples: list[dict[str, Any]], s: dict[str, Any]) -> dict[str,
     for other in samples:
         if other["pct"] == want:
             return other
-    return {"attempts": 0, "t_s": 0.0, "journal_bytes": 0, "snapshot_bytes": 0, "wchar": 0}
+    return {"attempts": 0, "t_s": 0.0, "journal_bytes": 0, "snapshot_bytes": 0, "wchar": 0,
+            "cpu_s": 0.0, "workers_cpu_s": 0.0}
 
 
 def measure_reader(name: str, argv: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
@@ -259,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                         ("att/s", "throughput", "{:.1f}"),
                         ("B/att", "file_bytes_per_attempt", "{:.0f}"),
                         ("B/att so far", "file_bytes_per_attempt_so_far", "{:.0f}"),
-                        ("wchar/att", "wchar_per_attempt", "{:.0f}")], out)
+                        ("wchar/att", "wchar_per_attempt", "{:.0f}"),
+                        ("CPU ms/att", "cpu_ms_per_attempt", "{:.2f}"),
+                        ("worker CPU ms/att", "workers_cpu_ms_per_attempt", "{:.2f}")], out)
     print("\nreaders on that session:", file=out)
     print_table(readers, [("reader", "reader", "{}"), ("exit", "exit_code", "{}"),
                           ("wall s", "wall_s", "{:.2f}"), ("peak MiB", "peak_rss_mib", "{:.1f}")],

@@ -228,9 +228,9 @@ def measure(db_path: Path, picks: int) -> dict[str, Any]:
                             reloads=False)
         await selector.load()
         t2 = time.perf_counter()
-        figures.update(failed_loaded=len(candidates.failed),
-                       queued_loaded=len(candidates.queued), indexed=selector.candidates,
-                       runs_indexed=len(candidates.failed_per_run), load_s=t1 - t0,
+        figures.update(failed_loaded=candidates.failed,
+                       queued_loaded=candidates.queued, indexed=selector.candidates,
+                       runs_indexed=len(candidates.runs), load_s=t1 - t0,
                        build_s=t2 - t1, rss_mib=_rss_mib())
         for i in range(picks):
             t0_ns = clock()

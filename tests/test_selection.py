@@ -3,7 +3,6 @@ store loads them, and attempts as the scheduler finishes them."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 
 import pytest
@@ -29,10 +28,8 @@ class Backlog:
 
     async def load(self) -> Candidates:
         self.loads += 1
-        failed = [PhaseRef(r, p, i, "FAILED", why) for r, p, i, why in self.failed]
-        queued = [PhaseRef(r, p, i, "QUEUED", why) for r, p, i, why in self.queued]
-        return Candidates(failed=failed, queued=queued,
-                          failed_per_run=Counter(ref.run_id for ref in failed))
+        return Candidates.of([PhaseRef(r, p, i, "FAILED", why) for r, p, i, why in self.failed]
+                             + [PhaseRef(r, p, i, "QUEUED", why) for r, p, i, why in self.queued])
 
 
 def selector(backlog: Backlog, **kw: object) -> Selector:

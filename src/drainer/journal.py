@@ -234,8 +234,8 @@ def snapshot_chunks(
     head = redact(orjson.dumps(header, option=orjson.OPT_INDENT_2))
     yield head[: head.rfind(b"}")].rstrip() + b',\n  "results": ['
     first = True
-    for attempt in iter_attempts(journal_path, upto=upto):
-        yield (b"\n    " if first else b",\n    ") + orjson.dumps(attempt.to_json())
+    for record in _result_records(journal_path, upto=upto):
+        yield (b"\n    " if first else b",\n    ") + orjson.dumps(record)
         first = False
     yield b"\n  ]\n}\n" if not first else b"]\n}\n"
 
@@ -271,50 +271,82 @@ def iter_records(path: Path, *, upto: int | None = None) -> Iterator[dict[str, A
             yield event
 
 
-def iter_events(path: Path, *, upto: int | None = None) -> Iterator[JournalEvent]:
-    """The journal's events, typed, in order, streamed.
-
-    An ``attempt_finished`` counts only while its ``attempt_started`` is open: a finish
-    written twice, or one without a start, is skipped. Memory holds the open attempts only.
-    """
+def _walk(path: Path, *, upto: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The journal's events as (line number, dict), streamed, with one rule applied: an
+    ``attempt_finished`` counts only while its ``attempt_started`` is open, so a finish
+    written twice, or one without a start, is skipped. Memory holds the open ids only."""
     open_ids: set[str] = set()
-    session_id = path.parent.name
     for number, data in enumerate(iter_records(path, upto=upto), start=1):
         kind = data["type"]
         try:
             if kind == AttemptStarted.kind:
-                started = AttemptStarted.from_journal(data, session_id)
-                open_ids.add(started.attempt_id)
-                yield started
+                open_ids.add(str(data["attempt_id"]))
             elif kind == AttemptFinished.kind:
                 attempt_id = str(data["attempt_id"])
-                if attempt_id in open_ids:
-                    open_ids.discard(attempt_id)
-                    yield AttemptFinished.from_journal(data, session_id)
-            elif kind == AttemptSpawned.kind:
-                yield AttemptSpawned.from_journal(data)
-            elif kind == RunStopped.kind:
-                yield RunStopped.from_journal(data, session_id)
-            elif kind == SessionStopped.kind:
-                yield SessionStopped.from_journal(data, session_id)
-            elif kind == SessionStarted.kind:
-                started_session = SessionStarted.from_journal(data)
-                session_id = started_session.session_id or session_id
-                yield started_session
-            elif kind == SessionResumed.kind:
-                yield SessionResumed.from_journal(data)
+                if attempt_id not in open_ids:
+                    continue
+                open_ids.discard(attempt_id)
+        except KeyError as exc:
+            raise _corrupt(path, number, kind, exc) from exc
+        yield number, data
+
+
+def _corrupt(path: Path, number: int, kind: str, exc: Exception) -> SessionError:
+    return SessionError(f"corrupt journal {path}: line {number} ({kind}) lacks a field or has "
+                        f"a wrong type ({exc})")
+
+
+_READERS: dict[str, Any] = {
+    SessionStarted.kind: SessionStarted.from_journal,
+    SessionResumed.kind: SessionResumed.from_journal,
+    AttemptSpawned.kind: AttemptSpawned.from_journal,
+}
+
+
+def iter_events(path: Path, *, upto: int | None = None) -> Iterator[JournalEvent]:
+    """The journal's events, typed, in order, streamed (see :func:`_walk` for the one rule)."""
+    session_id = path.parent.name
+    for number, data in _walk(path, upto=upto):
+        kind = data["type"]
+        try:
+            if kind in (AttemptStarted.kind, AttemptFinished.kind, RunStopped.kind,
+                        SessionStopped.kind):
+                yield _SESSION_READERS[kind](data, session_id)
+            elif kind in _READERS:
+                event = _READERS[kind](data)
+                if isinstance(event, SessionStarted):
+                    session_id = event.session_id or session_id
+                yield event
         except (KeyError, TypeError, ValueError) as exc:
-            raise SessionError(
-                f"corrupt journal {path}: line {number} ({kind}) lacks a field or has a "
-                f"wrong type ({exc})"
-            ) from exc
+            raise _corrupt(path, number, kind, exc) from exc
+
+
+_SESSION_READERS: dict[str, Any] = {
+    AttemptStarted.kind: AttemptStarted.from_journal,
+    AttemptFinished.kind: AttemptFinished.from_journal,
+    RunStopped.kind: RunStopped.from_journal,
+    SessionStopped.kind: SessionStopped.from_journal,
+}
 
 
 def iter_attempts(path: Path, *, upto: int | None = None) -> Iterator[Attempt]:
     """Every finished attempt of a session's journal, in order, streamed."""
-    for event in iter_events(path, upto=upto):
-        if isinstance(event, AttemptFinished):
-            yield event.attempt
+    for number, data in _walk(path, upto=upto):
+        if data["type"] == AttemptFinished.kind:
+            try:
+                yield Attempt.from_json(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise _corrupt(path, number, AttemptFinished.kind, exc) from exc
+
+
+def _result_records(path: Path, *, upto: int | None) -> Iterator[dict[str, Any]]:
+    """The ``results[]`` items of the snapshot: finished attempts as journaled (an attempt
+    record is the ``attempt_finished`` line without its ``type`` and ``at``)."""
+    for _number, data in _walk(path, upto=upto):
+        if data["type"] == AttemptFinished.kind:
+            del data["type"]
+            data.pop("at", None)
+            yield data
 
 
 @dataclass
@@ -355,38 +387,53 @@ class Replay:
 
 
 def replay(journal_path: Path) -> Replay:
-    """One streaming pass over a journal."""
-    events = iter_events(journal_path)
-    first = next(events, None)
-    if not isinstance(first, SessionStarted):
+    """One streaming pass over a journal. Started attempts are kept as their raw lines
+    while open; only those left dangling become typed events."""
+    walk = _walk(journal_path)
+    first = next(walk, None)
+    if first is None or first[1]["type"] != SessionStarted.kind:
         raise SessionError(f"corrupt journal {journal_path}: it does not start a session")
+    header = SessionStarted.from_journal(first[1])
     state = Replay(
-        session_id=first.session_id or journal_path.parent.name,
+        session_id=header.session_id or journal_path.parent.name,
         journal_path=journal_path,
-        started_at=first.started_at,
-        config=first.config,
+        started_at=header.started_at,
+        config=header.config,
     )
-    open_attempts: dict[str, Dangling] = {}
-    for event in events:
-        if isinstance(event, AttemptStarted):
-            open_attempts[event.attempt_id] = Dangling(event)
-        elif isinstance(event, AttemptSpawned):
-            dangling = open_attempts.get(event.attempt_id)
-            if dangling is not None:
-                dangling.pid, dangling.create_time = event.pid, event.create_time
-        elif isinstance(event, AttemptFinished):
-            open_attempts.pop(event.attempt.attempt_id, None)
-            state.finished += 1
-            state.interrupted += event.attempt.interrupted
-        elif isinstance(event, RunStopped):
-            state.stopped_runs[event.run_id] = str(event.reason)
-        elif isinstance(event, SessionStopped):
-            state.stopped = True
-            state.stop_reason = event.stop_reason
-            state.completed_at = event.completed_at or None
-        elif isinstance(event, SessionResumed | SessionStarted):
-            state.stopped = False
-    state.dangling = list(open_attempts.values())
+    open_attempts: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {}
+    for number, data in walk:
+        kind = data["type"]
+        try:
+            if kind == AttemptStarted.kind:
+                open_attempts[str(data["attempt_id"])] = (number, data, {})
+            elif kind == AttemptSpawned.kind:
+                started = open_attempts.get(str(data["attempt_id"]))
+                if started is not None:
+                    started[2].update(data)
+            elif kind == AttemptFinished.kind:
+                open_attempts.pop(str(data["attempt_id"]), None)
+                state.finished += 1
+                state.interrupted += bool(data.get("interrupted"))
+            elif kind == RunStopped.kind:
+                state.stopped_runs[str(data["run_id"])] = str(data["reason"])
+            elif kind == SessionStopped.kind:
+                stopped = SessionStopped.from_journal(data)
+                state.stopped = True
+                state.stop_reason = stopped.stop_reason
+                state.completed_at = stopped.completed_at or None
+            elif kind in (SessionResumed.kind, SessionStarted.kind):
+                state.stopped = False
+                state.stop_reason = state.completed_at = None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(journal_path, number, kind, exc) from exc
+    for number, data, spawned in open_attempts.values():
+        try:
+            started_event = AttemptStarted.from_journal(data, state.session_id)
+            spawn = AttemptSpawned.from_journal(spawned) if spawned else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(journal_path, number, AttemptStarted.kind, exc) from exc
+        state.dangling.append(Dangling(started_event, spawn.pid if spawn else None,
+                                       spawn.create_time if spawn else None))
     state.last_event_at = _last_at(journal_path)
     return state
 

@@ -7,7 +7,8 @@ import it.
 from __future__ import annotations
 
 import enum
-from collections import Counter
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -149,13 +150,55 @@ class PhaseRef:
         return (self.run_id, self.phase_id)
 
 
+@dataclass(slots=True)
+class RunCandidates:
+    """One run's candidate phases as columns (no object per phase: memory at 100,000
+    phases is what the budget allows). ``queued`` marks QUEUED phases (the rest are FAILED)."""
+
+    phase_ids: list[str] = field(default_factory=list)
+    indexes: array[int] = field(default_factory=lambda: array("q"))
+    reasons: list[str | None] = field(default_factory=list)
+    queued: bytearray = field(default_factory=bytearray)
+    failed: int = 0  #: FAILED phases of the run in this load
+
+    def add(self, phase_id: str, index: int, state: str, reason: str | None) -> None:
+        self.phase_ids.append(phase_id)
+        self.indexes.append(index)
+        self.reasons.append(reason)
+        is_queued = state == PhaseState.QUEUED
+        self.queued.append(is_queued)
+        self.failed += not is_queued
+
+    def ref(self, run_id: str, i: int) -> PhaseRef:
+        state = PhaseState.QUEUED if self.queued[i] else PhaseState.FAILED
+        return PhaseRef(run_id, self.phase_ids[i], self.indexes[i], state.value,
+                        self.reasons[i])
+
+
 @dataclass(frozen=True, slots=True)
 class Candidates:
-    """What one load of the backlog found."""
+    """What one load of the backlog found: FAILED phases and the QUEUED phases of the same
+    runs, per run."""
 
-    failed: list[PhaseRef]
-    queued: list[PhaseRef]  #: QUEUED phases in the scanned runs (never drained by default)
-    failed_per_run: Counter[str] = field(default_factory=Counter)
+    runs: dict[str, RunCandidates] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, refs: Iterable[PhaseRef]) -> Candidates:
+        runs: dict[str, RunCandidates] = {}
+        for ref in refs:
+            run = runs.get(ref.run_id)
+            if run is None:
+                run = runs[ref.run_id] = RunCandidates()
+            run.add(ref.phase_id, ref.phase_index, ref.state, ref.last_failure_reason)
+        return cls(runs)
+
+    @property
+    def failed(self) -> int:
+        return sum(run.failed for run in self.runs.values())
+
+    @property
+    def queued(self) -> int:
+        return sum(len(run.phase_ids) - run.failed for run in self.runs.values())
 
 
 # Triage tiers of a run (sample-first), drained in this order.
@@ -240,7 +283,7 @@ class Attempt:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Attempt:
-        kwargs = {k: v for k, v in data.items() if k in _ATTEMPT_FIELDS}
+        kwargs = {k: v for k, v in data.items() if k in _FIELD_SET}
         kwargs["leaked_processes"] = tuple(
             LeakedProcess.from_json(p) for p in data.get("leaked_processes") or ()
         )
@@ -263,7 +306,8 @@ _ATTEMPT_FIELDS: tuple[str, ...] = (
     "interrupted", "state_restored", "leaked_processes", "peak_rss_bytes", "stdout_bytes",
     "stderr_bytes",
 )
-assert set(_ATTEMPT_FIELDS) == {f.name for f in fields(Attempt)}
+_FIELD_SET = frozenset(_ATTEMPT_FIELDS)
+assert {f.name for f in fields(Attempt)} == _FIELD_SET
 
 
 @dataclass(slots=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import heapq
-import itertools
 import math
 import re
 from array import array
@@ -27,6 +26,7 @@ from .models import (
     Candidates,
     PhaseRef,
     PhaseState,
+    RunCandidates,
 )
 
 # Priority of a phase by its last failure reason (lower drains first). DESIGN.md §5:
@@ -83,15 +83,11 @@ def triage_tier(attempt: Attempt, *, fingerprint_seen_before: bool) -> int:
 OrderKey = tuple[int, int, int, str, str]
 
 
-def order_key(ref: PhaseRef, failed_in_run: int) -> OrderKey:
-    """The priority of a phase inside a triage tier (DESIGN.md §5)."""
-    return (
-        failure_category(ref.last_failure_reason),
-        ref.phase_index,
-        failed_in_run,
-        ref.run_id,
-        ref.phase_id,
-    )
+def order_key(reason: str | None, phase_index: int, failed_in_run: int, run_id: str,
+              phase_id: str) -> OrderKey:
+    """The priority of a phase inside a triage tier (DESIGN.md §5): category of its last
+    failure reason, phase index, runs with fewer failed phases, ids."""
+    return (failure_category(reason), phase_index, failed_in_run, run_id, phase_id)
 
 
 _REMOVED = 1  #: drained by someone else meanwhile: not a candidate any more
@@ -100,41 +96,62 @@ _SCAN = 32  #: runs with more phases than this get a phase-id map for lookups
 
 
 class _RunQueue:
-    """One run's candidate phases in priority order, with per-phase counters and a cursor
-    past the tried ones. Order keys are computed when a phase reaches the head (memory: no
-    key tuple per phase)."""
+    """One run's candidate phases in priority order (columns of a
+    :class:`~drainer.models.RunCandidates`), with per-phase counters and a cursor past the
+    tried ones. Order keys are computed when a phase reaches the head, and a phase becomes a
+    :class:`PhaseRef` only when it is picked (memory: nothing per phase but its columns)."""
 
     __slots__ = ("_where", "attempts", "cursor", "failed", "flags", "phases", "run_id",
                  "tier", "version")
 
-    def __init__(self, run_id: str, phases: list[PhaseRef], failed: int) -> None:
+    def __init__(self, run_id: str, phases: RunCandidates) -> None:
         self.run_id = run_id
         self.phases = phases
-        self.failed = failed
+        self.failed = phases.failed
         self.cursor = 0
         self.tier = TIER_UNSAMPLED
         self.version = 0
-        self.attempts = array("I", bytes(4 * len(phases)))
-        self.flags = bytearray(len(phases))
+        self.attempts = array("I", bytes(4 * len(phases.phase_ids)))
+        self.flags = bytearray(len(phases.phase_ids))
         self._where: dict[str, int] | None = None
 
+    def __len__(self) -> int:
+        return len(self.phases.phase_ids)
+
     def key(self, i: int) -> OrderKey:
-        return order_key(self.phases[i], self.failed)
+        p = self.phases
+        return order_key(p.reasons[i], p.indexes[i], self.failed, self.run_id, p.phase_ids[i])
+
+    def ref(self, i: int) -> PhaseRef:
+        return self.phases.ref(self.run_id, i)
 
     def head(self) -> int | None:
         """The best never-tried phase (its position), or None."""
-        n = len(self.phases)
+        n = len(self)
         while self.cursor < n and (self.attempts[self.cursor] or
                                    self.flags[self.cursor] & _REMOVED):
             self.cursor += 1
         return self.cursor if self.cursor < n else None
 
     def position(self, phase_id: str) -> int | None:
-        if len(self.phases) <= _SCAN:
-            return next((i for i, r in enumerate(self.phases) if r.phase_id == phase_id), None)
+        ids = self.phases.phase_ids
+        if len(ids) <= _SCAN:
+            return next((i for i, p in enumerate(ids) if p == phase_id), None)
         if self._where is None:
-            self._where = {r.phase_id: i for i, r in enumerate(self.phases)}
+            self._where = {p: i for i, p in enumerate(ids)}
         return self._where.get(phase_id)
+
+
+def _sort_in_place(run_id: str, rows: RunCandidates, keep: list[int]) -> RunCandidates:
+    """Keep the rows at positions ``keep``, in priority order (DESIGN.md §5). The columns
+    are replaced one by one, so a load's columns are never held twice."""
+    failed, ids, indexes, reasons = rows.failed, rows.phase_ids, rows.indexes, rows.reasons
+    keep.sort(key=lambda j: order_key(reasons[j], indexes[j], failed, run_id, ids[j]))
+    rows.phase_ids = [ids[j] for j in keep]
+    rows.indexes = array("q", (indexes[j] for j in keep))
+    rows.reasons = [reasons[j] for j in keep]
+    rows.queued = bytearray(rows.queued[j] for j in keep)
+    return rows
 
 
 class CandidateIndex:
@@ -149,7 +166,7 @@ class CandidateIndex:
     def __init__(self, runs: dict[str, _RunQueue], skipped: list[tuple[PhaseRef, str]]) -> None:
         self.runs = runs
         self.skipped = skipped
-        self.size = sum(len(q.phases) for q in runs.values())
+        self.size = sum(len(q) for q in runs.values())
         self._heap: list[tuple[int, OrderKey, int, str]] = []
         self._retry_heap: list[tuple[int, OrderKey, str, int]] = []
         for queue in runs.values():
@@ -164,24 +181,24 @@ class CandidateIndex:
         skip_queued: bool = True,
         keep_skipped: bool = True,
     ) -> CandidateIndex:
+        """The index of one load; it takes the candidates' columns over (sorted in place)."""
         skipped: list[tuple[PhaseRef, str]] = []
-        per_run_refs: dict[str, list[PhaseRef]] = {}
-        for ref in itertools.chain(candidates.failed, candidates.queued):
-            prefix = next((p for p in skip_run_prefixes if ref.run_id.startswith(p)), None)
+        runs: dict[str, _RunQueue] = {}
+        for run_id, rows in candidates.runs.items():
+            prefix = next((p for p in skip_run_prefixes if run_id.startswith(p)), None)
             if prefix is not None:
-                why = f"run matches --skip-run-prefix {prefix}"
-            elif ref.state == PhaseState.QUEUED and skip_queued:
-                why = QUEUED_SKIP
+                keep: list[int] = []
+                why = [f"run matches --skip-run-prefix {prefix}"] * len(rows.phase_ids)
             else:
-                per_run_refs.setdefault(ref.run_id, []).append(ref)
-                continue
-            if keep_skipped:
-                skipped.append((ref, why))
-        runs = {}
-        for run_id, refs in per_run_refs.items():
-            failed = candidates.failed_per_run[run_id]
-            refs.sort(key=lambda r: order_key(r, failed))
-            runs[run_id] = _RunQueue(run_id, refs, failed)
+                keep = [j for j, queued in enumerate(rows.queued)
+                        if not (queued and skip_queued)]
+                why = [QUEUED_SKIP] * len(rows.phase_ids)
+            if keep_skipped and len(keep) < len(rows.phase_ids):
+                kept = set(keep)
+                skipped += [(rows.ref(run_id, j), why[j]) for j in range(len(rows.phase_ids))
+                            if j not in kept]
+            if keep:
+                runs[run_id] = _RunQueue(run_id, _sort_in_place(run_id, rows, keep))
         skipped.sort(key=lambda item: (item[0].run_id, item[0].phase_index, item[0].phase_id))
         return cls(runs, skipped)
 
@@ -324,7 +341,7 @@ class Selector:
             return None
         queue, i = found
         self._picked[queue.run_id] = i
-        return queue.phases[i]
+        return queue.ref(i)
 
     def attempts_of(self, ref: PhaseRef) -> int:
         """Attempts of ``ref`` this session (finished, not interrupted)."""
@@ -361,7 +378,7 @@ class Selector:
         queue = index.runs.get(attempt.run_id)
         if queue is None:
             return
-        if position is None or queue.phases[position].phase_id != attempt.phase_id:
+        if position is None or queue.phases.phase_ids[position] != attempt.phase_id:
             position = queue.position(attempt.phase_id)
         if position is not None:
             queue.attempts[position] += 1
@@ -428,8 +445,8 @@ class Selector:
         carried: dict[str, list[tuple[str, int, int]]] = {}
         if self._index is not None:
             for queue in self._index.runs.values():
-                kept = [(queue.phases[i].phase_id, queue.attempts[i], queue.flags[i])
-                        for i in range(len(queue.phases))
+                kept = [(queue.phases.phase_ids[i], queue.attempts[i], queue.flags[i])
+                        for i in range(len(queue))
                         if queue.attempts[i] and queue.flags[i] & _LAST_FAILED]
                 if kept:
                     carried[queue.run_id] = kept

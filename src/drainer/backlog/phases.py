@@ -8,7 +8,6 @@ canonical :class:`~drainer.models.PhaseState` names whatever the database stores
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import String
 
 from ..errors import DatabaseError
-from ..models import NON_FINAL_STATES, Candidates, PhaseRef, PhaseState
+from ..models import NON_FINAL_STATES, Candidates, PhaseState, RunCandidates
 from ..schema import Schema
 from ._engine import Engine
 
@@ -143,29 +142,23 @@ class Phases:
                                  self.schema.db(PhaseState.QUEUED)]))
         if run_id is not None:
             stmt = stmt.where(self._run == run_id)
-        failed: list[PhaseRef] = []
-        queued: list[PhaseRef] = []
-        per_run: Counter[str] = Counter()
-        # Streamed in chunks, with one shared string per run id, state and reason: memory
-        # stays proportional to the candidates, not to the driver's row objects.
+        runs: dict[str, RunCandidates] = {}
+        canonical = self.schema.canonical
+        # Streamed in chunks into per-run columns, with one shared string per run id and
+        # reason: memory stays proportional to the candidates, not to the driver's rows.
         with self._engine.errors("loading candidates from"):
             async with self._engine.read() as conn:
                 result = await conn.stream(stmt.execution_options(yield_per=LOAD_CHUNK))
                 async for chunk in result.partitions():
                     for run, phase, index, state, reason in chunk:
-                        ref = PhaseRef(
-                            run_id=sys.intern(str(run)),
-                            phase_id=str(phase),
-                            phase_index=int(index) if index is not None else 0,
-                            state=sys.intern(self.schema.canonical(state)),
-                            last_failure_reason=None if reason is None else sys.intern(reason),
-                        )
-                        if ref.state == PhaseState.FAILED:
-                            failed.append(ref)
-                            per_run[ref.run_id] += 1
-                        else:
-                            queued.append(ref)
-        return Candidates(failed=failed, queued=queued, failed_per_run=per_run)
+                        run_id = str(run)
+                        found = runs.get(run_id)
+                        if found is None:
+                            found = runs[sys.intern(run_id)] = RunCandidates()
+                        found.add(str(phase), int(index) if index is not None else 0,
+                                  canonical(state),
+                                  None if reason is None else sys.intern(reason))
+        return Candidates(runs)
 
     async def read(self, run_id: str, phase_id: str) -> PhaseRow | None:
         """``(state, last_failure_reason)`` of one phase, or None if it does not exist."""
