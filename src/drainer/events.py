@@ -221,8 +221,3 @@ DrainEvent = AttemptStarted | AttemptFinished | RunStopped | SessionStopped
 
 JournalEvent = (SessionStarted | SessionResumed | AttemptStarted | AttemptSpawned
                 | AttemptFinished | RunStopped | SessionStopped)
-
-JOURNAL_EVENTS: dict[str, Any] = {
-    cls.kind: cls for cls in (SessionStarted, SessionResumed, AttemptStarted, AttemptSpawned,
-                              AttemptFinished, RunStopped, SessionStopped)
-}

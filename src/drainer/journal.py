@@ -248,6 +248,11 @@ def iter_records(path: Path, *, upto: int | None = None) -> Iterator[dict[str, A
 
     A torn last line (no newline, not JSON) is dropped; a bad line elsewhere is corrupt.
     """
+    for _number, event in _numbered(path, upto=upto):
+        yield event
+
+
+def _numbered(path: Path, *, upto: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         fh = path.open("rb")
     except OSError as exc:
@@ -268,7 +273,7 @@ def iter_records(path: Path, *, upto: int | None = None) -> Iterator[dict[str, A
                 raise SessionError(f"corrupt journal {path}: line {number} is not JSON") from exc
             if not isinstance(event, dict) or "type" not in event:
                 raise SessionError(f"corrupt journal {path}: line {number} is not an event")
-            yield event
+            yield number, event
 
 
 def _walk(path: Path, *, upto: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -276,7 +281,7 @@ def _walk(path: Path, *, upto: int | None = None) -> Iterator[tuple[int, dict[st
     ``attempt_finished`` counts only while its ``attempt_started`` is open, so a finish
     written twice, or one without a start, is skipped. Memory holds the open ids only."""
     open_ids: set[str] = set()
-    for number, data in enumerate(iter_records(path, upto=upto), start=1):
+    for number, data in _numbered(path, upto=upto):
         kind = data["type"]
         try:
             if kind == AttemptStarted.kind:
@@ -294,39 +299,6 @@ def _walk(path: Path, *, upto: int | None = None) -> Iterator[tuple[int, dict[st
 def _corrupt(path: Path, number: int, kind: str, exc: Exception) -> SessionError:
     return SessionError(f"corrupt journal {path}: line {number} ({kind}) lacks a field or has "
                         f"a wrong type ({exc})")
-
-
-_READERS: dict[str, Any] = {
-    SessionStarted.kind: SessionStarted.from_journal,
-    SessionResumed.kind: SessionResumed.from_journal,
-    AttemptSpawned.kind: AttemptSpawned.from_journal,
-}
-
-
-def iter_events(path: Path, *, upto: int | None = None) -> Iterator[JournalEvent]:
-    """The journal's events, typed, in order, streamed (see :func:`_walk` for the one rule)."""
-    session_id = path.parent.name
-    for number, data in _walk(path, upto=upto):
-        kind = data["type"]
-        try:
-            if kind in (AttemptStarted.kind, AttemptFinished.kind, RunStopped.kind,
-                        SessionStopped.kind):
-                yield _SESSION_READERS[kind](data, session_id)
-            elif kind in _READERS:
-                event = _READERS[kind](data)
-                if isinstance(event, SessionStarted):
-                    session_id = event.session_id or session_id
-                yield event
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(path, number, kind, exc) from exc
-
-
-_SESSION_READERS: dict[str, Any] = {
-    AttemptStarted.kind: AttemptStarted.from_journal,
-    AttemptFinished.kind: AttemptFinished.from_journal,
-    RunStopped.kind: RunStopped.from_journal,
-    SessionStopped.kind: SessionStopped.from_journal,
-}
 
 
 def iter_attempts(path: Path, *, upto: int | None = None) -> Iterator[Attempt]:
