@@ -180,3 +180,21 @@ async def test_skipped_phases_and_why() -> None:
     drains_queued = selector(backlog, skip_queued=False)
     await drains_queued.load()
     assert drains_queued.candidates == 3
+
+
+async def test_a_reload_while_a_phase_is_in_flight_keeps_its_count() -> None:
+    backlog = Backlog([("a", "p", 0, None), ("b", "p", 0, None)])
+    s = selector(backlog, max_attempts_per_phase=1)
+    ref = await s.pick()
+    assert ref is not None and ref.key == ("a", "p")
+    backlog.done(ref)  # its worker moved it to EXECUTING: the next load does not hold it
+    s.invalidate()  # say, a swept lease: the next pick reloads
+    other = await s.pick(busy={"a"})
+    assert other is not None and other.key == ("b", "p")
+    backlog.failed.append(("a", "p", 0, None))  # the attempt ends with the phase FAILED
+    s.observe(outcome(ref, "FAILED"))
+    backlog.done(other)
+    s.observe(outcome(other, "COMPLETE"))
+    s.invalidate()
+    assert await s.pick() is None  # a/p had its one attempt, reload or not
+    assert s.attempts_of(PhaseRef("a", "p", 0, "FAILED")) == 1

@@ -302,7 +302,11 @@ class Selector:
         self._tiers: dict[str, int] = {}  #: tier of every run sampled this session
         self._stopped: set[str] = set()  #: runs a stop rule stopped
         self._leased_elsewhere: set[str] = set()
-        self._picked: dict[str, int] = {}  #: run -> position of its phase in flight
+        #: run -> (phase id, position in the index) of its phase in flight
+        self._picked: dict[str, tuple[str, int | None]] = {}
+        #: counters (attempts, flags) of phases tried this session that the current index
+        #: does not hold (in flight, or not FAILED, when it was loaded)
+        self._outside: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- picking --------------------------------------------------------------------------
 
@@ -340,13 +344,16 @@ class Selector:
         if found is None:
             return None
         queue, i = found
-        self._picked[queue.run_id] = i
-        return queue.ref(i)
+        ref = queue.ref(i)
+        self._picked[queue.run_id] = (ref.phase_id, i)
+        return ref
 
     def attempts_of(self, ref: PhaseRef) -> int:
         """Attempts of ``ref`` this session (finished, not interrupted)."""
         where = self._locate(ref.run_id, ref.phase_id)
-        return where[0].attempts[where[1]] if where is not None else 0
+        if where is not None:
+            return where[0].attempts[where[1]]
+        return self._outside.get(ref.key, (0, 0))[0]
 
     @property
     def waiting_on_leases(self) -> bool:
@@ -365,29 +372,36 @@ class Selector:
 
     def observe(self, attempt: Attempt, *, fingerprint_seen_before: bool = False) -> None:
         """A finished attempt: count it for its phase, queue a retry, triage its run."""
-        position = self._picked.pop(attempt.run_id, None)
+        picked = self._picked.pop(attempt.run_id, None)
         if attempt.interrupted:
             return  # drainer died while it ran: it counts for nothing, the phase is redone
-        index = self._index
         tier = self._tiers.get(attempt.run_id)
         if tier is None:
             tier = self._tiers[attempt.run_id] = triage_tier(
                 attempt, fingerprint_seen_before=fingerprint_seen_before)
-        if index is None:
-            return
-        queue = index.runs.get(attempt.run_id)
-        if queue is None:
-            return
-        if position is None or queue.phases.phase_ids[position] != attempt.phase_id:
-            position = queue.position(attempt.phase_id)
-        if position is not None:
+        failed = attempt.final_state == PhaseState.FAILED
+        index = self._index
+        queue = index.runs.get(attempt.run_id) if index is not None else None
+        position = None
+        if queue is not None:
+            position = picked[1] if picked is not None and picked[0] == attempt.phase_id \
+                else None
+            if position is None or queue.phases.phase_ids[position] != attempt.phase_id:
+                position = queue.position(attempt.phase_id)
+        if queue is None or position is None:
+            # Not in this load (a reload came while it ran): keep its count for the next.
+            attempts, _flags = self._outside.pop(attempt.key, (0, 0))
+            if failed:
+                self._outside[attempt.key] = (attempts + 1, _LAST_FAILED)
+        else:
+            assert index is not None
             queue.attempts[position] += 1
-            failed = attempt.final_state == PhaseState.FAILED
             queue.flags[position] = (queue.flags[position] & _REMOVED) | (
                 _LAST_FAILED if failed else 0)
             if failed and queue.attempts[position] < self._max_attempts:
                 index.note_retry(queue, position)
-        index.rerank(queue, tier)
+        if index is not None and queue is not None:
+            index.rerank(queue, tier)
 
     def tier_of(self, run_id: str) -> int | None:
         return self._tiers.get(run_id)
@@ -439,36 +453,46 @@ class Selector:
         return None if i is None else (queue, i)
 
     async def _reload(self) -> None:
-        # What carries over to the new load: tiers (per run), and the counters of phases
-        # whose last attempt left them FAILED. Everything else of the old index is dropped
-        # before the new one is built, so two loads never sit in memory at once.
-        carried: dict[str, list[tuple[str, int, int]]] = {}
-        if self._index is not None:
-            for queue in self._index.runs.values():
-                kept = [(queue.phases.phase_ids[i], queue.attempts[i], queue.flags[i])
-                        for i in range(len(queue))
-                        if queue.attempts[i] and queue.flags[i] & _LAST_FAILED]
-                if kept:
-                    carried[queue.run_id] = kept
-        self._index = None
+        # What carries over to the new load: tiers (per run); the counters of phases whose
+        # last attempt left them FAILED, and of phases in flight (their attempt decides).
+        # Everything else of the old index is dropped before the new one is built, so two
+        # loads never sit in memory at once.
+        carried = self._outside
+        old = self._index
+        if old is not None:
+            for run in old.runs.values():
+                ids, counts, marks = run.phases.phase_ids, run.attempts, run.flags
+                for j in range(len(run)):
+                    if counts[j] and marks[j] & _LAST_FAILED:
+                        carried[(run.run_id, ids[j])] = (counts[j], marks[j])
+            for run_id, (phase_id, at) in self._picked.items():
+                run_in = old.runs.get(run_id)
+                if run_in is not None and at is not None and run_in.attempts[at]:
+                    carried[(run_id, phase_id)] = (run_in.attempts[at], run_in.flags[at])
+        self._index = old = None
         began = anyio.current_time()
         index = self._build(await self._load())
         self._loaded_at = anyio.current_time()
         self._load_seconds = self._loaded_at - began
         self._stale = False
-        self._picked.clear()
-        for run_id, kept in carried.items():
-            found = index.runs.get(run_id)
-            if found is None:
+        in_flight = {(run_id, phase_id) for run_id, (phase_id, _) in self._picked.items()}
+        self._outside = {}
+        for key, (attempts, flags) in carried.items():
+            found = index.runs.get(key[0])
+            i = found.position(key[1]) if found is not None else None
+            if found is None or i is None:
+                if key in in_flight:
+                    self._outside[key] = (attempts, flags)
                 continue
-            for phase_id, attempts, flags in kept:
-                i = found.position(phase_id)
-                if i is not None:
-                    found.attempts[i], found.flags[i] = attempts, flags & _LAST_FAILED
-                    if attempts < self._max_attempts:
-                        index.note_retry(found, i)
+            found.attempts[i], found.flags[i] = attempts, flags & _LAST_FAILED
+            if flags & _LAST_FAILED and attempts < self._max_attempts:
+                index.note_retry(found, i)
+        self._picked = {
+            run_id: (phase_id, found.position(phase_id) if (found := index.runs.get(run_id))
+                     else None)
+            for run_id, (phase_id, _) in self._picked.items()}
         for run_id, tier in self._tiers.items():
-            found = index.runs.get(run_id)
-            if found is not None:
-                index.rerank(found, tier)
+            queue = index.runs.get(run_id)
+            if queue is not None:
+                index.rerank(queue, tier)
         self._index = index
