@@ -229,7 +229,8 @@ def measure(db_path: Path, picks: int) -> dict[str, Any]:
         await selector.load()
         t2 = time.perf_counter()
         figures.update(failed_loaded=candidates.failed,
-                       queued_loaded=candidates.queued, indexed=selector.candidates,
+                       queued_loaded=len(candidates.queued) - candidates.failed,
+                       indexed=selector.candidates,
                        runs_indexed=len(candidates.runs), load_s=t1 - t0,
                        build_s=t2 - t1, rss_mib=_rss_mib())
         for i in range(picks):

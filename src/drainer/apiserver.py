@@ -56,6 +56,13 @@ async def answers(url: str, *, within: float = PROBE_TIMEOUT) -> str | None:
         return str(exc) or type(exc).__name__
 
 
+async def kill_orphaned_api_server(session_id: str, grace: float) -> int:
+    """Kill what a crashed run of ``session_id`` left of its API server (found by marker);
+    returns how many processes."""
+    return await anyio.to_thread.run_sync(
+        lambda: proctree.kill_marked(API_MARKER_VAR, session_id, None, grace=grace))
+
+
 async def check_api_url(url: str) -> None:
     why = await answers(url)
     if why is not None:

@@ -22,3 +22,15 @@ class DatabaseError(DrainerError):
 class SessionError(DrainerError):
     """The session directory or a session's files cannot be used (unwritable, corrupt, unknown)."""
 
+
+
+def drainer_error_in(exc: BaseException) -> DrainerError | None:
+    """The DrainerError behind ``exc``, also when task groups wrapped it in a group."""
+    if isinstance(exc, DrainerError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = drainer_error_in(inner)
+            if found is not None:
+                return found
+    return None

@@ -151,54 +151,59 @@ class PhaseRef:
 
 
 @dataclass(slots=True)
-class RunCandidates:
-    """One run's candidate phases as columns (no object per phase: memory at 100,000
-    phases is what the budget allows). ``queued`` marks QUEUED phases (the rest are FAILED)."""
+class Candidates:
+    """What one load of the backlog found, as columns (one row per FAILED or QUEUED phase;
+    no object per phase) with each run's rows contiguous: ``runs`` maps a run to its rows
+    ``start:end``. Memory at 100,000 phases is what the budget allows."""
 
     phase_ids: list[str] = field(default_factory=list)
     indexes: array[int] = field(default_factory=lambda: array("q"))
     reasons: list[str | None] = field(default_factory=list)
-    queued: bytearray = field(default_factory=bytearray)
-    failed: int = 0  #: FAILED phases of the run in this load
+    queued: bytearray = field(default_factory=bytearray)  #: 1 for QUEUED, 0 for FAILED
+    runs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _run: str | None = None  #: the run whose rows are being added
+    _start: int = 0
 
-    def add(self, phase_id: str, index: int, state: str, reason: str | None) -> None:
+    def add(self, run_id: str, phase_id: str, index: int, state: str,
+            reason: str | None) -> None:
+        """Add a row; rows must come grouped by run (the store loads ORDER BY run)."""
+        if run_id != self._run:
+            self._close()
+            if run_id in self.runs:
+                raise ValueError(f"rows of run {run_id!r} are not grouped together")
+            self._run, self._start = run_id, len(self.phase_ids)
         self.phase_ids.append(phase_id)
         self.indexes.append(index)
         self.reasons.append(reason)
-        is_queued = state == PhaseState.QUEUED
-        self.queued.append(is_queued)
-        self.failed += not is_queued
+        self.queued.append(state == PhaseState.QUEUED)
+
+    def _close(self) -> None:
+        if self._run is not None:
+            self.runs[self._run] = (self._start, len(self.phase_ids))
+            self._run = None
+
+    def done(self) -> Candidates:
+        """Every row is in: close the last run."""
+        self._close()
+        return self
 
     def ref(self, run_id: str, i: int) -> PhaseRef:
         state = PhaseState.QUEUED if self.queued[i] else PhaseState.FAILED
         return PhaseRef(run_id, self.phase_ids[i], self.indexes[i], state.value,
                         self.reasons[i])
 
-
-@dataclass(frozen=True, slots=True)
-class Candidates:
-    """What one load of the backlog found: FAILED phases and the QUEUED phases of the same
-    runs, per run."""
-
-    runs: dict[str, RunCandidates] = field(default_factory=dict)
-
     @classmethod
     def of(cls, refs: Iterable[PhaseRef]) -> Candidates:
-        runs: dict[str, RunCandidates] = {}
-        for ref in refs:
-            run = runs.get(ref.run_id)
-            if run is None:
-                run = runs[ref.run_id] = RunCandidates()
-            run.add(ref.phase_id, ref.phase_index, ref.state, ref.last_failure_reason)
-        return cls(runs)
+        """Candidates from phase records in any order (grouped by run here)."""
+        out = cls()
+        for ref in sorted(refs, key=lambda r: r.run_id):
+            out.add(ref.run_id, ref.phase_id, ref.phase_index, ref.state,
+                    ref.last_failure_reason)
+        return out.done()
 
     @property
     def failed(self) -> int:
-        return sum(run.failed for run in self.runs.values())
-
-    @property
-    def queued(self) -> int:
-        return sum(len(run.phase_ids) - run.failed for run in self.runs.values())
+        return len(self.queued) - sum(self.queued)
 
 
 # Triage tiers of a run (sample-first), drained in this order.

@@ -26,7 +26,6 @@ from .models import (
     Candidates,
     PhaseRef,
     PhaseState,
-    RunCandidates,
 )
 
 # Priority of a phase by its last failure reason (lower drains first). DESIGN.md §5:
@@ -95,82 +94,87 @@ _LAST_FAILED = 2  #: its last attempt this session left it FAILED (a retry may f
 _SCAN = 32  #: runs with more phases than this get a phase-id map for lookups
 
 
+def _sort_rows(c: Candidates, run_id: str, start: int, end: int, failed: int) -> None:
+    """Sort one run's rows ``start:end`` of the columns into priority order, in place."""
+    ids, indexes, reasons, queued = c.phase_ids, c.indexes, c.reasons, c.queued
+    order = sorted(range(start, end),
+                   key=lambda j: order_key(reasons[j], indexes[j], failed, run_id, ids[j]))
+    if order == list(range(start, end)):
+        return
+    ids[start:end] = [ids[j] for j in order]
+    indexes[start:end] = array("q", [indexes[j] for j in order])
+    reasons[start:end] = [reasons[j] for j in order]
+    queued[start:end] = bytes(queued[j] for j in order)
+
+
 class _RunQueue:
-    """One run's candidate phases in priority order (columns of a
-    :class:`~drainer.models.RunCandidates`), with per-phase counters and a cursor past the
-    tried ones. Order keys are computed when a phase reaches the head, and a phase becomes a
-    :class:`PhaseRef` only when it is picked (memory: nothing per phase but its columns)."""
+    """One run's candidate phases: rows ``start:end`` of the index's columns, in priority
+    order, with a cursor past the tried ones. Order keys are computed when a row reaches
+    the head, and a row becomes a :class:`PhaseRef` only when it is picked."""
 
-    __slots__ = ("_where", "attempts", "cursor", "failed", "flags", "phases", "run_id",
-                 "tier", "version")
+    __slots__ = ("_where", "columns", "cursor", "end", "failed", "run_id", "start", "tier",
+                 "version")
 
-    def __init__(self, run_id: str, phases: RunCandidates) -> None:
+    def __init__(self, run_id: str, columns: CandidateIndex, start: int, end: int,
+                 failed: int) -> None:
         self.run_id = run_id
-        self.phases = phases
-        self.failed = phases.failed
-        self.cursor = 0
+        self.columns = columns
+        self.start, self.end, self.cursor = start, end, start
+        self.failed = failed
         self.tier = TIER_UNSAMPLED
         self.version = 0
-        self.attempts = array("I", bytes(4 * len(phases.phase_ids)))
-        self.flags = bytearray(len(phases.phase_ids))
         self._where: dict[str, int] | None = None
 
-    def __len__(self) -> int:
-        return len(self.phases.phase_ids)
+    def rows(self) -> range:
+        return range(self.start, self.end)
 
     def key(self, i: int) -> OrderKey:
-        p = self.phases
-        return order_key(p.reasons[i], p.indexes[i], self.failed, self.run_id, p.phase_ids[i])
+        c = self.columns.candidates
+        return order_key(c.reasons[i], c.indexes[i], self.failed, self.run_id, c.phase_ids[i])
 
     def ref(self, i: int) -> PhaseRef:
-        return self.phases.ref(self.run_id, i)
+        return self.columns.candidates.ref(self.run_id, i)
+
+    def phase_id(self, i: int) -> str:
+        return self.columns.candidates.phase_ids[i]
 
     def head(self) -> int | None:
-        """The best never-tried phase (its position), or None."""
-        n = len(self)
-        while self.cursor < n and (self.attempts[self.cursor] or
-                                   self.flags[self.cursor] & _REMOVED):
+        """The best never-tried row, or None."""
+        attempts, flags = self.columns.attempts, self.columns.flags
+        while self.cursor < self.end and (attempts[self.cursor] or
+                                          flags[self.cursor] & _REMOVED):
             self.cursor += 1
-        return self.cursor if self.cursor < n else None
+        return self.cursor if self.cursor < self.end else None
 
     def position(self, phase_id: str) -> int | None:
-        ids = self.phases.phase_ids
-        if len(ids) <= _SCAN:
-            return next((i for i, p in enumerate(ids) if p == phase_id), None)
+        ids = self.columns.candidates.phase_ids
+        if self.end - self.start <= _SCAN:
+            return next((i for i in self.rows() if ids[i] == phase_id), None)
         if self._where is None:
-            self._where = {p: i for i, p in enumerate(ids)}
+            self._where = {ids[i]: i for i in self.rows()}
         return self._where.get(phase_id)
-
-
-def _sort_in_place(run_id: str, rows: RunCandidates, keep: list[int]) -> RunCandidates:
-    """Keep the rows at positions ``keep``, in priority order (DESIGN.md §5). The columns
-    are replaced one by one, so a load's columns are never held twice."""
-    failed, ids, indexes, reasons = rows.failed, rows.phase_ids, rows.indexes, rows.reasons
-    keep.sort(key=lambda j: order_key(reasons[j], indexes[j], failed, run_id, ids[j]))
-    rows.phase_ids = [ids[j] for j in keep]
-    rows.indexes = array("q", (indexes[j] for j in keep))
-    rows.reasons = [reasons[j] for j in keep]
-    rows.queued = bytearray(rows.queued[j] for j in keep)
-    return rows
 
 
 class CandidateIndex:
     """The candidates of one backlog load, ready for cheap picks.
 
-    Each run keeps its phases sorted once; a heap orders runs by (triage tier, best untried
-    phase). A pick pops the heap (O(log runs)), skipping stale entries, stopped runs and
-    busy runs. Retries come from a side heap, fewest attempts first, and only when no
-    never-tried candidate is left.
+    The load's columns are kept (each run's rows sorted once, in place), with an attempt
+    counter and flags per row; a heap orders runs by (triage tier, best untried row). A pick
+    pops the heap (O(log runs)), skipping stale entries, stopped runs and busy runs. Retries
+    come from a side heap, fewest attempts first, and only when no never-tried candidate is
+    left.
     """
 
-    def __init__(self, runs: dict[str, _RunQueue], skipped: list[tuple[PhaseRef, str]]) -> None:
-        self.runs = runs
+    def __init__(self, candidates: Candidates, skipped: list[tuple[PhaseRef, str]]) -> None:
+        self.candidates = candidates
+        rows = len(candidates.phase_ids)
+        self.attempts = array("I", bytes(4 * rows))
+        self.flags = bytearray(rows)
+        self.runs: dict[str, _RunQueue] = {}
         self.skipped = skipped
-        self.size = sum(len(q) for q in runs.values())
+        self.size = 0
         self._heap: list[tuple[int, OrderKey, int, str]] = []
         self._retry_heap: list[tuple[int, OrderKey, str, int]] = []
-        for queue in runs.values():
-            self.push(queue)
 
     @classmethod
     def build(
@@ -183,24 +187,30 @@ class CandidateIndex:
     ) -> CandidateIndex:
         """The index of one load; it takes the candidates' columns over (sorted in place)."""
         skipped: list[tuple[PhaseRef, str]] = []
-        runs: dict[str, _RunQueue] = {}
-        for run_id, rows in candidates.runs.items():
+        index = cls(candidates, skipped)
+        queued = candidates.queued
+        for run_id, (start, end) in candidates.runs.items():
             prefix = next((p for p in skip_run_prefixes if run_id.startswith(p)), None)
             if prefix is not None:
-                keep: list[int] = []
-                why = [f"run matches --skip-run-prefix {prefix}"] * len(rows.phase_ids)
-            else:
-                keep = [j for j, queued in enumerate(rows.queued)
-                        if not (queued and skip_queued)]
-                why = [QUEUED_SKIP] * len(rows.phase_ids)
-            if keep_skipped and len(keep) < len(rows.phase_ids):
-                kept = set(keep)
-                skipped += [(rows.ref(run_id, j), why[j]) for j in range(len(rows.phase_ids))
-                            if j not in kept]
-            if keep:
-                runs[run_id] = _RunQueue(run_id, _sort_in_place(run_id, rows, keep))
+                if keep_skipped:
+                    why = f"run matches --skip-run-prefix {prefix}"
+                    skipped += [(candidates.ref(run_id, i), why) for i in range(start, end)]
+                continue
+            failed = end - start - sum(queued[start:end])
+            _sort_rows(candidates, run_id, start, end, failed)
+            if skip_queued:
+                for i in range(start, end):
+                    if queued[i]:
+                        index.flags[i] = _REMOVED
+                        if keep_skipped:
+                            skipped.append((candidates.ref(run_id, i), QUEUED_SKIP))
+            live = (end - start - sum(queued[start:end])) if skip_queued else end - start
+            if live:
+                index.size += live
+                queue = index.runs[run_id] = _RunQueue(run_id, index, start, end, failed)
+                index.push(queue)
         skipped.sort(key=lambda item: (item[0].run_id, item[0].phase_index, item[0].phase_id))
-        return cls(runs, skipped)
+        return index
 
     def push(self, queue: _RunQueue) -> None:
         head = queue.head()
@@ -239,7 +249,7 @@ class CandidateIndex:
         return found
 
     def note_retry(self, queue: _RunQueue, i: int) -> None:
-        heapq.heappush(self._retry_heap, (queue.attempts[i], queue.key(i), queue.run_id, i))
+        heapq.heappush(self._retry_heap, (self.attempts[i], queue.key(i), queue.run_id, i))
 
     def pick_retry(self, busy: Set[str], stopped: Set[str]) -> tuple[_RunQueue, int] | None:
         """The phase to retry now (fewest attempts first, then priority), or None."""
@@ -249,7 +259,7 @@ class CandidateIndex:
             entry = heapq.heappop(self._retry_heap)
             attempts, _order, run_id, i = entry
             queue = self.runs[run_id]
-            if queue.attempts[i] != attempts or queue.flags[i] != _LAST_FAILED \
+            if self.attempts[i] != attempts or self.flags[i] != _LAST_FAILED \
                     or run_id in stopped:
                 continue  # stale (tried again since, drained elsewhere) or the run stopped
             if run_id in busy:
@@ -351,8 +361,8 @@ class Selector:
     def attempts_of(self, ref: PhaseRef) -> int:
         """Attempts of ``ref`` this session (finished, not interrupted)."""
         where = self._locate(ref.run_id, ref.phase_id)
-        if where is not None:
-            return where[0].attempts[where[1]]
+        if where is not None and self._index is not None:
+            return self._index.attempts[where[1]]
         return self._outside.get(ref.key, (0, 0))[0]
 
     @property
@@ -386,7 +396,7 @@ class Selector:
         if queue is not None:
             position = picked[1] if picked is not None and picked[0] == attempt.phase_id \
                 else None
-            if position is None or queue.phases.phase_ids[position] != attempt.phase_id:
+            if position is None or queue.phase_id(position) != attempt.phase_id:
                 position = queue.position(attempt.phase_id)
         if queue is None or position is None:
             # Not in this load (a reload came while it ran): keep its count for the next.
@@ -395,10 +405,10 @@ class Selector:
                 self._outside[attempt.key] = (attempts + 1, _LAST_FAILED)
         else:
             assert index is not None
-            queue.attempts[position] += 1
-            queue.flags[position] = (queue.flags[position] & _REMOVED) | (
+            index.attempts[position] += 1
+            index.flags[position] = (index.flags[position] & _REMOVED) | (
                 _LAST_FAILED if failed else 0)
-            if failed and queue.attempts[position] < self._max_attempts:
+            if failed and index.attempts[position] < self._max_attempts:
                 index.note_retry(queue, position)
         if index is not None and queue is not None:
             index.rerank(queue, tier)
@@ -414,8 +424,8 @@ class Selector:
         """``ref`` was drained elsewhere meanwhile: no candidate until the next reload."""
         self._picked.pop(ref.run_id, None)
         where = self._locate(ref.run_id, ref.phase_id)
-        if where is not None:
-            where[0].flags[where[1]] |= _REMOVED
+        if where is not None and self._index is not None:
+            self._index.flags[where[1]] |= _REMOVED
 
     def leased_elsewhere(self, run_id: str) -> None:
         """Another live drainer holds ``run_id``: leave it alone until :meth:`forget_leases`."""
@@ -460,15 +470,14 @@ class Selector:
         carried = self._outside
         old = self._index
         if old is not None:
+            ids, counts, marks = old.candidates.phase_ids, old.attempts, old.flags
             for run in old.runs.values():
-                ids, counts, marks = run.phases.phase_ids, run.attempts, run.flags
-                for j in range(len(run)):
+                for j in run.rows():
                     if counts[j] and marks[j] & _LAST_FAILED:
                         carried[(run.run_id, ids[j])] = (counts[j], marks[j])
             for run_id, (phase_id, at) in self._picked.items():
-                run_in = old.runs.get(run_id)
-                if run_in is not None and at is not None and run_in.attempts[at]:
-                    carried[(run_id, phase_id)] = (run_in.attempts[at], run_in.flags[at])
+                if run_id in old.runs and at is not None and counts[at]:
+                    carried[(run_id, phase_id)] = (counts[at], marks[at])
         self._index = old = None
         began = anyio.current_time()
         index = self._build(await self._load())
@@ -484,8 +493,9 @@ class Selector:
                 if key in in_flight:
                     self._outside[key] = (attempts, flags)
                 continue
-            found.attempts[i], found.flags[i] = attempts, flags & _LAST_FAILED
-            if flags & _LAST_FAILED and attempts < self._max_attempts:
+            index.attempts[i] = attempts
+            index.flags[i] = (index.flags[i] & _REMOVED) | (flags & _LAST_FAILED)
+            if index.flags[i] == _LAST_FAILED and attempts < self._max_attempts:
                 index.note_retry(found, i)
         self._picked = {
             run_id: (phase_id, found.position(phase_id) if (found := index.runs.get(run_id))

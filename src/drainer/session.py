@@ -16,12 +16,12 @@ from typing import Any
 
 import anyio
 
-from . import __version__, proctree
-from .apiserver import API_MARKER_VAR, check_api_url, open_api_server
+from . import __version__
+from .apiserver import check_api_url, kill_orphaned_api_server, open_api_server
 from .attempt import AttemptRunner, check_worker_program
 from .backlog import Backlog, open_backlog
 from .config import DrainConfig
-from .errors import DrainerError, UsageError
+from .errors import UsageError, drainer_error_in
 from .events import DrainEvent, SessionResumed, SessionStarted
 from .journal import (
     Replay,
@@ -125,8 +125,12 @@ class DrainSession:
                     f"{', '.join(phases.missing_telemetry_tables)}"
                     + ("; telemetry is unavailable" if not phases.telemetry_available else "")
                 )
-            if replay is not None:
-                await self._kill_orphaned_api_server()
+            if replay is not None:  # a crashed run of this session may have left its server
+                orphans = await kill_orphaned_api_server(self.session_id,
+                                                         cfg.kill_grace_period)
+                if orphans:
+                    self._say(f"[RECONCILED] killed {orphans} process(es) of the crashed "
+                              "session's API server")
             # The shared API server starts before the first write: if it never answers, the
             # session ends with exit 2 and nothing changed.
             api_log = Path(tempfile.gettempdir()) / f"drainer-api-{self.session_id}.log"
@@ -193,7 +197,7 @@ class DrainSession:
             for proc in await self._gauge.sample((), force=True):  # the last attempts' leaks
                 recorder.leak_found(proc)
         except BaseException as exc:
-            error = _drainer_error(exc)
+            error = drainer_error_in(exc)
             if error is not None:
                 # drainer could not go on (database gone, disk full...): a resumable stop.
                 scheduler.stop(StopReason.ERROR, str(error))
@@ -245,16 +249,6 @@ class DrainSession:
             self._recorder.stopping(f"{name} again: killing in-flight attempts now")
             self._scheduler.stop(StopReason.SIGNAL, f"{name} again", grace_period=0)
 
-    async def _kill_orphaned_api_server(self) -> None:
-        """A crashed run of this session may have left its API server running."""
-        orphans = await anyio.to_thread.run_sync(
-            functools.partial(proctree.kill_marked, API_MARKER_VAR, self.session_id, None,
-                              grace=self.config.kill_grace_period)
-        )
-        if orphans:
-            self._say(f"[RECONCILED] killed {orphans} process(es) of the crashed session's "
-                      "API server")
-
     # -- the record ------------------------------------------------------------------------
 
     def _snapshot_fields(self) -> dict[str, Any]:
@@ -293,18 +287,6 @@ class DrainSession:
         assert self._recorder is not None
         self.completed_at = iso(utcnow())
         self._recorder.session_stopped(self.summary())
-
-
-def _drainer_error(exc: BaseException) -> DrainerError | None:
-    """The DrainerError behind ``exc``, also when task groups wrapped it in a group."""
-    if isinstance(exc, DrainerError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _drainer_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 async def drain(

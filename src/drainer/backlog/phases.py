@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import String
 
 from ..errors import DatabaseError
-from ..models import NON_FINAL_STATES, Candidates, PhaseState, RunCandidates
+from ..models import NON_FINAL_STATES, Candidates, PhaseState
 from ..schema import Schema
 from ._engine import Engine
 
@@ -142,23 +142,24 @@ class Phases:
                                  self.schema.db(PhaseState.QUEUED)]))
         if run_id is not None:
             stmt = stmt.where(self._run == run_id)
-        runs: dict[str, RunCandidates] = {}
+        found = Candidates()
         canonical = self.schema.canonical
-        # Streamed in chunks into per-run columns, with one shared string per run id and
-        # reason: memory stays proportional to the candidates, not to the driver's rows.
+        # Streamed in chunks into columns, grouped by run (ORDER BY), with one shared string
+        # per run id and reason: memory stays proportional to the candidates, not to the
+        # driver's rows. The sort runs in the database (SQLite spills it to disk).
         with self._engine.errors("loading candidates from"):
             async with self._engine.read() as conn:
-                result = await conn.stream(stmt.execution_options(yield_per=LOAD_CHUNK))
+                result = await conn.stream(
+                    stmt.order_by(self._run).execution_options(yield_per=LOAD_CHUNK))
+                run_id = ""
                 async for chunk in result.partitions():
                     for run, phase, index, state, reason in chunk:
-                        run_id = str(run)
-                        found = runs.get(run_id)
-                        if found is None:
-                            found = runs[sys.intern(run_id)] = RunCandidates()
-                        found.add(str(phase), int(index) if index is not None else 0,
+                        if run != run_id:
+                            run_id = sys.intern(str(run))
+                        found.add(run_id, str(phase), int(index) if index is not None else 0,
                                   canonical(state),
                                   None if reason is None else sys.intern(reason))
-        return Candidates(runs)
+        return found.done()
 
     async def read(self, run_id: str, phase_id: str) -> PhaseRow | None:
         """``(state, last_failure_reason)`` of one phase, or None if it does not exist."""
