@@ -1,5 +1,6 @@
-"""The snapshot (Autopack's session file) is streamed from the journal, and a long session
-does not rewrite it after every attempt: the bytes it costs stay proportional to the journal."""
+"""The snapshot (Autopack's session file) is built from the journal, and a long session does
+not rewrite it after every attempt: the bytes it costs stay proportional to the journal, and
+a rewrite parses only what the journal gained since the last one."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from drainer import journal as journal_module
 from drainer import recorder as recorder_module
 from drainer.config import DrainConfig
 from drainer.events import AttemptStarted
 from drainer.journal import SessionFiles, iter_attempts
 from drainer.models import Attempt
 from drainer.recorder import Recorder
+from drainer.snapshot import Snapshot
 
 
 def _attempt(n: int) -> Attempt:
@@ -79,3 +82,100 @@ def test_the_snapshot_holds_every_journaled_result_once_with_autopack_fields(
     for key in ("started_at", "completed_at", "batch_size", "total_failed", "total_timeouts",
                 "lanes", "config", "host", "drainer_version"):
         assert key in data, key
+
+
+def _fresh(rec: Recorder) -> bytes:
+    """The snapshot as built from the whole journal, by a writer with no earlier file."""
+    out = rec.files.snapshot_path.with_name("fresh.json")
+    Snapshot(out, rec.files.journal_path).write({"session_id": rec.session_id},
+                                               rec.files.journal_size)
+    return out.read_bytes()
+
+
+def _write(rec: Recorder) -> bytes:
+    snap = rec._snapshot
+    snap.write({"session_id": rec.session_id}, rec.files.journal_size)
+    return snap.path.read_bytes()
+
+
+def test_a_rewrite_reuses_the_last_results_and_equals_one_built_from_the_whole_journal(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(5):
+        _record(rec, n)
+    _write(rec)
+    # An attempt open across the rewrite, finished after it, and its finish written twice:
+    # the rule "a finish counts only while its start is open" holds across the boundary.
+    open_one = _attempt(99)
+    rec.attempt_started(AttemptStarted(session_id=rec.session_id, attempt=open_one), 6)
+    _write(rec)
+    for n in range(5, 8):
+        _record(rec, n)
+    rec.attempt_finished(open_one)
+    rec.attempt_finished(open_one)
+
+    parsed = 0
+    real_loads = journal_module.orjson.loads
+
+    def counting_loads(data: bytes) -> object:
+        nonlocal parsed
+        parsed += 1
+        return real_loads(data)
+
+    monkeypatch.setattr(journal_module.orjson, "loads", counting_loads)
+    incremental = _write(rec)
+    # Only the lines written since the last file: 3 starts, 3 finishes, 2 finishes of a99.
+    assert parsed == 8
+    monkeypatch.undo()
+    assert incremental == _fresh(rec)
+    ids = [r["attempt_id"] for r in json.loads(incremental)["results"]]
+    assert ids == ["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a99"]
+
+
+def test_a_snapshot_changed_behind_drainers_back_is_rebuilt_from_the_journal(
+    rec: Recorder,
+) -> None:
+    for n in range(4):
+        _record(rec, n)
+    _write(rec)
+    rec.files.snapshot_path.write_text('{"edited": true}')  # someone else's tool, say
+    _record(rec, 4)
+    rebuilt = _write(rec)
+    assert rebuilt == _fresh(rec)
+    assert len(json.loads(rebuilt)["results"]) == 5
+
+
+def test_a_journal_line_cut_short_at_a_rewrite_is_read_whole_at_the_next(
+    rec: Recorder,
+) -> None:
+    for n in range(3):
+        _record(rec, n)
+    attempt = _attempt(3)
+    rec.attempt_started(AttemptStarted(session_id=rec.session_id, attempt=attempt), 4)
+    rec.attempt_finished(attempt)
+    size = rec.files.journal_size
+    # The rewrite reads the journal up to a byte inside its last line (as when the size is
+    # taken while a line is being appended): that line is left for the next one.
+    rec._snapshot.write({"session_id": rec.session_id}, size - 10)
+    assert len(json.loads(rec.files.snapshot_path.read_bytes())["results"]) == 3
+    final = _write(rec)
+    assert [r["attempt_id"] for r in json.loads(final)["results"]] == ["a0", "a1", "a2", "a3"]
+    assert final == _fresh(rec)
+
+
+@pytest.mark.parametrize("kernel_copy", ["refused", "absent"])
+def test_where_the_kernel_cannot_copy_the_results_are_copied_through_a_buffer(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch, kernel_copy: str
+) -> None:
+    if kernel_copy == "absent":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        def refuse(*_args: object) -> int:
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    for n in range(6):
+        _record(rec, n)
+    _write(rec)
+    _record(rec, 6)
+    assert _write(rec) == _fresh(rec)

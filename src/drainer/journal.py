@@ -1,10 +1,9 @@
-"""Sessions on disk: the directory layout, the append-only journal, its streaming readers,
-resume replay and the snapshot.
+"""Sessions on disk: the directory layout, the append-only journal, its streaming readers and
+resume replay.
 
 The journal (``<id>/journal.jsonl``) is the source of truth: one JSON object per line,
-appended before each spawn and after each finish. The snapshot (``<id>.json``) is the
-Autopack-compatible summary, written atomically (temp file + rename) by streaming the journal,
-so neither writing nor reading a session holds its attempts in memory.
+appended before each spawn and after each finish. Its readers stream it, so reading a
+session never holds its attempts in memory; the snapshot (``snapshot``) is built from it.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ import os
 import re
 import secrets
 import socket
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,39 +205,6 @@ def _drop_torn_line(fd: int) -> int:
     return keep
 
 
-def write_json_atomic(path: Path, chunks: Iterator[bytes]) -> int:
-    """Write ``chunks`` to ``path`` atomically (temp file, fsync, rename); returns the size."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-                size += len(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size
-
-
-def snapshot_chunks(
-    header: dict[str, Any], journal_path: Path, *, upto: int | None,
-    redact: Callable[[bytes], bytes] = lambda b: b,
-) -> Iterator[bytes]:
-    """The Autopack-compatible session file: ``header`` (every field but the results), then
-    ``results[]`` streamed from the journal, one record per line."""
-    head = redact(orjson.dumps(header, option=orjson.OPT_INDENT_2))
-    yield head[: head.rfind(b"}")].rstrip() + b',\n  "results": ['
-    first = True
-    for record in _result_records(journal_path, upto=upto):
-        yield (b"\n    " if first else b",\n    ") + orjson.dumps(record)
-        first = False
-    yield b"\n  ]\n}\n" if not first else b"]\n}\n"
-
-
 # -- reading -----------------------------------------------------------------------------
 
 
@@ -252,18 +217,39 @@ def iter_records(path: Path, *, upto: int | None = None) -> Iterator[dict[str, A
         yield event
 
 
-def _numbered(path: Path, *, upto: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
+@dataclass
+class Cursor:
+    """A place in a journal to read on from: the byte offset and line number after the last
+    whole line read, and the attempts open there (so a later read applies :func:`_walk`'s
+    rule as if it had read from the start)."""
+
+    offset: int = 0
+    line: int = 0
+    open_ids: set[str] = field(default_factory=set)
+
+    def copy(self) -> Cursor:
+        return Cursor(self.offset, self.line, set(self.open_ids))
+
+
+def _numbered(
+    path: Path, *, upto: int | None, cursor: Cursor | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Events as (line number, dict) from ``cursor`` (the start when not given) up to byte
+    ``upto``; the cursor moves past each whole line as it is read."""
+    cursor = cursor or Cursor()
     try:
         fh = path.open("rb")
     except OSError as exc:
         raise SessionError(f"cannot read journal {path}: {exc.strerror}") from exc
     with fh:
-        read = 0
-        for number, line in enumerate(fh, start=1):
+        fh.seek(cursor.offset)
+        read = cursor.offset
+        for number, line in enumerate(fh, start=cursor.line + 1):
             read += len(line)
             if upto is not None and read > upto:
                 return
             if not line.strip():
+                cursor.offset, cursor.line = read, number
                 continue
             try:
                 event = orjson.loads(line)
@@ -273,15 +259,19 @@ def _numbered(path: Path, *, upto: int | None) -> Iterator[tuple[int, dict[str, 
                 raise SessionError(f"corrupt journal {path}: line {number} is not JSON") from exc
             if not isinstance(event, dict) or "type" not in event:
                 raise SessionError(f"corrupt journal {path}: line {number} is not an event")
+            cursor.offset, cursor.line = read, number
             yield number, event
 
 
-def _walk(path: Path, *, upto: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def _walk(
+    path: Path, *, upto: int | None = None, cursor: Cursor | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """The journal's events as (line number, dict), streamed, with one rule applied: an
     ``attempt_finished`` counts only while its ``attempt_started`` is open, so a finish
     written twice, or one without a start, is skipped. Memory holds the open ids only."""
-    open_ids: set[str] = set()
-    for number, data in _numbered(path, upto=upto):
+    cursor = cursor or Cursor()
+    open_ids = cursor.open_ids
+    for number, data in _numbered(path, upto=upto, cursor=cursor):
         kind = data["type"]
         try:
             if kind == AttemptStarted.kind:
@@ -311,10 +301,13 @@ def iter_attempts(path: Path, *, upto: int | None = None) -> Iterator[Attempt]:
                 raise _corrupt(path, number, AttemptFinished.kind, exc) from exc
 
 
-def _result_records(path: Path, *, upto: int | None) -> Iterator[dict[str, Any]]:
+def result_records(
+    path: Path, *, upto: int | None, cursor: Cursor | None = None
+) -> Iterator[dict[str, Any]]:
     """The ``results[]`` items of the snapshot: finished attempts as journaled (an attempt
-    record is the ``attempt_finished`` line without its ``type`` and ``at``)."""
-    for _number, data in _walk(path, upto=upto):
+    record is the ``attempt_finished`` line without its ``type`` and ``at``), from ``cursor``
+    on when given."""
+    for _number, data in _walk(path, upto=upto, cursor=cursor):
         if data["type"] == AttemptFinished.kind:
             del data["type"]
             data.pop("at", None)

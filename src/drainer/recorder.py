@@ -1,10 +1,11 @@
 """Writes each happening once: the journal line, the typed event, the progress line, the
 totals and (on a timer) the snapshot.
 
-The snapshot is assembled by streaming the journal, so its cost is the size of the session;
-it is rewritten every ``SNAPSHOT_INTERVAL`` seconds while the session is small, and later only
-once the journal has grown by ``SNAPSHOT_GROWTH`` of its size at the last write, so the bytes
-written per attempt stay flat however long the session runs. The journal stays the truth.
+The snapshot (``snapshot``) copies its last results as bytes and parses only the journal
+written since; it is rewritten every ``SNAPSHOT_INTERVAL`` seconds while the session is small,
+and later only once the journal has grown by ``SNAPSHOT_GROWTH`` of its size at the last
+write, so the bytes written per attempt stay flat however long the session runs. The journal
+stays the truth.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from .events import (
     RunStopped,
     SessionStopped,
 )
-from .journal import SessionFiles, hostname, iso, snapshot_chunks, utcnow, write_json_atomic
+from .journal import SessionFiles, hostname, iso, utcnow
 from .models import Attempt, LeakedProcess, RunStop, SessionSummary, Totals
 from .report import attempt_lines, resume_command, started_line, summary_lines
+from .snapshot import Snapshot
 
 log = logging.getLogger("drainer")
 
@@ -74,6 +76,7 @@ class Recorder:
         self.echo = make_echo(config, echo)
         self._on_event = on_event
         self._snapshot_fields = snapshot_fields
+        self._snapshot = Snapshot(files.snapshot_path, files.journal_path, files.redact)
         self._snapshot_at = 0.0
         self._snapshot_journal_size = 0
         self._snapshot_running = False
@@ -181,8 +184,7 @@ class Recorder:
     def _write(self, header: dict[str, Any], upto: int) -> None:
         files = self.files
         try:
-            write_json_atomic(files.snapshot_path, snapshot_chunks(
-                header, files.journal_path, upto=upto, redact=files.redact))
+            self._snapshot.write(header, upto)
         except OSError as exc:
             raise SessionError(f"cannot write snapshot {files.snapshot_path}: {exc}") from exc
         self._snapshot_journal_size = upto
