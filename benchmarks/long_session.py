@@ -32,7 +32,8 @@ readers under 80 MiB. They are reported, never asserted.
 
 Usage::
 
-    python benchmarks/long_session.py [--attempts 100000] [--lanes 4] [--json out.json]
+    python benchmarks/long_session.py [--attempts 100000] [--lanes 4]
+        [--worker sqlite3|python] [--phases-per-run 20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ FINISHED = (b"  [OK]", b"  [FAIL]", b"  [TIMEOUT]", b"  [CANCELLED]")
 WINDOW = 0.05  #: throughput and bytes per attempt are taken over this share of the attempts
 SHOWN = (10, 50, 100)
 TARGET_MIB = 80.0
+DEFAULT_JSON = Path(tempfile.gettempdir()) / "drainer-bench-long-session.json"
 
 
 def build_backlog(path: Path, phases: int, per_run: int) -> None:
@@ -227,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=("sqlite3", "python"),
                         default="sqlite3" if shutil.which("sqlite3") else "python",
                         help="the sqlite3 shell (default when installed) or a Python script")
-    parser.add_argument("--json", default="long_session.json", metavar="PATH",
-                        help="where the JSON report goes ('-' for stdout)")
+    parser.add_argument("--json", default=str(DEFAULT_JSON), metavar="PATH",
+                        help="where to write the JSON results; '-' for stdout "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     if args.attempts < 20 or args.lanes < 1 or args.phases_per_run < 1:
         parser.error("--attempts must be at least 20, --lanes and --phases-per-run at least 1")

@@ -44,3 +44,12 @@ def test_overhead_benchmark(tmp_path: Path) -> None:
                     "--worker", "true")
     [row] = report["results"]
     assert row["worker"] == "true" and row["checks_ok"] is True
+
+
+@pytest.mark.slow
+def test_long_session_benchmark(tmp_path: Path) -> None:
+    report = _bench(tmp_path, "long_session.py", "--attempts", "40", "--lanes", "2")
+    assert report["attempts"] == 40
+    assert [r["reader"] for r in report["readers"]] == [
+        "analyze", "analyze --json", "status", "run --resume"]
+    assert all(r["exit_code"] == 0 for r in report["readers"])

@@ -3,6 +3,8 @@ store loads them, and attempts as the scheduler finishes them."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterable
 
 import pytest
@@ -198,3 +200,34 @@ async def test_a_reload_while_a_phase_is_in_flight_keeps_its_count() -> None:
     s.invalidate()
     assert await s.pick() is None  # a/p had its one attempt, reload or not
     assert s.attempts_of(PhaseRef("a", "p", 0, "FAILED")) == 1
+
+
+class _TrackedList(list[str]):
+    """A column a weak reference can follow."""
+
+
+async def test_a_reload_frees_the_old_load_before_loading_the_new_one() -> None:
+    # Two loads at once would double the index's memory at 100,000 phases (and the old
+    # one, if kept alive by a reference cycle, waits for the garbage collector).
+    backlog = Backlog([(f"r{n}", "p", 0, None) for n in range(50)])
+    old_columns: list[weakref.ref[_TrackedList]] = []
+
+    async def load() -> Candidates:
+        if old_columns:
+            assert old_columns[-1]() is None, "the previous load is still in memory"
+        candidates = await backlog.load()
+        candidates.phase_ids = _TrackedList(candidates.phase_ids)
+        old_columns.append(weakref.ref(candidates.phase_ids))
+        return candidates
+
+    gc.disable()  # what frees the old load must be reference counting, not a collection
+    try:
+        s = Selector(load, max_attempts_per_phase=1)
+        for _ in range(3):
+            ref = await s.pick()
+            assert ref is not None
+            s.observe(outcome(ref, "FAILED"))
+            s.invalidate()
+    finally:
+        gc.enable()
+    assert len(old_columns) == 3

@@ -110,15 +110,17 @@ def _sort_rows(c: Candidates, run_id: str, start: int, end: int, failed: int) ->
 class _RunQueue:
     """One run's candidate phases: rows ``start:end`` of the index's columns, in priority
     order, with a cursor past the tried ones. Order keys are computed when a row reaches
-    the head, and a row becomes a :class:`PhaseRef` only when it is picked."""
+    the head, and a row becomes a :class:`PhaseRef` only when it is picked. It holds the
+    columns, not the index, so no cycle keeps an old load alive after a reload."""
 
-    __slots__ = ("_where", "columns", "cursor", "end", "failed", "run_id", "start", "tier",
-                 "version")
+    __slots__ = ("_where", "attempts", "candidates", "cursor", "end", "failed", "flags",
+                 "run_id", "start", "tier", "version")
 
     def __init__(self, run_id: str, columns: CandidateIndex, start: int, end: int,
                  failed: int) -> None:
         self.run_id = run_id
-        self.columns = columns
+        self.candidates = columns.candidates
+        self.attempts, self.flags = columns.attempts, columns.flags
         self.start, self.end, self.cursor = start, end, start
         self.failed = failed
         self.tier = TIER_UNSAMPLED
@@ -129,25 +131,25 @@ class _RunQueue:
         return range(self.start, self.end)
 
     def key(self, i: int) -> OrderKey:
-        c = self.columns.candidates
+        c = self.candidates
         return order_key(c.reasons[i], c.indexes[i], self.failed, self.run_id, c.phase_ids[i])
 
     def ref(self, i: int) -> PhaseRef:
-        return self.columns.candidates.ref(self.run_id, i)
+        return self.candidates.ref(self.run_id, i)
 
     def phase_id(self, i: int) -> str:
-        return self.columns.candidates.phase_ids[i]
+        return self.candidates.phase_ids[i]
 
     def head(self) -> int | None:
         """The best never-tried row, or None."""
-        attempts, flags = self.columns.attempts, self.columns.flags
+        attempts, flags = self.attempts, self.flags
         while self.cursor < self.end and (attempts[self.cursor] or
                                           flags[self.cursor] & _REMOVED):
             self.cursor += 1
         return self.cursor if self.cursor < self.end else None
 
     def position(self, phase_id: str) -> int | None:
-        ids = self.columns.candidates.phase_ids
+        ids = self.candidates.phase_ids
         if self.end - self.start <= _SCAN:
             return next((i for i in self.rows() if ids[i] == phase_id), None)
         if self._where is None:
@@ -455,6 +457,24 @@ class Selector:
         return since >= self._dry_reload_cost * self._load_seconds and (
             not blocked or since >= DRY_RELOAD_INTERVAL)
 
+    def _carried(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """The counters a reload keeps: of phases whose last attempt left them FAILED, of
+        phases in flight (their attempt decides), and of those already outside the index.
+        A method of its own, so nothing of the old index outlives it in a local."""
+        carried = self._outside
+        old = self._index
+        if old is None:
+            return carried
+        ids, counts, marks = old.candidates.phase_ids, old.attempts, old.flags
+        for run in old.runs.values():
+            for j in run.rows():
+                if counts[j] and marks[j] & _LAST_FAILED:
+                    carried[(run.run_id, ids[j])] = (counts[j], marks[j])
+        for run_id, (phase_id, at) in self._picked.items():
+            if run_id in old.runs and at is not None and counts[at]:
+                carried[(run_id, phase_id)] = (counts[at], marks[at])
+        return carried
+
     def _locate(self, run_id: str, phase_id: str) -> tuple[_RunQueue, int] | None:
         queue = self._index.runs.get(run_id) if self._index is not None else None
         if queue is None:
@@ -467,18 +487,8 @@ class Selector:
         # last attempt left them FAILED, and of phases in flight (their attempt decides).
         # Everything else of the old index is dropped before the new one is built, so two
         # loads never sit in memory at once.
-        carried = self._outside
-        old = self._index
-        if old is not None:
-            ids, counts, marks = old.candidates.phase_ids, old.attempts, old.flags
-            for run in old.runs.values():
-                for j in run.rows():
-                    if counts[j] and marks[j] & _LAST_FAILED:
-                        carried[(run.run_id, ids[j])] = (counts[j], marks[j])
-            for run_id, (phase_id, at) in self._picked.items():
-                if run_id in old.runs and at is not None and counts[at]:
-                    carried[(run_id, phase_id)] = (counts[at], marks[at])
-        self._index = old = None
+        carried = self._carried()
+        self._index = None
         began = anyio.current_time()
         index = self._build(await self._load())
         self._loaded_at = anyio.current_time()
