@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -19,6 +20,10 @@ from drainer import (
     drain,
     open_drainer,
 )
+from drainer import api as api_module
+from drainer.errors import SessionError
+from drainer.journal import journal_in_use
+from drainer.snapshot import Snapshot
 from test_resume import _processes_with
 
 pytestmark = pytest.mark.anyio
@@ -125,3 +130,59 @@ async def test_api_refuses_two_subscribers_and_stop_before_run(env: Env) -> None
                 async for _ in d.events():
                     pass
             tg.cancel_scope.cancel()
+
+
+async def test_a_drainer_nobody_listens_to_keeps_only_its_latest_events(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a subscriber the events must not pile up for the whole session; one that
+    # comes late gets the latest ones, ending with the session's end.
+    monkeypatch.setattr(api_module, "EARLY_EVENTS", 3)
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(4)])
+    async with open_drainer(_config(env, "ok")) as d:
+        summary = await d.run()
+        late = [event async for event in d.events()]
+    assert summary.total_processed == 4
+    assert [type(e) for e in late] == [AttemptStarted, AttemptFinished, SessionStopped]
+    assert isinstance(late[1], AttemptFinished) and late[1].attempt.run_id == "run-3"
+
+
+async def test_a_full_disk_at_the_end_still_closes_the_journal_and_says_why(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*_args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Snapshot, "write", no_space)  # every snapshot write hits a full disk
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    async with open_drainer(_config(env, "ok")) as d:
+        with pytest.raises(SessionError, match=r"cannot write snapshot .*No space left"):
+            await d.run()
+    journal = env.sessions / d.session_id / "journal.jsonl"
+    assert not journal_in_use(journal)  # closed and unlocked: --resume can take it
+    assert json.loads(journal.read_text().splitlines()[-1])["type"] == "session_stopped"
+
+
+async def test_a_full_disk_while_cancelled_does_not_replace_the_cancellation(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*_args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Snapshot, "write", no_space)
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    async with open_drainer(_config(env, "hang")) as d:
+        with anyio.move_on_after(30) as scope:  # a deadline that is not reached first
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(d.run)
+                async for event in d.events():
+                    if isinstance(event, AttemptStarted):
+                        while not list(env.out.glob("hung.*")):  # noqa: ASYNC110
+                            await anyio.sleep(0.02)  # the worker has its phase EXECUTING
+                        tg.cancel_scope.cancel()  # the host cancels; no SessionError escapes
+                        break
+    assert not scope.cancelled_caught
+    journal = env.sessions / d.session_id / "journal.jsonl"
+    assert not journal_in_use(journal)
+    state, reason = phase_states(env.db)[("run-0", "P")]
+    assert state == "FAILED" and (reason or "").startswith("drainer:")

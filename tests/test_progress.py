@@ -72,6 +72,36 @@ def test_live_view_under_a_pseudo_terminal(env: Env) -> None:
     assert "Stop reason: no_candidates" in screen  # the summary still prints
 
 
+def _under_a_terminal(argv: list[str], env: Env) -> tuple[int, str]:
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "drainer", *argv], stdout=terminal,
+                            stderr=terminal, env=env.worker_env(), cwd=env.tmp)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the program ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(controller)
+    return proc.returncode, b"".join(chunks).decode()
+
+
+def test_bad_input_under_a_terminal_is_one_line_and_exit_2(env: Env) -> None:
+    # The live view runs the drain in a task group, which wraps what it raises.
+    missing = env.tmp / "nowhere" / "backlog.db"
+    code, screen = _under_a_terminal(
+        ["run", "--database-url", f"sqlite:///{missing}", "--command", "true"], env)
+    assert code == 2, screen
+    assert "Traceback" not in screen and "ExceptionGroup" not in screen, screen
+    [line] = [x for x in screen.splitlines() if x.strip()]
+    assert line.startswith("drainer: error: SQLite database") and "does not exist" in line
+
+
 def test_plain_lines_when_not_a_terminal(env: Env) -> None:
     create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
     proc = env.run_cli("run", *env.base_args())

@@ -231,3 +231,33 @@ async def test_a_reload_frees_the_old_load_before_loading_the_new_one() -> None:
     finally:
         gc.enable()
     assert len(old_columns) == 3
+
+
+async def test_an_attempt_that_ends_while_a_reload_runs_keeps_its_count() -> None:
+    backlog = Backlog([("a", "p", 0, None), ("b", "p", 0, None)])
+    s: Selector
+    first: list[PhaseRef] = []
+
+    async def load() -> Candidates:
+        if first and backlog.loads == 1:
+            # The reload reads the database while a/p's worker has it EXECUTING (not in the
+            # load), and the attempt ends FAILED before the load returns.
+            loaded = await backlog.load()
+            s.observe(outcome(first[0], "FAILED"))
+            backlog.failed.append(("a", "p", 0, None))
+            return loaded
+        return await backlog.load()
+
+    s = Selector(load, max_attempts_per_phase=1)
+    ref = await s.pick()
+    assert ref is not None and ref.key == ("a", "p")
+    first.append(ref)
+    backlog.done(ref)
+    s.invalidate()  # say, a swept lease: the next pick reloads
+    other = await s.pick(busy={"a"})
+    assert other is not None and other.key == ("b", "p")
+    backlog.done(other)
+    s.observe(outcome(other, "COMPLETE"))
+    s.invalidate()
+    assert await s.pick() is None  # a/p had its one attempt
+    assert s.attempts_of(PhaseRef("a", "p", 0, "FAILED")) == 1

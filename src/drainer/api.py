@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from .events import DrainEvent
 from .models import SessionSummary
 from .recorder import Echo
 from .session import DrainSession
+
+#: events kept for a subscriber that has not come yet (the latest ones): a Drainer nobody
+#: listens to must not grow with its session
+EARLY_EVENTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +51,19 @@ class Drainer:
     def __init__(self, config: DrainConfig, *, echo: Echo | None = None) -> None:
         self._send: MemoryObjectSendStream[DrainEvent]
         self._receive: MemoryObjectReceiveStream[DrainEvent]
-        # Unbounded: a slow (or absent) event consumer must never slow a drain down.
+        # Unbounded once subscribed: a slow event consumer must never slow a drain down.
+        # Until then only the latest EARLY_EVENTS are kept.
         self._send, self._receive = anyio.create_memory_object_stream[DrainEvent](math.inf)
+        self._early: deque[DrainEvent] = deque(maxlen=EARLY_EVENTS)
         self._session = DrainSession(config, echo=echo, on_event=self._publish)
         self._state = "new"  # new -> open -> closed
         self._ran = False
         self._subscribed = False
 
     def _publish(self, event: DrainEvent) -> None:
+        if not self._subscribed:
+            self._early.append(event)
+            return
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._send.send_nowait(event)  # closed: nobody listens any more
 
@@ -119,12 +129,18 @@ class Drainer:
 
     async def events(self) -> AsyncIterator[DrainEvent]:
         """Every event of the session, in order; ends when the session ends. One subscriber
-        per Drainer (two would split the events between them)."""
+        per Drainer (two would split the events between them). A subscriber that comes
+        after ``EARLY_EVENTS`` events were published gets the latest ``EARLY_EVENTS`` of
+        those first."""
         if self._state != "open":
             raise UsageError("events() is only available inside 'async with open_drainer(...)'")
         if self._subscribed:
             raise UsageError("events() already has a subscriber; a Drainer has one event stream")
-        self._subscribed = True
+        self._subscribed = True  # from here on, events go to the stream
+        early = list(self._early)
+        self._early.clear()
+        for event in early:
+            yield event
         async with self._receive.clone() as receive:
             async for event in receive:
                 yield event

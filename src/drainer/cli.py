@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import LIST, OPTIONS, SWITCH, DrainConfig, Option, default_of, saved_value
-from .errors import DrainerError, UsageError
+from .errors import DrainerError, UsageError, drainer_error_in
 from .events import DrainEvent
 from .settings import DEFAULT, find_config_file, resolve, schema_of, workspace_of
 
@@ -357,7 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return _run(args)
+        try:
+            return _run(args)
+        except BaseExceptionGroup as group:  # the live view's task group wraps what it raises
+            error = drainer_error_in(group)
+            if error is None:
+                raise
+            raise error from None
     except DrainerError as exc:
         print(f"drainer: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE

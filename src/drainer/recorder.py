@@ -146,9 +146,11 @@ class Recorder:
                                completed_at=summary.completed_at or "",
                                stop_detail=summary.stop_detail, totals=summary.totals,
                                snapshot_path=str(summary.snapshot_path))
-        self.journal(event)
-        self.write_snapshot()
-        self.files.close()
+        try:
+            self.journal(event)
+            self.write_snapshot()
+        finally:
+            self.files.close()  # fsync and unlock, even when the disk is full
         for line in summary_lines(summary, self.config.leak_pattern):
             self.echo(line)
         self.emit(event)

@@ -488,13 +488,17 @@ class Selector:
         # Everything else of the old index is dropped before the new one is built, so two
         # loads never sit in memory at once.
         carried = self._carried()
+        # In flight when the load began: an attempt may end while it runs (observe() then
+        # counts it in ``carried``, as the index is gone), and its phase may be missing from
+        # the load (its worker had it EXECUTING); its count is kept all the same.
+        in_flight = {(run_id, phase_id) for run_id, (phase_id, _) in self._picked.items()}
         self._index = None
         began = anyio.current_time()
         index = self._build(await self._load())
         self._loaded_at = anyio.current_time()
         self._load_seconds = self._loaded_at - began
         self._stale = False
-        in_flight = {(run_id, phase_id) for run_id, (phase_id, _) in self._picked.items()}
+        in_flight.update((run_id, phase_id) for run_id, (phase_id, _) in self._picked.items())
         self._outside = {}
         for key, (attempts, flags) in carried.items():
             found = index.runs.get(key[0])

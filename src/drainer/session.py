@@ -8,6 +8,7 @@ first write. The drain itself is the :class:`~drainer.scheduler.Scheduler`'s.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from .apiserver import check_api_url, kill_orphaned_api_server, open_api_server
 from .attempt import AttemptRunner, check_worker_program
 from .backlog import Backlog, open_backlog
 from .config import DrainConfig
-from .errors import UsageError, drainer_error_in
+from .errors import DrainerError, UsageError, drainer_error_in
 from .events import DrainEvent, SessionResumed, SessionStarted
 from .journal import (
     Replay,
@@ -42,6 +43,8 @@ from .report import header_lines
 from .scheduler import Scheduler, sweep_leases
 from .selection import Selector
 from .signals import watch_signals
+
+log = logging.getLogger("drainer")
 
 
 class DrainSession:
@@ -201,16 +204,30 @@ class DrainSession:
             if error is not None:
                 # drainer could not go on (database gone, disk full...): a resumable stop.
                 scheduler.stop(StopReason.ERROR, str(error))
-                raise error from exc
-            if isinstance(exc, anyio.get_cancelled_exc_class()):
+            elif isinstance(exc, anyio.get_cancelled_exc_class()):
                 scheduler.stop(StopReason.CANCELLED, "cancelled by the caller")
             elif isinstance(exc, KeyboardInterrupt):
                 scheduler.stop(StopReason.SIGNAL, "interrupted")
             elif isinstance(exc, Exception):  # a bug: the session stays resumable
                 scheduler.stop(StopReason.ERROR, f"unexpected error: {exc!r}")
+            self._finish(quiet=True)
+            if error is not None and error is not exc:
+                raise error from exc
             raise
-        finally:
-            self._finish()  # synchronous: no checkpoint, so a cancellation cannot skip it
+        self._finish()
+
+    def _finish(self, *, quiet: bool = False) -> None:
+        """The session's last word; synchronous, so a cancellation cannot skip it. With
+        ``quiet`` (an exception is on its way out), a failure here is logged instead of
+        replacing that exception."""
+        assert self._recorder is not None
+        self.completed_at = iso(utcnow())
+        try:
+            self._recorder.session_stopped(self.summary())
+        except DrainerError as exc:
+            if not quiet:
+                raise
+            log.error("drainer: %s", exc)
 
     async def _replay(
         self, replay: Replay, selector: Selector, recorder: Recorder, scheduler: Scheduler
@@ -282,11 +299,6 @@ class DrainSession:
             stopped_runs=dict(self._policy.stopped_runs),
             pattern_leaks=tuple(self._gauge.pattern_leaks.values()),
         )
-
-    def _finish(self) -> None:
-        assert self._recorder is not None
-        self.completed_at = iso(utcnow())
-        self._recorder.session_stopped(self.summary())
 
 
 async def drain(
