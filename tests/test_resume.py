@@ -267,3 +267,23 @@ def test_a_torn_journal_line_survives_two_resumes(env: Env) -> None:
     snap = json.loads((env.sessions / f"{session_dir.name}.json").read_text())
     assert sorted(r["run_id"] for r in snap["results"] if not r["interrupted"]) == [
         "run-0", "run-1", "run-2"]
+
+
+def test_a_phase_restored_at_resume_is_drained_in_its_priority_order(env: Env) -> None:
+    # run-0/P comes first by the order; drainer dies while its worker has it EXECUTING.
+    # --resume restores it to FAILED: it must be a candidate at once, not only after the
+    # other phases (or the next refresh).
+    create_backlog(env.db, [(f"run-{r}", "P", 0, "FAILED", "boom") for r in range(4)])
+    args = [*env.base_args(), "--max-attempts-per-phase", "1", "--kill-grace-seconds", "0.5"]
+    (env.out / "hang-next").write_text("")
+    crashed = env.run_cli("run", *args,
+                          env=env.worker_env(DRAINER_CRASH_AT="worker_running:1"))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    resumed = env.run_cli("run", *args, "--resume", env=env.worker_env(WORKER_KIND="ok"))
+    assert resumed.returncode == 0, resumed.stderr
+    events = _journal(env)
+    order = [e["run_id"] for e in events
+             if e["type"] == "attempt_started" and e["attempt_id"] not in
+             {f["attempt_id"] for f in events if f["type"] == "attempt_finished"
+              and f.get("interrupted")}]
+    assert order == ["run-0", "run-1", "run-2", "run-3"], order

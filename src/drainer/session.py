@@ -189,6 +189,8 @@ class DrainSession:
                 await self._replay(replay, selector, recorder, scheduler)
                 for dangling in replay.dangling:
                     await attempts.reconcile(dangling)
+                if replay.dangling:
+                    selector.invalidate()  # the phases it restored are candidates again
             await backlog.leases.release_session(self.session_id)
             await sweep_leases(backlog.leases, recorder, selector)
             await self._gauge.start()
