@@ -30,7 +30,7 @@ _EXPORTS = {
     "StopReason": "drainer.models",
     "Totals": "drainer.models",
     "UsageError": "drainer.errors",
-    "drain": "drainer.session",
+    "drain": "drainer.api",
     "iter_attempts": "drainer.journal",
 }
 
@@ -39,6 +39,7 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 if TYPE_CHECKING:
     from .api import Drainer as Drainer
     from .api import DrainStatistics as DrainStatistics
+    from .api import drain as drain
     from .api import open_drainer as open_drainer
     from .config import DrainConfig as DrainConfig
     from .errors import DatabaseError as DatabaseError
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
     from .models import SessionSummary as SessionSummary
     from .models import StopReason as StopReason
     from .models import Totals as Totals
-    from .session import drain as drain
 
 
 def __getattr__(name: str) -> Any:

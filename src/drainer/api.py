@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -144,6 +144,25 @@ class Drainer:
         async with self._receive.clone() as receive:
             async for event in receive:
                 yield event
+
+
+async def drain(
+    config: DrainConfig,
+    on_event: Callable[[DrainEvent], None] | None = None,
+    *,
+    echo: Echo | None = None,
+    handle_signals: bool = False,
+) -> SessionSummary:
+    """Drain the backlog described by ``config`` and return the session summary.
+
+    ``on_event`` receives typed events (:mod:`drainer.events`) as they happen. Progress lines
+    go to ``echo`` when given, else to the ``drainer`` logger; nothing is printed unless
+    asked. With ``handle_signals`` (the CLI), SIGINT/SIGTERM stop picking and a second one
+    kills in-flight attempts; an embedding application cancels its own scope instead, which
+    kills running workers' trees, restores their phases and writes the journal.
+    """
+    session = DrainSession(config, echo=echo, handle_signals=handle_signals, on_event=on_event)
+    return await session.run()
 
 
 @asynccontextmanager

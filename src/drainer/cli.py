@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         for line in plan_lines(plan, config):
             _echo(line)
         return EXIT_OK
-    from .session import drain
+    from .api import drain
 
     if getattr(args, "json", False):
         import orjson

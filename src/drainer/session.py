@@ -302,21 +302,3 @@ class DrainSession:
             pattern_leaks=tuple(self._gauge.pattern_leaks.values()),
         )
 
-
-async def drain(
-    config: DrainConfig,
-    on_event: Callable[[DrainEvent], None] | None = None,
-    *,
-    echo: Echo | None = None,
-    handle_signals: bool = False,
-) -> SessionSummary:
-    """Drain the backlog described by ``config`` and return the session summary.
-
-    ``on_event`` receives typed events (:mod:`drainer.events`) as they happen. Progress lines
-    go to ``echo`` when given, else to the ``drainer`` logger; nothing is printed unless
-    asked. With ``handle_signals`` (the CLI), SIGINT/SIGTERM stop picking and a second one
-    kills in-flight attempts; an embedding application cancels its own scope instead, which
-    kills running workers' trees, restores their phases and writes the journal.
-    """
-    session = DrainSession(config, echo=echo, handle_signals=handle_signals, on_event=on_event)
-    return await session.run()

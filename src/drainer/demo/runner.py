@@ -9,8 +9,8 @@ from pathlib import Path
 
 import anyio
 
+from ..api import drain
 from ..config import DrainConfig
-from ..session import drain
 from .backlog import DemoBacklog, build_demo_backlog
 
 DEMO_COMMAND = "{python} -m drainer.demo.worker --run-id {run_id} --phase-id {phase_id}"
