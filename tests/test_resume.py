@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -287,3 +288,29 @@ def test_a_phase_restored_at_resume_is_drained_in_its_priority_order(env: Env) -
              {f["attempt_id"] for f in events if f["type"] == "attempt_finished"
               and f.get("interrupted")}]
     assert order == ["run-0", "run-1", "run-2", "run-3"], order
+
+
+def test_closing_the_terminal_stops_like_sigterm_and_leaves_nothing_behind(env: Env) -> None:
+    # An SSH drop: the terminal goes away (writes to it fail) and drainer gets SIGHUP. It
+    # stops as for SIGTERM: the attempt in flight gets the grace, then its tree is killed,
+    # its phase restored, the session recorded resumable.
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 0, "FAILED", None)])
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drainer", "run", *env.base_args(), "--stop-grace-seconds", "1"],
+        stdout=terminal, stderr=terminal, env=env.worker_env(WORKER_KIND="hang"), cwd=env.tmp)
+    os.close(terminal)
+    wait_for_worker_file(env.out, "hung.*", proc)
+    os.close(controller)  # the terminal hangs up: from now on drainer's writes fail
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=60) == 130
+    events = _journal(env)
+    assert events[-1]["type"] == "session_stopped"
+    assert events[-1]["stop_reason"] == "signal" and "SIGHUP" in events[-1]["stop_detail"]
+    finished = [e for e in events if e["type"] == "attempt_finished"]
+    assert len(finished) == 1 and finished[0]["cancelled"] is True
+    assert phase_states(env.db)[("run-0", "P")][0] == "FAILED"
+    assert phase_states(env.db)[("run-1", "P")] == ("FAILED", None)  # never started
+    assert _processes_with(f"DRAINER_SESSION_ID={events[0]['session_id']}") == []
+    grandchild = int(next(env.out.glob("hung.*")).read_text())
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == "zombie"

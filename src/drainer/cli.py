@@ -184,19 +184,18 @@ _stdout_open = True
 
 
 def _echo(line: str) -> None:
-    """Print a progress line. A closed stdout (``drainer run | head``) silences output;
-    it must not abort a drain."""
+    """Print a progress line. A closed stdout (``drainer run | head``, a terminal that hung
+    up) silences output; it must not abort a drain."""
     global _stdout_open
     if not _stdout_open:
         return
     try:
         print(line, flush=True)
-    except (BrokenPipeError, ValueError):
+    except (OSError, ValueError):
         _stdout_open = False
-        # Point stdout at /dev/null so the interpreter's final flush does not fail either.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        from .live import point_at_devnull
+
+        point_at_devnull(sys.stdout)
 
 
 def _run(args: argparse.Namespace) -> int:

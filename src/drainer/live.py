@@ -7,6 +7,7 @@ phase, elapsed). :func:`render` is pure, so it is tested without a terminal.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -18,6 +19,18 @@ from .models import Totals
 
 REFRESH_INTERVAL = 0.5
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def point_at_devnull(stream: TextIO) -> None:
+    """After ``stream``'s reader went away (a closed pipe, a terminal that hung up), send
+    what is left to /dev/null, so the interpreter's last flush at exit does not fail too."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 @dataclass
@@ -92,6 +105,7 @@ class LiveView:
         self._stream = stream
         self.state = LiveState(total=total, lanes=lanes)
         self._drawn = 0
+        self._gone = False
 
     def on_event(self, event: DrainEvent) -> None:
         self.state.apply(event, time.monotonic())
@@ -99,7 +113,7 @@ class LiveView:
 
     def line(self, text: str) -> None:
         self._erase()
-        self._stream.write(_CONTROL.sub("?", text) + "\n")  # ids are data, not escapes
+        self._write(_CONTROL.sub("?", text) + "\n")  # ids are data, not escapes
         self._draw()
 
     def redraw(self) -> None:
@@ -108,17 +122,28 @@ class LiveView:
 
     def close(self) -> None:
         self._erase()
-        self._stream.flush()
+        self._write("")
+
+    def _write(self, text: str) -> None:
+        """Write and flush; a terminal that went away (hung up, closed) silences the view
+        instead of aborting the drain."""
+        if self._gone:
+            return
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except (OSError, ValueError):
+            self._gone = True
+            point_at_devnull(self._stream)
 
     def _erase(self) -> None:
         if self._drawn:
             # Up to the footer's first line, then clear to the end of the screen.
-            self._stream.write(f"\x1b[{self._drawn}F\x1b[J")
+            self._write(f"\x1b[{self._drawn}F\x1b[J")
             self._drawn = 0
 
     def _draw(self) -> None:
         size = shutil.get_terminal_size()
         lines = render(self.state, time.monotonic(), width=size.columns, height=size.lines)
-        self._stream.write("\n".join(lines) + "\n")
-        self._stream.flush()
+        self._write("\n".join(lines) + "\n")
         self._drawn = len(lines)

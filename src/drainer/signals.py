@@ -1,4 +1,8 @@
-"""SIGINT and SIGTERM for the command line: the session decides what each one means."""
+"""SIGINT, SIGTERM and SIGHUP for the command line: the session decides what each one means.
+
+SIGHUP (the terminal closed, an SSH connection dropped) is a stop like SIGTERM: without it,
+drainer would die on the spot and leave its workers running and their phases ``EXECUTING``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def watch_signals(
@@ -16,8 +20,8 @@ async def watch_signals(
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Call ``on_signal(name, count)`` for each SIGINT/SIGTERM (count: 1 for the first one
-    of either kind, 2 for the next...). Ready once the handlers are installed."""
+    """Call ``on_signal(name, count)`` for each SIGINT/SIGTERM/SIGHUP (count: 1 for the
+    first one of any kind, 2 for the next...). Ready once the handlers are installed."""
     count = 0
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         task_status.started()
