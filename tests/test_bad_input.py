@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Env, create_backlog, file_digest
+from drainer.config import render_command, split_command
 from drainer.errors import SessionError
 from drainer.journal import iter_records
 
@@ -33,6 +34,8 @@ def good_db(env: Env) -> Env:
 
 CASES = {
     "unknown placeholder": (["--command", "python w.py {run}"], "unknown placeholder {run}"),
+    "unclosed placeholder": (["--command", "python w.py {run_id"], "unbalanced brace"),
+    "stray closing brace": (["--command", "python w.py run_id}"], "unbalanced brace"),
     "negative batch size": (["--batch-size", "-1"], "--batch-size"),
     "zero batch size": (["--batch-size", "0"], "--batch-size"),
     "negative timeout": (["--phase-timeout-seconds", "-5"], "--phase-timeout-seconds"),
@@ -222,3 +225,8 @@ def test_integer_id_columns_are_rejected_before_anything_is_written(env: Env) ->
     proc = env.run_cli("run", *env.base_args())
     assert proc.returncode == 2 and "needs text ids" in proc.stderr
     assert not env.sessions.exists()
+
+
+def test_doubled_braces_in_a_command_are_literal_braces() -> None:
+    tokens = split_command("echo {{run_id}} {run_id}")
+    assert render_command(tokens, {"run_id": "r-1"}) == ["echo", "{run_id}", "r-1"]

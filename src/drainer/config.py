@@ -76,6 +76,9 @@ def split_command(
                 raise UsageError(
                     f"unknown placeholder {{{name}}} in {option}; known placeholders: {known}"
                 )
+        if any(c in _TOKEN.sub("", token) for c in "{}"):
+            raise UsageError(f"unbalanced brace in {option} argument {token!r}; write {{{{ or "
+                             f"}}}} for a literal brace")
     return tuple(tokens)
 
 
