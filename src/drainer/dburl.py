@@ -7,8 +7,10 @@ drainer opens them with async drivers and hands workers the sync form in ``DATAB
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -26,6 +28,7 @@ _POSTGRES = {
 }
 _ASYNC_DRIVERS = {"sqlite+aiosqlite", "postgresql+asyncpg"}
 EXAMPLES = "e.g. sqlite:///autopack.db or postgresql://user:password@host:5432/dbname"
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,7 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
     if not raw or not raw.strip():
         raise UsageError(f"empty database URL; give one, {EXAMPLES}")
     try:
-        url = make_url(raw.strip())
+        url = make_url(_quote_password(raw.strip()))
     except (ArgumentError, ValueError) as exc:
         raise UsageError(f"bad database URL {_redact_raw(raw)!r}: {EXAMPLES}") from exc
     name = url.drivername
@@ -87,6 +90,19 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
         redacted=sync.render_as_string(hide_password=True),
         password=url.password if url.password else None,
     )
+
+
+def _quote_password(raw: str) -> str:
+    """Percent-encode a password typed raw (``p@ss``, ``50%off``): the last ``@`` ends the
+    credentials, so no part of the password is taken for the host (nor shown in an error)."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep or "@" not in rest:
+        return raw
+    creds, host = rest.rsplit("@", 1)
+    user, colon, password = creds.partition(":")
+    if not colon or ("@" not in password and not _BAD_ESCAPE.search(password)):
+        return raw
+    return f"{scheme}://{user}:{quote(unquote(password), safe='')}@{host}"
 
 
 def _redact_raw(raw: str) -> str:
