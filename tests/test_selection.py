@@ -261,3 +261,15 @@ async def test_an_attempt_that_ends_while_a_reload_runs_keeps_its_count() -> Non
     s.invalidate()
     assert await s.pick() is None  # a/p had its one attempt
     assert s.attempts_of(PhaseRef("a", "p", 0, "FAILED")) == 1
+
+
+async def test_ids_no_worker_can_be_given_are_never_picked_and_reported_once() -> None:
+    backlog = Backlog([("a", "p", 0, None), ("b\x00", "p", 0, None), ("c", "p\x00", 0, None)])
+    s = selector(backlog, max_attempts_per_phase=1)
+    ref = await s.pick()
+    assert ref is not None and ref.key == ("a", "p")
+    assert [r.key for r, _ in s.new_unpassable()] == [("b\x00", "p"), ("c", "p\x00")]
+    s.observe(outcome(ref, "FAILED"))
+    s.invalidate()  # a reload finds them again: they are not reported again
+    assert await s.pick() is None
+    assert s.new_unpassable() == []

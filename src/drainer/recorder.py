@@ -31,7 +31,7 @@ from .events import (
     SessionStopped,
 )
 from .journal import SessionFiles, hostname, iso, utcnow
-from .models import Attempt, LeakedProcess, RunStop, SessionSummary, Totals
+from .models import Attempt, LeakedProcess, PhaseRef, RunStop, SessionSummary, Totals
 from .report import attempt_lines, resume_command, started_line, summary_lines
 from .snapshot import Snapshot
 
@@ -134,6 +134,10 @@ class Recorder:
 
     def stopping(self, detail: str) -> None:
         self.echo(f"[STOP] {detail}")
+
+    def phase_skipped(self, ref: PhaseRef, why: str) -> None:
+        """A phase that is never a candidate, said once (its ids shown escaped)."""
+        self.echo(f"  [SKIP] {ref.run_id!r} / {ref.phase_id!r}: {why}")
 
     def leak_found(self, proc: LeakedProcess) -> None:
         self.echo(f"  [LEAK] --leak-pattern: pid {proc.pid} "

@@ -148,6 +148,8 @@ class Scheduler:
             # in half; it takes effect right after.
             with anyio.CancelScope(shield=True):
                 ref = await selector.pick(self._running.keys())
+            for skipped, why in selector.new_unpassable():
+                self._recorder.phase_skipped(skipped, why)
             if self._picking.cancel_called:
                 if ref is not None:
                     selector.release(ref.run_id)

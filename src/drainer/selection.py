@@ -53,6 +53,7 @@ DRY_RELOAD_INTERVAL = 1.0  #: with runs in flight, an index out of untried phase
 #: most this often; and reloads never take more than 1/DRY_RELOAD_COST of the time
 DRY_RELOAD_COST = 10
 QUEUED_SKIP = "QUEUED phase (left for its executor; --no-skip-runs-with-queued drains it)"
+NUL_SKIP = "its id holds a NUL byte, which no worker can be given (argv and environment)"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -92,6 +93,15 @@ def order_key(reason: str | None, phase_index: int, failed_in_run: int, run_id: 
 _REMOVED = 1  #: drained by someone else meanwhile: not a candidate any more
 _LAST_FAILED = 2  #: its last attempt this session left it FAILED (a retry may follow)
 _SCAN = 32  #: runs with more phases than this get a phase-id map for lookups
+
+
+def _unpassable(c: Candidates, run_id: str, start: int, end: int) -> list[int]:
+    """Rows of a run whose run or phase id holds a NUL byte: argv and the environment are C
+    strings, so no worker can be given such an id."""
+    if "\x00" in run_id:
+        return list(range(start, end))
+    ids = c.phase_ids
+    return [i for i in range(start, end) if "\x00" in ids[i]]
 
 
 def _sort_rows(c: Candidates, run_id: str, start: int, end: int, failed: int) -> None:
@@ -174,6 +184,8 @@ class CandidateIndex:
         self.flags = bytearray(rows)
         self.runs: dict[str, _RunQueue] = {}
         self.skipped = skipped
+        #: phases whose ids no worker can be given (a NUL byte): never candidates
+        self.unpassable: list[tuple[PhaseRef, str]] = []
         self.size = 0
         self._heap: list[tuple[int, OrderKey, int, str]] = []
         self._retry_heap: list[tuple[int, OrderKey, str, int]] = []
@@ -207,6 +219,14 @@ class CandidateIndex:
                         if keep_skipped:
                             skipped.append((candidates.ref(run_id, i), QUEUED_SKIP))
             live = (end - start - sum(queued[start:end])) if skip_queued else end - start
+            for i in _unpassable(candidates, run_id, start, end):
+                if not index.flags[i] & _REMOVED:
+                    index.flags[i] = _REMOVED
+                    live -= 1
+                entry = (candidates.ref(run_id, i), NUL_SKIP)
+                index.unpassable.append(entry)
+                if keep_skipped:
+                    skipped.append(entry)
             if live:
                 index.size += live
                 queue = index.runs[run_id] = _RunQueue(run_id, index, start, end, failed)
@@ -319,6 +339,7 @@ class Selector:
         #: counters (attempts, flags) of phases tried this session that the current index
         #: does not hold (in flight, or not FAILED, when it was loaded)
         self._outside: dict[tuple[str, str], tuple[int, int]] = {}
+        self._reported: set[tuple[str, str]] = set()  #: unpassable phases already reported
 
     # -- picking --------------------------------------------------------------------------
 
@@ -379,6 +400,15 @@ class Selector:
     @property
     def skipped(self) -> list[tuple[PhaseRef, str]]:
         return self._index.skipped if self._index is not None else []
+
+    def new_unpassable(self) -> list[tuple[PhaseRef, str]]:
+        """Phases of the current load that no worker can be given, not reported before."""
+        if self._index is None or not self._index.unpassable:
+            return []
+        found = [(ref, why) for ref, why in self._index.unpassable
+                 if ref.key not in self._reported]
+        self._reported.update(ref.key for ref, _ in found)
+        return found
 
     # -- what happened ---------------------------------------------------------------------
 

@@ -1,0 +1,44 @@
+"""Ids from the database are data: one that no worker can be given is skipped with a one-line
+reason, and never blocks the other phases or crashes a session."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import Env, create_backlog, phase_states
+
+
+def test_a_nul_byte_in_an_id_is_skipped_and_the_other_phases_drain(env: Env) -> None:
+    create_backlog(env.db, [("run-a", "P", 0, "FAILED", None),
+                            ("bad\x00run", "P", 0, "FAILED", None),
+                            ("run-c", "bad\x00phase", 0, "FAILED", None),
+                            ("run-c", "Q", 1, "FAILED", None)])
+    args = [*env.base_args(), "--max-attempts-per-phase", "1"]
+    for _ in range(2):  # a later session is not blocked by it either
+        proc = env.run_cli("run", *args, env=env.worker_env(WORKER_KIND="fail"))
+        assert proc.returncode == 1, proc.stderr  # the workers fail by design
+        assert "Traceback" not in proc.stderr, proc.stderr
+        skips = [line.strip() for line in proc.stdout.splitlines() if "[SKIP]" in line]
+        assert skips == [
+            "[SKIP] 'bad\\x00run' / 'P': its id holds a NUL byte, which no worker can be "
+            "given (argv and environment)",
+            "[SKIP] 'run-c' / 'bad\\x00phase': its id holds a NUL byte, which no worker can "
+            "be given (argv and environment)",
+        ]
+        [saved] = [line for line in proc.stdout.splitlines() if line.startswith("Session saved:")]
+        snap = json.loads((env.tmp / saved.split(":", 1)[1].strip()).read_text())
+        assert snap["stop_reason"] == "no_candidates"
+        drained = sorted((r["run_id"], r["phase_id"]) for r in snap["results"])
+        assert drained == [("run-a", "P"), ("run-c", "Q")]
+    states = phase_states(env.db)
+    assert states[("bad\x00run", "P")] == ("FAILED", None)  # untouched
+    assert states[("run-c", "bad\x00phase")] == ("FAILED", None)
+
+
+def test_plan_lists_a_phase_no_worker_can_be_given(env: Env) -> None:
+    create_backlog(env.db, [("run-a", "P", 0, "FAILED", None),
+                            ("bad\x00run", "P", 0, "FAILED", None)])
+    proc = env.run_cli("plan", *env.base_args())
+    assert proc.returncode == 0, proc.stderr
+    assert "NUL byte" in proc.stdout
+    assert "Traceback" not in proc.stderr
