@@ -185,3 +185,43 @@ def test_lease_table_created_meanwhile_by_another_tool_is_fine(pg_db: str) -> No
             await other.close()
 
     asyncio.run(main())
+
+
+def test_a_run_id_longer_than_512_characters_drains(env: Env) -> None:
+    """drainer's lease columns hold any id the backlog holds, also in a lease table an
+    older drainer created with VARCHAR(512)."""
+    import asyncio
+
+    import asyncpg
+
+    long_run = "run-" + "x" * 600
+    name = create_database([(long_run, "P1-ok", 0, "FAILED", None),
+                            ("run-b", "P2-ok", 0, "FAILED", None)])
+    try:
+        url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+        async def old_table() -> None:
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(
+                    "CREATE TABLE drainer_leases (run_id VARCHAR(512) PRIMARY KEY, "
+                    "session_id VARCHAR(64) NOT NULL, attempt_id VARCHAR(64) NOT NULL, "
+                    "phase_id VARCHAR(512) NOT NULL, host VARCHAR(255) NOT NULL, "
+                    "pid INTEGER NOT NULL, acquired_at DOUBLE PRECISION NOT NULL, "
+                    "heartbeat_at DOUBLE PRECISION NOT NULL, "
+                    "expires_at DOUBLE PRECISION NOT NULL)")
+            finally:
+                await conn.close()
+
+        asyncio.run(old_table())
+        worker = env.tmp / "pg_worker.py"
+        worker.write_text(PG_WORKER)
+        args = env.base_args(f"{sys.executable} {worker} {{run_id}} {{phase_id}}")
+        args[args.index("--database-url") + 1] = url
+        proc = env.run_cli("run", *args)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        states = fetch_states(name)
+        assert states[(long_run, "P1-ok")][0] == "COMPLETE"
+        assert states[("run-b", "P2-ok")][0] == "COMPLETE"
+    finally:
+        drop_database(name)

@@ -77,8 +77,8 @@ class Leases:
     async def ensure_table(self) -> None:
         ddl = (
             f"CREATE TABLE IF NOT EXISTS {LEASE_TABLE} ("
-            "run_id VARCHAR(512) PRIMARY KEY, session_id VARCHAR(64) NOT NULL, "
-            "attempt_id VARCHAR(64) NOT NULL, phase_id VARCHAR(512) NOT NULL, "
+            "run_id TEXT PRIMARY KEY, session_id VARCHAR(64) NOT NULL, "
+            "attempt_id VARCHAR(64) NOT NULL, phase_id TEXT NOT NULL, "
             "host VARCHAR(255) NOT NULL, pid INTEGER NOT NULL, "
             "acquired_at DOUBLE PRECISION NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL, "
             "expires_at DOUBLE PRECISION NOT NULL)"
@@ -94,11 +94,23 @@ class Leases:
                         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                            {"key": _LEASE_DDL_LOCK})
                     await conn.execute(text(ddl))
+                    if not self._sqlite:
+                        await self._widen_ids(conn)
             except (IntegrityError, ProgrammingError):
                 # Something that does not take the lock (an older drainer, a migration tool)
                 # created it at the same moment: fine if the table is there now.
                 if not await self._has_table():
                     raise
+
+    async def _widen_ids(self, conn: AsyncConnection) -> None:
+        """A table from an older drainer kept ids in VARCHAR(512): make them TEXT, so that
+        any id the backlog holds fits (one long id blocked every session)."""
+        narrow = (await conn.execute(text(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = :table "
+            "AND table_schema = current_schema() AND data_type = 'character varying' "
+            "AND column_name IN ('run_id', 'phase_id')"), {"table": LEASE_TABLE})).scalars()
+        for column in sorted(narrow):
+            await conn.execute(text(f"ALTER TABLE {LEASE_TABLE} ALTER COLUMN {column} TYPE TEXT"))
 
     async def _has_table(self) -> bool:
         try:
