@@ -41,6 +41,21 @@ def test_analyze_unknown_session_is_exit_2(env: Env) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_analyze_a_hand_edited_session_file_is_one_line_exit_2(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    env.run_cli("run", *env.base_args(), env=env.worker_env(WORKER_KIND="fail"))
+    snapshot, _ = only_session(env.sessions)
+    data = json.loads(snapshot.read_text())
+    data["results"][0]["subprocess_duration_seconds"] = "1.5"  # a number typed as a string
+    edited = env.tmp / "edited.json"
+    edited.write_text(json.dumps(data))
+    proc = env.run_cli("analyze", str(edited))
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("drainer: error: ") and "results[0]" in line
+    assert "subprocess_duration_seconds is '1.5', not a number" in line
+
+
 def _dump(env: Env) -> list[str]:
     conn = sqlite3.connect(env.db)
     try:

@@ -289,6 +289,7 @@ class Attempt:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Attempt:
         kwargs = {k: v for k, v in data.items() if k in _FIELD_SET}
+        _check_numbers(kwargs)
         kwargs["leaked_processes"] = tuple(
             LeakedProcess.from_json(p) for p in data.get("leaked_processes") or ()
         )
@@ -313,6 +314,23 @@ _ATTEMPT_FIELDS: tuple[str, ...] = (
 )
 _FIELD_SET = frozenset(_ATTEMPT_FIELDS)
 assert {f.name for f in fields(Attempt)} == _FIELD_SET
+#: number fields of a record, checked on reading (a hand-edited "1.5" must not reach sums)
+_NUMBER_FIELDS = (
+    ("phase_index", int), ("attempt_number", int), ("lane", int),
+    ("subprocess_returncode", int), ("subprocess_duration_seconds", float),
+    ("telemetry_events_collected", int), ("telemetry_yield_per_minute", float),
+)
+
+
+def _check_numbers(record: dict[str, Any]) -> None:
+    for name, kind in _NUMBER_FIELDS:
+        value = record.get(name)
+        if value is None:
+            continue
+        ok = isinstance(value, int | float) if kind is float else isinstance(value, int)
+        if not ok or isinstance(value, bool):
+            wanted = "a number" if kind is float else "an integer"
+            raise ValueError(f"{name} is {value!r}, not {wanted}")
 
 
 @dataclass(slots=True)
