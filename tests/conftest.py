@@ -129,6 +129,9 @@ CONTRACT_WORKER = textwrap.dedent(
         set_state("FAILED", "Deliverable missing: src/x.py")
         print("boom", file=sys.stderr)
         sys.exit(1)
+    elif kind == "fail_huge_reason":  # a megabyte of reason, as a runaway traceback gives
+        set_state("FAILED", "RuntimeError: " + "x" * 1_000_000)
+        sys.exit(1)
     elif kind == "fail_no_telemetry_same":
         set_state("FAILED", "ImportError: cannot import name X")
         sys.exit(1)

@@ -192,3 +192,23 @@ def test_timeout_restores_phase_and_session_continues(env: Env) -> None:
     slow = snap["results"][0]
     assert slow["timed_out"] and slow["failure_fingerprint"].startswith("FAILED|timeout|")
     assert slow["zero_yield_reason"] == "timeout"
+
+
+def test_a_megabyte_of_failure_reason_is_cut_in_the_session_files(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 0, "FAILED", None)])
+    proc = env.run_cli("run", *env.base_args(), "--max-attempts-per-phase", "1",
+                       env=env.worker_env(WORKER_KIND="fail_huge_reason"))
+    assert proc.returncode == 1, proc.stderr
+    snapshot, session = only_session(env.sessions)
+    results = json.loads(snapshot.read_text())["results"]
+    assert len(results) == 2
+    for result in results:
+        message = result["error_message"]
+        assert message.startswith("RuntimeError: xxx")
+        assert "cut at 4,000 of 1,000,014 characters" in message
+        assert len(message) < 5000
+    # Each session file holds the cut message, not the megabyte (two attempts here).
+    assert snapshot.stat().st_size < 100_000
+    assert (session / "journal.jsonl").stat().st_size < 100_000
+    # The database keeps the worker's reason whole.
+    assert len(phase_states(env.db)[("run-0", "P")][1] or "") == 1_000_014

@@ -39,6 +39,9 @@ from .recorder import Recorder
 from .supervisor import AttemptSpec, ProcessResult, Supervisor
 
 DB_CLEANUP_TIMEOUT = 30.0  #: settling an attempt gives up after this long (resume mends it)
+#: an attempt's error message is cut here: a worker's reason can be megabytes, and every
+#: attempt's message goes to the journal and the snapshot (the database keeps it whole)
+MAX_ERROR_CHARS = 4000
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +155,7 @@ def error_message(
     if result.spawn_error:
         return result.spawn_error, result.spawn_error
     state, reason = row
-    db_reason = (reason or "").strip()
+    db_reason = _capped((reason or "").strip())
     tail = error_excerpt(result.stderr_tail, 300) or error_excerpt(result.stdout_tail, 300)
     log = f"(log: {started.subprocess_stderr_path})"
     if lease_lost:
@@ -163,7 +166,7 @@ def error_message(
         head = f"drainer: timed out after {timeout_label}; process tree killed"
     elif restored or not db_reason:
         head = db_reason or f"worker exited with status {result.returncode}, phase {state}"
-    elif db_reason == (previous_reason or "").strip() and result.returncode != 0:
+    elif db_reason == _capped((previous_reason or "").strip()) and result.returncode != 0:
         context = f"unchanged by this attempt? worker exited with status {result.returncode}"
         return " | ".join(p for p in (db_reason, context, tail, log) if p), db_reason
     else:
@@ -225,6 +228,14 @@ def judge(
                                             telemetry_events=events, llm_boundary=llm,
                                             returncode=result.returncode),
     )
+
+
+def _capped(reason: str) -> str:
+    """A database reason as an error message takes it: cut at ``MAX_ERROR_CHARS``."""
+    if len(reason) <= MAX_ERROR_CHARS:
+        return reason
+    return (f"{reason[:MAX_ERROR_CHARS]} ... [cut at {MAX_ERROR_CHARS:,} of {len(reason):,} "
+            "characters; the database keeps the phase's last_failure_reason whole]")
 
 
 # -- running -------------------------------------------------------------------------------
