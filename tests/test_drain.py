@@ -212,3 +212,26 @@ def test_a_megabyte_of_failure_reason_is_cut_in_the_session_files(env: Env) -> N
     assert (session / "journal.jsonl").stat().st_size < 100_000
     # The database keeps the worker's reason whole.
     assert len(phase_states(env.db)[("run-0", "P")][1] or "") == 1_000_014
+
+
+def test_a_worker_that_completes_then_hangs_is_a_success_and_a_timeout(env: Env) -> None:
+    # The work is done (COMPLETE) but the worker never exits: its tree is killed at the
+    # timeout. The rule: a success (nothing to redo, exit 0), counted as a timeout too.
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    script = env.tmp / "complete_then_hang.py"
+    script.write_text(
+        "import os, sqlite3, sys, time\n"
+        "db = sqlite3.connect(os.environ['DATABASE_URL'][10:])\n"
+        "db.execute(\"UPDATE phases SET state='COMPLETE' WHERE run_id=?\", (sys.argv[1],))\n"
+        "db.commit()\n"
+        "time.sleep(600)\n")
+    args = env.base_args(f"{sys.executable} {script} {{run_id}}")
+    args[args.index("--phase-timeout-seconds") + 1] = "1"
+    proc = env.run_cli("run", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert phase_states(env.db)[("run-0", "P")][0] == "COMPLETE"
+    snapshot, _ = only_session(env.sessions)
+    snap = json.loads(snapshot.read_text())
+    assert (snap["total_success"], snap["total_failed"], snap["total_timeouts"]) == (1, 0, 1)
+    [result] = snap["results"]
+    assert result["success"] is True and result["timed_out"] is True
