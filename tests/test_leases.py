@@ -137,3 +137,37 @@ async def test_claim_whose_phase_read_fails_gives_the_run_back(tmp_path: Path) -
         with pytest.raises(DatabaseError):
             await backlog.leases.claim(_lease("run-a", "P2", "me"), ttl=60)
         assert await backlog.leases.live() == []  # not left to block the run until expiry
+
+
+async def test_the_switch_to_wal_waits_for_a_writer_instead_of_failing(tmp_path: Path) -> None:
+    # Two drainers starting together: one switches the file to WAL while the other holds
+    # the write lock (creating its lease table, say). SQLite answers "database is locked"
+    # at once there, without waiting (its busy handler is not used for that case).
+    import anyio
+    from sqlalchemy import event
+
+    db = tmp_path / "b.db"
+    create_backlog(db, [("run-0", "P", 0, "FAILED", None)])
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # holds the write lock
+    tries = 0
+    tried_twice = anyio.Event()
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        nonlocal tries
+        if "journal_mode" in statement:
+            tries += 1
+            if tries >= 2:
+                tried_twice.set()
+
+    async with open_backlog(parse_database_url(f"sqlite:///{db}")) as backlog:
+        event.listen(backlog.engine._engine.sync_engine, "before_cursor_execute", count)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(backlog.prepare_for_writes)
+            with anyio.fail_after(10):
+                await tried_twice.wait()  # refused while the writer wrote, and retried
+            writer.execute("COMMIT")  # the writer is done: the next try succeeds
+    writer.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()

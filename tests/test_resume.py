@@ -7,8 +7,10 @@ import json
 import os
 import pty
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
 from typing import IO
 
@@ -314,3 +316,48 @@ def test_closing_the_terminal_stops_like_sigterm_and_leaves_nothing_behind(env: 
     assert _processes_with(f"DRAINER_SESSION_ID={events[0]['session_id']}") == []
     grandchild = int(next(env.out.glob("hung.*")).read_text())
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == "zombie"
+
+
+def _wait_until_leases_expired(env: Env) -> None:
+    """Until every lease in the backlog has expired, by the database's clock."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(env.db)
+        try:
+            live = conn.execute(
+                "SELECT count(*) FROM drainer_leases "
+                "WHERE expires_at > (julianday('now') - 2440587.5) * 86400.0").fetchone()[0]
+        finally:
+            conn.close()
+        if not live:
+            return
+        time.sleep(0.05)
+    raise AssertionError("a lease never expired")
+
+
+def test_an_interrupted_attempt_is_not_credited_with_another_sessions_work(env: Env) -> None:
+    # Drainer A dies (kill -9) while its worker has run-0/P EXECUTING. Its lease expires;
+    # a new session B sweeps it (restoring the phase) and drains the phase: COMPLETE, with
+    # 3 telemetry rows. A's --resume must not count B's rows, nor B's success, as A's.
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    (env.out / "hang-next").write_text("")
+    a = env.run_cli("run", *env.base_args(), "--lease-ttl-seconds", "1",
+                    "--kill-grace-seconds", "0.5",
+                    env=env.worker_env(DRAINER_CRASH_AT="worker_running:1"))
+    assert a.returncode == -signal.SIGKILL, a.stderr
+    [a_id] = [p.name for p in env.sessions.iterdir() if p.is_dir()]
+    _wait_until_leases_expired(env)
+    b = env.run_cli("run", *env.base_args(), env=env.worker_env(WORKER_KIND="ok"))
+    assert b.returncode == 0, b.stdout + b.stderr  # it waited out A's lease, then drained
+    assert phase_states(env.db)[("run-0", "P")][0] == "COMPLETE"
+    resumed = env.run_cli("run", *env.base_args(), "--resume", a_id,
+                          env=env.worker_env(WORKER_KIND="ok"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    journal = env.sessions / a_id / "journal.jsonl"
+    [interrupted] = [json.loads(line) for line in journal.read_text().splitlines()
+                     if '"attempt_finished"' in line]
+    assert interrupted["interrupted"] is True
+    assert interrupted["telemetry_events_collected"] is None  # B's rows are not A's
+    assert interrupted["success"] is False
+    assert phase_states(env.db)[("run-0", "P")][0] == "COMPLETE"  # left as B left it
+    assert _processes_with(f"DRAINER_SESSION_ID={a_id}") == []

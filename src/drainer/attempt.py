@@ -421,23 +421,32 @@ class AttemptRunner:
 
     async def reconcile(self, dangling: Dangling) -> Attempt:
         """An attempt that started but never finished: kill what it left, restore its phase,
-        record it ``interrupted``."""
+        record it ``interrupted``.
+
+        Only while the attempt's lease is still its own (nobody swept it or took the run
+        over) is the phase this attempt's: then it is restored if left non-final, the
+        telemetry rows since the attempt began are its own, and a phase found ``COMPLETE``
+        with the worker gone is a success. Otherwise another drainer may have drained the
+        run since: the phase is left alone, the telemetry is unknown (null), and the attempt
+        is no success."""
         started = dangling.started
         record = started.attempt
         killed = await anyio.to_thread.run_sync(functools.partial(
             proctree.kill_leftovers, record.attempt_id, dangling.pid, dangling.create_time,
             grace=self.config.kill_grace_period))
         phases = self._store.phases
+        ours = await self._store.leases.renew(record.run_id, record.attempt_id,
+                                              self.config.lease_ttl)
         row = await phases.read(record.run_id, record.phase_id)
         state = row[0] if row is not None else None
         restored = False
-        if row is not None and not is_final_state(state):
+        if ours and row is not None and not is_final_state(state):
             why = "drainer: attempt interrupted (drainer stopped while it ran); restored"
             if await phases.restore_failed(record.run_id, record.phase_id, why):
                 restored, state = True, PhaseState.FAILED.value
-        before = started.telemetry_before
-        after = await phases.telemetry_count(record.run_id, record.phase_id)
-        success = state == PhaseState.COMPLETE
+        before = started.telemetry_before if ours else None
+        after = await phases.telemetry_count(record.run_id, record.phase_id) if ours else None
+        success = ours and state == PhaseState.COMPLETE and not killed
         finished_at = iso(utcnow())
         attempt = dataclasses.replace(
             record,

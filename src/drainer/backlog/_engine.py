@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import anyio
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..dburl import DatabaseURL
@@ -74,11 +75,25 @@ class Engine:
         return "extract(epoch from clock_timestamp())::double precision"
 
     async def set_wal(self) -> None:
-        """SQLite: WAL, so workers and drainer read and write side by side."""
+        """SQLite: WAL, so workers and drainer read and write side by side.
+
+        Switching needs the file to itself, and SQLite does not wait for that (no busy
+        handler): while another drainer or a worker reads, it answers "database is locked"
+        at once. So the switch is retried, with backoff, for up to the busy timeout."""
+        deadline = anyio.current_time() + SQLITE_BUSY_TIMEOUT
+        pause = 0.01
         with self.errors("switching to WAL mode in"):
-            async with self._engine.connect() as conn:
-                conn = await conn.execution_options(sqlite_begin="NONE")
-                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            while True:
+                try:
+                    async with self._engine.connect() as conn:
+                        conn = await conn.execution_options(sqlite_begin="NONE")
+                        await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                    return
+                except OperationalError as exc:
+                    if "locked" not in str(exc) or anyio.current_time() + pause > deadline:
+                        raise
+                await anyio.sleep(pause)
+                pause = min(pause * 2, 0.5)
 
     async def run_sync(self, fn: Any) -> Any:
         """Run ``fn(sync_connection)`` (schema inspection) on a read connection."""
