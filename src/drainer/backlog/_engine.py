@@ -77,9 +77,10 @@ class Engine:
     async def set_wal(self) -> None:
         """SQLite: WAL, so workers and drainer read and write side by side.
 
-        Switching needs the file to itself, and SQLite does not wait for that (no busy
-        handler): while another drainer or a worker reads, it answers "database is locked"
-        at once. So the switch is retried, with backoff, for up to the busy timeout."""
+        Switching needs the file to itself. SQLite waits (busy timeout) for readers, but
+        while another connection holds the write lock (another drainer creating its lease
+        table, a worker writing) it answers "database is locked" at once. So the switch is
+        retried, with backoff, for up to the busy timeout."""
         deadline = anyio.current_time() + SQLITE_BUSY_TIMEOUT
         pause = 0.01
         with self.errors("switching to WAL mode in"):
