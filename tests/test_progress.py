@@ -45,33 +45,6 @@ def test_render_shows_counts_eta_and_one_row_per_lane() -> None:
     assert render(state, now=230.0)[0].endswith("stopped: batch_size_reached")
 
 
-def test_live_view_under_a_pseudo_terminal(env: Env) -> None:
-    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(3)])
-    controller, terminal = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "drainer", "run", *env.base_args(), "--lanes", "2"],
-        stdout=terminal, stderr=terminal, env=env.worker_env(), cwd=env.tmp,
-    )
-    os.close(terminal)
-    chunks = []
-    while True:
-        try:
-            data = os.read(controller, 65536)
-        except OSError:  # the terminal closed: the program ended
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=60)
-    os.close(controller)
-    screen = b"".join(chunks).decode()
-    assert proc.returncode == 0, screen
-    assert "\x1b[" in screen  # the footer was redrawn in place
-    assert "lane 1:" in screen and "lane 2:" in screen
-    assert "[3/10] ok 3  fail 0  timeout 0" in screen
-    assert "Stop reason: no_candidates" in screen  # the summary still prints
-
-
 def _under_a_terminal(argv: list[str], env: Env) -> tuple[int, str]:
     controller, terminal = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "drainer", *argv], stdout=terminal,
@@ -89,6 +62,16 @@ def _under_a_terminal(argv: list[str], env: Env) -> tuple[int, str]:
     proc.wait(timeout=60)
     os.close(controller)
     return proc.returncode, b"".join(chunks).decode()
+
+
+def test_live_view_under_a_pseudo_terminal(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(3)])
+    code, screen = _under_a_terminal(["run", *env.base_args(), "--lanes", "2"], env)
+    assert code == 0, screen
+    assert "\x1b[" in screen  # the footer was redrawn in place
+    assert "lane 1:" in screen and "lane 2:" in screen
+    assert "[3/10] ok 3  fail 0  timeout 0" in screen
+    assert "Stop reason: no_candidates" in screen  # the summary still prints
 
 
 def test_bad_input_under_a_terminal_is_one_line_and_exit_2(env: Env) -> None:
