@@ -4,6 +4,7 @@ restored, and the claim reads the phase and its telemetry under the lease."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -11,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from conftest import create_backlog
 from drainer.backlog import Backlog, Lease, open_backlog
@@ -96,8 +98,8 @@ async def test_live_lease_blocks_and_release_frees(url: str) -> None:
         # A release by the wrong attempt changes nothing; the right one frees the run.
         await backlog.leases.release("run-a", "a-two")
         assert (await backlog.leases.claim(_lease("run-a", "P2", "two"), ttl=60)).holder is not None
-        assert await backlog.leases.finish("run-a", "P2", "a-one", restore=None,
-                                           release=True) is False
+        finished = await backlog.leases.finish("run-a", "P2", "a-one", restore=None)
+        assert finished.held is True and finished.restored is False
         claim = await backlog.leases.claim(_lease("run-a", "P2", "two"), ttl=60)
         assert claim.holder is None and claim.phase == ("FAILED", "boom")
 
@@ -106,8 +108,17 @@ async def test_expired_lease_is_taken_over_after_its_phase_is_restored(url: str)
     async with store(url) as backlog:
         # A drainer that died while its worker had P1 EXECUTING: its lease is already expired.
         assert (await backlog.leases.claim(_lease("run-a", "P1", "dead"), ttl=-1)).holder is None
-        claim = await backlog.leases.claim(_lease("run-a", "P2", "me"), ttl=60)
-        assert claim.holder is None
+        me = _lease("run-a", "P2", "me")
+        seen = await backlog.leases.claim(me, ttl=60)
+        # The claim names the expired holder (so that its attempt can be ended first) and
+        # changes nothing yet.
+        assert seen.expired and seen.holder is not None and seen.holder.attempt_id == "a-dead"
+        assert await backlog.phases.read("run-a", "P1") == ("EXECUTING", None)
+        # A take-over from a holder other than the one seen is refused.
+        other = dataclasses.replace(seen.holder, attempt_id="a-someone-else")
+        assert (await backlog.leases.take_over(me, 60, other)).holder is not None
+        claim = await backlog.leases.take_over(me, 60, seen.holder)
+        assert claim.holder is None and claim.phase == ("FAILED", "boom")
         state, reason = await backlog.phases.read("run-a", "P1") or ("?", None)
         assert state == "FAILED"
         assert reason is not None and reason.startswith("drainer: lease expired")
@@ -120,11 +131,52 @@ async def test_finish_restores_a_non_final_phase_and_releases(url: str) -> None:
         assert (await backlog.leases.claim(_lease("run-a", "P1", "me"), ttl=60)).holder is None
         outcome = await backlog.phases.wait_final_state("run-a", "P1", wait=0)
         assert outcome.row == ("EXECUTING", None) and outcome.telemetry == 0
-        restored = await backlog.leases.finish("run-a", "P1", "a-me",
-                                               restore="drainer: test", release=True)
-        assert restored is True
+        finished = await backlog.leases.finish("run-a", "P1", "a-me", restore="drainer: test")
+        assert finished.held is True and finished.restored is True
         assert await backlog.phases.read("run-a", "P1") == ("FAILED", "drainer: test")
         assert await backlog.leases.live() == []
+
+
+async def test_finish_after_a_take_over_leaves_the_phase_to_the_new_holder(url: str) -> None:
+    async with store(url) as backlog:
+        leases = backlog.leases
+        assert (await leases.claim(_lease("run-a", "P1", "frozen"), ttl=-1)).holder is None
+        seen = await leases.claim(_lease("run-a", "P1", "new"), ttl=60)
+        assert seen.holder is not None
+        assert (await leases.take_over(_lease("run-a", "P1", "new"), 60, seen.holder)).holder \
+            is None
+        async with backlog.engine.write() as conn:  # the new holder's worker is running
+            await conn.execute(text("UPDATE phases SET state = 'EXECUTING' WHERE phase_id = 'P1'"
+                                    " AND run_id = 'run-a'"))
+        # The frozen drainer wakes and settles: its lease is gone, the phase is not its own.
+        finished = await leases.finish("run-a", "P1", "a-frozen", restore="drainer: frozen")
+        assert finished.held is False and finished.restored is False
+        assert (await backlog.phases.read("run-a", "P1") or ("?",))[0] == "EXECUTING"
+        [(held, _age)] = await leases.live()
+        assert held.attempt_id == "a-new"
+
+
+async def test_a_drainer_never_sweeps_its_own_expired_leases(url: str) -> None:
+    async with store(url) as backlog:
+        leases = backlog.leases
+        assert (await leases.claim(_lease("run-a", "P1", "me"), ttl=-1)).holder is None
+        assert (await leases.claim(_lease("run-b", "P1", "other"), ttl=-1)).holder is None
+        expired = await leases.expired(other_than="s-me")
+        assert [lease.run_id for lease in expired] == ["run-b"]
+        assert await leases.sweep(expired[0]) is True
+        assert await leases.sweep(expired[0]) is False  # already gone: nothing happens twice
+        # Our own expired lease is still ours: renewing it keeps the attempt going.
+        assert await leases.renew("run-a", "a-me", 60) is True
+        assert await backlog.phases.read("run-a", "P1") == ("EXECUTING", None)
+
+
+async def test_a_claim_that_finds_its_own_lease_holds_it(url: str) -> None:
+    """A claim retried after a dropped connection may find the row its first try wrote."""
+    async with store(url) as backlog:
+        lease = _lease("run-a", "P2", "me")
+        assert (await backlog.leases.claim(lease, ttl=60)).holder is None
+        again = await backlog.leases.claim(lease, ttl=60)
+        assert again.holder is None and again.phase == ("FAILED", "boom")
 
 
 async def test_claim_whose_phase_read_fails_gives_the_run_back(tmp_path: Path) -> None:

@@ -225,3 +225,58 @@ def test_a_run_id_longer_than_512_characters_drains(env: Env) -> None:
         assert states[("run-b", "P2-ok")][0] == "COMPLETE"
     finally:
         drop_database(name)
+
+
+# A worker that cuts every other connection to its database, as a failover does, while it
+# runs and again just before it exits, leaving its phase EXECUTING.
+DROPPING_WORKER = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    import asyncpg
+    run_id, phase_id = sys.argv[1], sys.argv[2]
+    async def main():
+        conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+        cut = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+               "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        try:
+            await conn.execute("UPDATE phases SET state='EXECUTING' WHERE run_id=$1 AND phase_id=$2",
+                               run_id, phase_id)
+            print("cut", await conn.fetchval(cut), flush=True)
+            await asyncio.sleep(1.0)  # the heartbeats meet the dropped connections
+            print("cut", await conn.fetchval(cut), flush=True)
+        finally:
+            await conn.close()
+    asyncio.run(main())
+    sys.exit(3)
+    """
+)
+
+
+def test_connections_dropped_as_an_attempt_ends_are_retried_and_nothing_is_stuck(
+    env: Env, pg_db: str
+) -> None:
+    import asyncio
+
+    import asyncpg
+
+    worker = env.tmp / "dropping_worker.py"
+    worker.write_text(DROPPING_WORKER)
+    args = env.base_args(f"{sys.executable} {worker} {{run_id}} {{phase_id}}")
+    args[args.index("--database-url") + 1] = f"postgresql://postgres@127.0.0.1:5432/{pg_db}"
+    proc = env.run_cli("run", *args, "--run-id", "run-a", "--max-attempts-per-phase", "1",
+                       "--lease-ttl-seconds", "1.5")
+    # Before: "reading a phase ... failed: connection is closed", exit 2, the phase stuck
+    # EXECUTING with its lease already deleted.
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "connection" not in proc.stderr, proc.stderr
+    state, reason = fetch_states(pg_db)[("run-a", "P1-ok")]
+    assert state == "FAILED" and (reason or "").startswith("drainer: worker exited with status 3")
+
+    async def leases() -> int:
+        conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{pg_db}")
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM drainer_leases"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(leases()) == 0

@@ -38,7 +38,9 @@ from .models import Attempt, PhaseRef, PhaseState, is_final_state
 from .recorder import Recorder
 from .supervisor import AttemptSpec, ProcessResult, Supervisor
 
-DB_CLEANUP_TIMEOUT = 30.0  #: settling an attempt gives up after this long (resume mends it)
+DB_CLEANUP_TIMEOUT = 90.0  #: settling an attempt gives up after this long (resume mends it)
+#: while its lease cannot be renewed (database unreachable), an attempt goes on this long
+DB_OUTAGE_LIMIT = 300.0
 #: an attempt's error message is cut here: a worker's reason can be megabytes, and every
 #: attempt's message goes to the journal and the snapshot (the database keeps it whole)
 MAX_ERROR_CHARS = 4000
@@ -190,7 +192,8 @@ def judge(
 ) -> Attempt:
     """The record of a finished attempt, from what happened (pure)."""
     state = row[0] if row is not None else None
-    success = state == PhaseState.COMPLETE and not result.cancelled
+    # After a lost lease the phase may be another drainer's doing: never this one's success.
+    success = state == PhaseState.COMPLETE and not result.cancelled and not lease_lost
     events = None if telemetry_before is None or telemetry_after is None else max(
         0, telemetry_after - telemetry_before)
     llm = reached_llm_boundary(result.stdout_tail + "\n" + result.stderr_tail)
@@ -216,6 +219,7 @@ def judge(
         subprocess_stderr_excerpt=error_excerpt(result.stderr_tail),
         timed_out=result.timed_out,
         cancelled=result.cancelled,
+        lease_lost=lease_lost,
         state_restored=restored,
         leaked_processes=tuple(result.leaked),
         peak_rss_bytes=result.peak_rss_bytes,
@@ -267,7 +271,13 @@ class AttemptRunner:
         attempt_id = str(uuid.uuid4())
         lease = Lease(run_id=ref.run_id, session_id=self._session_id, attempt_id=attempt_id,
                       phase_id=ref.phase_id, host=self._host, pid=os.getpid())
-        claim = await self._store.leases.claim(lease, self.config.lease_ttl)
+        leases, ttl = self._store.leases, self.config.lease_ttl
+        claim = await leases.claim(lease, ttl)
+        if claim.expired and claim.holder is not None:
+            # Its drainer stopped renewing it (killed, frozen, cut off): its attempt dies
+            # before this one starts, so that two workers never drain one run.
+            await self.end_expired(claim.holder)
+            claim = await leases.take_over(lease, ttl, claim.holder)
         if claim.holder is not None:
             return LEASED
         drainable = (PhaseState.FAILED,) if self.config.skip_runs_with_queued else (
@@ -279,6 +289,35 @@ class AttemptRunner:
         state, reason = claim.phase
         return Claimed(ref=dataclasses.replace(ref, state=state, last_failure_reason=reason),
                        attempt_id=attempt_id, telemetry_before=claim.telemetry)
+
+    async def end_expired(self, lease: Lease) -> None:
+        """Kill what the attempt of an expired lease left running, when its drainer ran on
+        this host (found by the attempt's marker): before its run is swept or taken over.
+        A holder on another host is out of reach; see the README's reliability section."""
+        if lease.host != self._host:
+            return
+        killed = await anyio.to_thread.run_sync(functools.partial(
+            proctree.kill_leftovers, lease.attempt_id, None, None,
+            grace=self.config.kill_grace_period))
+        if killed:
+            self._recorder.echo(
+                f"[LEASE] the lease of {lease.run_id} expired (drainer pid {lease.pid}, "
+                f"session {lease.session_id}); killed {len(killed)} process(es) of its "
+                "attempt before taking the run over")
+
+    async def sweep_expired(self) -> list[Lease]:
+        """Restore and delete other sessions' expired leases (their attempts killed first
+        when they ran here); returns those swept."""
+        swept = []
+        for lease in await self._store.leases.expired(other_than=self._session_id):
+            await self.end_expired(lease)
+            if await self._store.leases.sweep(lease):
+                self._recorder.echo(
+                    f"[LEASE] expired lease of {lease.run_id} (drainer {lease.host} pid "
+                    f"{lease.pid}) swept; phase {lease.phase_id} restored if it was left "
+                    "non-final")
+                swept.append(lease)
+        return swept
 
     async def release(self, claimed: Claimed) -> None:
         """A claimed phase that will not be attempted after all: give its run back."""
@@ -319,7 +358,7 @@ class AttemptRunner:
             secrets=cfg.secrets,
             kill_leaks=cfg.leak_policy == "kill",
         )
-        settled: Attempt | None = None
+        settling = False
         try:
             self._recorder.attempt_started(
                 AttemptStarted(session_id=self._session_id, attempt=started,
@@ -341,13 +380,16 @@ class AttemptRunner:
                         await supervisor.run()
                         tg.cancel_scope.cancel()
             finally:
+                settling = True
                 with anyio.CancelScope(shield=True):
                     settled = await self._settle(started, supervisor.result, claimed,
                                                  lease_lost=lease_lost.is_set())
         finally:
-            if settled is None:  # it never got to settle: give the run back now
+            if not settling:  # no worker ran: the phase is as claimed; give the run back
                 await self.release(claimed)
-        assert settled is not None
+            # A settle that failed keeps the lease: the phase may be non-final, and the
+            # lease's expiry lets a sweep (or --resume) restore it. Released, it would be
+            # stuck with nobody to restore it.
         return settled
 
     async def _settle(
@@ -368,8 +410,10 @@ class AttemptRunner:
                 if row is not None and not is_final_state(row[0]):
                     why = restore_reason(result, row[0], cfg.phase_timeout_label,
                                          lease_lost=lease_lost)
-                restored = await leases.finish(ref.run_id, ref.phase_id, claimed.attempt_id,
-                                               restore=why, release=not lease_lost)
+                finished = await leases.finish(ref.run_id, ref.phase_id, claimed.attempt_id,
+                                               restore=why)
+                lease_lost = lease_lost or not finished.held
+                restored = finished.restored
                 if restored:
                     row = (PhaseState.FAILED.value, why)
                 elif why is not None:  # changed under us: read what it is now
@@ -393,23 +437,38 @@ class AttemptRunner:
     async def _heartbeat(
         self, claimed: Claimed, scope: anyio.CancelScope, lost: anyio.Event
     ) -> None:
-        """Renew the lease every TTL/3. A lease that cannot be renewed before it expires is
-        lost: the attempt is cancelled at once, since another drainer may now take the run."""
+        """Renew the lease every TTL/3. A lease found no longer ours (swept or taken over
+        after it expired: the drainer was frozen, or cut off) is lost: the attempt is
+        cancelled at once, since another drainer may be draining the run now.
+
+        While the database does not answer, the attempt goes on: renewal is retried (each
+        call retries transient faults itself) for up to ``DB_OUTAGE_LIMIT``. A lease that
+        expired meanwhile is still ours if nobody took it (drainers never sweep their own
+        leases), which the next renewal tells."""
         ttl = self.config.lease_ttl
         run_id = claimed.ref.run_id
         renewed = anyio.current_time()
+        failing = False
         while True:
-            await anyio.sleep(ttl / 3)
+            await anyio.sleep(min(ttl / 3, 1.0) if failing else ttl / 3)
             try:
                 held = await self._store.leases.renew(run_id, claimed.attempt_id, ttl)
             except DrainerError as exc:
-                if anyio.current_time() - renewed < ttl * 2 / 3:
-                    self._recorder.echo(
-                        f"[LEASE] renewing the lease of {run_id} failed, retrying: {exc}")
+                down = anyio.current_time() - renewed
+                if down < max(DB_OUTAGE_LIMIT, ttl):
+                    if not failing:
+                        self._recorder.echo(f"[LEASE] renewing the lease of {run_id} failed; "
+                                            f"the attempt goes on, retrying: {exc}")
+                    failing = True
                     continue
+                self._recorder.echo(f"[LEASE] the database did not answer for {down:.0f}s; "
+                                    f"giving the attempt on {run_id} up")
                 held = False
             if held:
-                renewed = anyio.current_time()
+                if failing:
+                    self._recorder.echo(f"[LEASE] renewed the lease of {run_id} after "
+                                        f"{anyio.current_time() - renewed:.0f}s")
+                renewed, failing = anyio.current_time(), False
                 continue
             self._recorder.echo(f"[LEASE] lost the lease of {run_id} (not renewed within "
                                 f"--lease-ttl-seconds {ttl:g}); stopping its attempt")

@@ -16,12 +16,18 @@ class UsageError(DrainerError):
 
 
 class DatabaseError(DrainerError):
-    """The backlog database is missing, unreadable, unreachable or of the wrong schema."""
+    """The backlog database is missing, unreadable, unreachable or of the wrong schema.
+
+    ``transient``: the fault may pass by itself (a dropped connection, a server restarting,
+    a lock held too long), so the statement is worth retrying on a fresh connection."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class SessionError(DrainerError):
     """The session directory or a session's files cannot be used (unwritable, corrupt, unknown)."""
-
 
 
 def drainer_error_in(exc: BaseException) -> DrainerError | None:

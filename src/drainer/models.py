@@ -261,6 +261,7 @@ class Attempt:
     timed_out: bool = False
     cancelled: bool = False
     interrupted: bool = False
+    lease_lost: bool = False  #: the run's lease was no longer ours: the phase was left alone
     state_restored: bool = False
     leaked_processes: tuple[LeakedProcess, ...] = ()
     peak_rss_bytes: int | None = None
@@ -309,8 +310,8 @@ _ATTEMPT_FIELDS: tuple[str, ...] = (
     "subprocess_stderr_excerpt", "failure_fingerprint", "telemetry_events_collected",
     "telemetry_yield_per_minute", "reached_llm_boundary", "zero_yield_reason", "attempt_id",
     "attempt_number", "lane", "started_at", "finished_at", "timed_out", "cancelled",
-    "interrupted", "state_restored", "leaked_processes", "peak_rss_bytes", "stdout_bytes",
-    "stderr_bytes",
+    "interrupted", "lease_lost", "state_restored", "leaked_processes", "peak_rss_bytes",
+    "stdout_bytes", "stderr_bytes",
 )
 _FIELD_SET = frozenset(_ATTEMPT_FIELDS)
 assert {f.name for f in fields(Attempt)} == _FIELD_SET

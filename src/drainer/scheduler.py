@@ -16,7 +16,6 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .attempt import LEASED, AttemptRunner, Claimed
-from .backlog import LeaseStore
 from .config import DrainConfig
 from .errors import DrainerError
 from .leaks import LeakGauge
@@ -42,7 +41,6 @@ class Scheduler:
         attempts: AttemptRunner,
         recorder: Recorder,
         leaks: LeakGauge,
-        leases: LeaseStore,
     ) -> None:
         self.config = config
         self._selector = selector
@@ -50,7 +48,6 @@ class Scheduler:
         self._attempts = attempts
         self._recorder = recorder
         self._leaks = leaks
-        self._leases = leases
         self._picking = anyio.CancelScope()
         self._in_flight = anyio.CancelScope()
         self._changed = anyio.Condition()
@@ -217,17 +214,13 @@ class Scheduler:
         while True:
             await anyio.sleep(self.config.lease_ttl / 2)
             try:
-                await sweep_leases(self._leases, self._recorder, self._selector)
+                await sweep_leases(self._attempts, self._selector)
             except DrainerError as exc:  # a busy database: the next sweep will do it
                 self._recorder.echo(f"[LEASE] sweeping expired leases failed, retrying later: "
                                     f"{exc}")
 
 
-async def sweep_leases(leases: LeaseStore, recorder: Recorder, selector: Selector) -> None:
-    """Restore and delete expired leases; their phases are drainable again."""
-    for lease in await leases.sweep_expired():
-        recorder.echo(f"[LEASE] expired lease of {lease.run_id} (drainer {lease.host} pid "
-                      f"{lease.pid}) swept; phase {lease.phase_id} restored if it was left "
-                      "non-final")
+async def sweep_leases(attempts: AttemptRunner, selector: Selector) -> None:
+    """Restore and delete other sessions' expired leases; their phases are drainable again."""
+    if await attempts.sweep_expired():
         selector.invalidate()
-

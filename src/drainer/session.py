@@ -176,7 +176,7 @@ class DrainSession:
                                  api_url=api_url)
         scheduler = self._scheduler = Scheduler(
             cfg, selector=selector, policy=self._policy, attempts=attempts, recorder=recorder,
-            leaks=self._gauge, leases=backlog.leases)
+            leaks=self._gauge)
         self._apply_requested_stop()
         try:
             if replay is None:
@@ -192,7 +192,7 @@ class DrainSession:
                 if replay.dangling:
                     selector.invalidate()  # the phases it restored are candidates again
             await backlog.leases.release_session(self.session_id)
-            await sweep_leases(backlog.leases, recorder, selector)
+            await sweep_leases(attempts, selector)
             await self._gauge.start()
             async with anyio.create_task_group() as tg:
                 if self._handle_signals:

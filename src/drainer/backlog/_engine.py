@@ -4,14 +4,14 @@ clock, and the one place lower-level errors become :class:`~drainer.errors.Datab
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..dburl import DatabaseURL
@@ -20,6 +20,32 @@ from ..errors import DatabaseError
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
 SQLITE_BUSY_TIMEOUT = 30.0  #: wait this long for a worker's write lock instead of failing
+RETRY_WITHIN = 60.0  #: a transient fault is retried for this long (a lock held past the
+#: busy timeout is waited out once more) before it counts
+RETRY_FIRST_PAUSE = 0.05  #: then doubled per retry, up to RETRY_MAX_PAUSE
+RETRY_MAX_PAUSE = 2.0
+#: a statement is never cancelled half-way (a stop waits for it), but gives up after this long
+STATEMENT_LIMIT = 2 * SQLITE_BUSY_TIMEOUT + 10.0
+#: PostgreSQL SQLSTATEs that pass by themselves: connection exceptions (class 08), the server
+#: shutting down or starting (57P01-57P03), serialization failure, deadlock, lock not available
+_TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "55P03")
+
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a driver error may pass if the statement is tried again on a new connection."""
+    if isinstance(exc, OSError):
+        return True  # refused, reset: the server is restarting or the network hiccuped
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    code = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+    if code and code.startswith(_TRANSIENT_SQLSTATES):
+        return True
+    text = str(orig if orig is not None else exc).lower()
+    return "database is locked" in text or "connection is closed" in text \
+        or "connection was closed" in text
 
 
 def first_line(exc: BaseException) -> str:
@@ -46,10 +72,36 @@ class Engine:
         try:
             yield
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"{action} {self.db.redacted} failed: {first_line(exc)}") \
-                from exc
+            raise DatabaseError(f"{action} {self.db.redacted} failed: {first_line(exc)}",
+                                transient=is_transient(exc)) from exc
         except OSError as exc:  # the driver could not reach the server at all
-            raise DatabaseError(f"connecting to {self.db.redacted} failed: {exc}") from exc
+            raise DatabaseError(f"connecting to {self.db.redacted} failed: {exc}",
+                                transient=True) from exc
+
+    async def retry(self, action: str, body: Callable[[], Awaitable[T]]) -> T:
+        """``await body()`` (which opens its own connection), translated as :meth:`errors`
+        does; a transient fault is retried with backoff for up to ``RETRY_WITHIN`` seconds.
+        The pool drops a connection found broken, so each retry runs on a fresh one.
+
+        Each try is shielded: a cancellation (a stop, a lost lease, the end of an attempt)
+        waits for the statement in flight and takes effect at the next pause. Cut half-way,
+        SQLAlchemy would invalidate the connection, and with aiosqlite its close could then
+        hang the event loop's shutdown forever (seen with SQLAlchemy 2.1 and aiosqlite 0.22
+        when a heartbeat was cancelled while it waited on a write lock)."""
+        deadline = anyio.current_time() + RETRY_WITHIN
+        pause = RETRY_FIRST_PAUSE
+        while True:
+            try:
+                with self.errors(action), anyio.CancelScope(shield=True) as scope:
+                    scope.deadline = anyio.current_time() + STATEMENT_LIMIT
+                    return await body()
+                raise DatabaseError(f"{action} {self.db.redacted} failed: no answer within "
+                                    f"{STATEMENT_LIMIT:g}s")
+            except DatabaseError as exc:
+                if not exc.transient or anyio.current_time() + pause > deadline:
+                    raise
+            await anyio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX_PAUSE)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

@@ -39,6 +39,7 @@ class Lease:
     host: str
     pid: int
     expires_at: float | None = None
+    expired: bool = False  #: by the database's clock, when it was read
 
     def params(self, ttl: float) -> dict[str, Any]:
         return {"run_id": self.run_id, "session_id": self.session_id,
@@ -50,7 +51,8 @@ class Lease:
         return cls(run_id=str(row.run_id), session_id=str(row.session_id),
                    attempt_id=str(row.attempt_id), phase_id=str(row.phase_id),
                    host=str(row.host), pid=int(row.pid),
-                   expires_at=float(row.expires_at) if row.expires_at is not None else None)
+                   expires_at=float(row.expires_at) if row.expires_at is not None else None,
+                   expired=bool(getattr(row, "expired", False)))
 
 
 UNKNOWN_HOLDER = Lease(run_id="?", session_id="?", attempt_id="?", phase_id="?", host="?", pid=0)
@@ -60,9 +62,18 @@ UNKNOWN_HOLDER = Lease(run_id="?", session_id="?", attempt_id="?", phase_id="?",
 class Claim:
     """The answer to a lease claim: who blocks it, or the phase as read under the lease."""
 
-    holder: Lease | None  #: a live lease of someone else: the run is not ours now
+    holder: Lease | None  #: someone else's lease: the run is not ours now
+    expired: bool = False  #: that lease has expired: end its attempt, then take_over()
     phase: PhaseRow | None = None  #: (state, reason); None: the phase is gone
     telemetry: int | None = None  #: telemetry rows of the phase before the attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The answer to :meth:`Leases.finish`."""
+
+    held: bool  #: the lease was still ours (else the attempt lost it)
+    restored: bool  #: the phase was restored to FAILED
 
 
 class Leases:
@@ -120,24 +131,69 @@ class Leases:
             return False
 
     async def claim(self, lease: Lease, ttl: float) -> Claim:
-        """Claim ``lease.run_id``: insert the lease, or take over an expired one after
-        restoring the phase it names (one transaction); then read ``lease.phase_id`` and its
-        telemetry count under the lease (the "before" of the attempt)."""
+        """Claim ``lease.run_id`` by inserting the lease; then read ``lease.phase_id`` and its
+        telemetry count under it (the "before" of the attempt). A run leased already gives
+        its holder, with ``expired`` set when that lease has expired: the caller ends the
+        holder's attempt and then calls :meth:`take_over`."""
         params = lease.params(ttl)
-        with self._engine.errors("claiming a lease in"):
+
+        async def insert() -> Lease | Claim | None:
             try:
                 # The common case is one statement, atomic by itself: nobody holds the run.
                 async with self._engine.write(single=True) as conn:
-                    inserted = (await conn.execute(self._insert(if_absent=True),
-                                                   params)).rowcount
-                if not inserted:
-                    async with self._engine.write() as conn:
-                        holder = await self._take_over_expired(conn, params)
-                        if holder is not None:
-                            return Claim(holder=holder)
+                    if (await conn.execute(self._insert(if_absent=True), params)).rowcount:
+                        return None
             except IntegrityError:
                 # Another drainer inserted first (PostgreSQL, between our two statements).
                 return Claim(holder=UNKNOWN_HOLDER)
+            async with self._engine.read() as conn:
+                holder = await self._holder(conn, params)
+            return holder if holder is not None else Claim(holder=None)
+
+        found = await self._engine.retry("claiming a lease in", insert)
+        if isinstance(found, Claim):
+            if found.holder is None:  # released meanwhile: try once more, as a take-over
+                return await self.take_over(lease, ttl, None)
+            return found
+        if found is not None and found.attempt_id != lease.attempt_id:
+            return Claim(holder=found, expired=found.expired)
+        # Inserted (or found ours: a retried insert had landed before the fault).
+        return await self._read_under(lease)
+
+    async def take_over(self, lease: Lease, ttl: float, expired: Lease | None) -> Claim:
+        """Take the run over from ``expired`` (a lease seen expired; None: seen free), in one
+        transaction, restoring the phase it names; only if the run is still as seen."""
+        params = lease.params(ttl)
+        now = self._now
+
+        async def take() -> Claim | None:
+            try:
+                async with self._engine.write() as conn:
+                    holder = await self._holder(conn, params, lock=True)
+                    if holder is not None and holder.attempt_id == lease.attempt_id:
+                        return None  # ours: a retried take-over had landed before the fault
+                    if holder is None:
+                        await conn.execute(self._insert(if_absent=False), params)
+                        return None
+                    if (expired is None or holder.attempt_id != expired.attempt_id
+                            or not holder.expired):
+                        return Claim(holder=holder)  # someone else, or it woke and renewed
+                    await self._phases.restore_in(conn, holder.run_id, holder.phase_id,
+                                                  _expired_reason(holder))
+                    await conn.execute(text(
+                        f"UPDATE {LEASE_TABLE} SET session_id = :session_id, "
+                        f"attempt_id = :attempt_id, phase_id = :phase_id, host = :host, "
+                        f"pid = :pid, acquired_at = {now}, heartbeat_at = {now}, "
+                        f"expires_at = {now} + :ttl WHERE run_id = :run_id"
+                    ), params)
+                    return None
+            except IntegrityError:
+                return Claim(holder=UNKNOWN_HOLDER)
+
+        blocked = await self._engine.retry("taking over a lease in", take)
+        return blocked if blocked is not None else await self._read_under(lease)
+
+    async def _read_under(self, lease: Lease) -> Claim:
         try:
             outcome = await self._phases.read_outcome(lease.run_id, lease.phase_id)
         except BaseException:
@@ -145,6 +201,17 @@ class Leases:
             await self.release_quietly(lease.run_id, lease.attempt_id)
             raise
         return Claim(holder=None, phase=outcome.row, telemetry=outcome.telemetry)
+
+    async def _holder(
+        self, conn: AsyncConnection, params: dict[str, Any], *, lock: bool = False
+    ) -> Lease | None:
+        """The lease of ``params["run_id"]`` (``expired`` by the database's clock), if any."""
+        suffix = " FOR UPDATE" if lock and not self._sqlite else ""
+        row = (await conn.execute(text(
+            f"SELECT {_COLUMNS}, expires_at < {self._now} AS expired "
+            f"FROM {LEASE_TABLE} WHERE run_id = :run_id{suffix}"
+        ), params)).first()
+        return None if row is None else Lease.from_row(row)
 
     def _insert(self, *, if_absent: bool) -> Any:
         """INSERT of a new lease row (parameters: :meth:`Lease.params`); ``if_absent``: do
@@ -157,73 +224,53 @@ class Leases:
             f":attempt_id, :phase_id, :host, :pid, {now}, {now}, {now} + :ttl){conflict}"
         )
 
-    async def _take_over_expired(
-        self, conn: AsyncConnection, params: dict[str, Any]
-    ) -> Lease | None:
-        """The run is leased: its live holder, or None once an expired lease is taken over
-        (the phase it names restored first)."""
-        now = self._now
-        lock = "" if self._sqlite else " FOR UPDATE"
-        row = (await conn.execute(text(
-            f"SELECT {_COLUMNS}, expires_at < {now} AS expired "
-            f"FROM {LEASE_TABLE} WHERE run_id = :run_id{lock}"
-        ), params)).first()
-        if row is None:
-            # Released between our insert and this read (PostgreSQL): it is free now.
-            await conn.execute(self._insert(if_absent=False), params)
-            return None
-        if not row.expired:
-            return Lease.from_row(row)
-        await self._phases.restore_in(conn, str(row.run_id), str(row.phase_id),
-                                      _expired_reason(row))
-        await conn.execute(text(
-            f"UPDATE {LEASE_TABLE} SET session_id = :session_id, "
-            f"attempt_id = :attempt_id, phase_id = :phase_id, host = :host, "
-            f"pid = :pid, acquired_at = {now}, heartbeat_at = {now}, "
-            f"expires_at = {now} + :ttl WHERE run_id = :run_id"
-        ), params)
-        return None
-
     async def finish(
-        self, run_id: str, phase_id: str, attempt_id: str, *, restore: str | None, release: bool
-    ) -> bool:
-        """After an attempt, in one transaction: restore the phase to FAILED with reason
-        ``restore`` (when given and it is still non-final) and release the lease. Without
-        ``release`` (our lease was lost) the restore happens only if no other drainer leases
-        the run now. Returns whether the phase was restored."""
-        if restore is None and not release:
-            return False
-        with self._engine.errors("finishing an attempt in"):
+        self, run_id: str, phase_id: str, attempt_id: str, *, restore: str | None
+    ) -> Finished:
+        """After an attempt, in one transaction: release our lease and, given ``restore``,
+        set the phase to FAILED with that reason if it is still non-final. The phase is ours
+        to write only while the lease is: if it is gone (taken over, or swept), the phase is
+        restored only when no drainer leases the run at all, and never if one does."""
+
+        async def settle() -> Finished:
             # A lone release is one statement: no explicit transaction needed.
             async with self._engine.write(single=restore is None) as conn:
+                held = await self._delete(conn, run_id, attempt_id)
                 restored = False
                 if restore is not None:
                     restored = await self._phases.restore_in(
                         conn, run_id, phase_id, restore,
-                        unless_leased_in=None if release else LEASE_TABLE)
-                if release:
-                    await self._delete(conn, run_id, attempt_id)
-        return restored
+                        unless_leased_in=None if held else LEASE_TABLE)
+            return Finished(held=held, restored=restored)
 
-    async def _delete(self, conn: AsyncConnection, run_id: str, attempt_id: str) -> None:
-        await conn.execute(text(
+        return await self._engine.retry("finishing an attempt in", settle)
+
+    async def _delete(self, conn: AsyncConnection, run_id: str, attempt_id: str) -> bool:
+        result = await conn.execute(text(
             f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id AND attempt_id = :attempt_id"
         ), {"run_id": run_id, "attempt_id": attempt_id})
+        return bool(result.rowcount)
 
     async def renew(self, run_id: str, attempt_id: str, ttl: float) -> bool:
+        """Extend our lease by ``ttl``; False when it is no longer ours."""
         now = self._now
-        with self._engine.errors("renewing a lease in"):
-            async with self._engine.write() as conn:
+
+        async def update() -> bool:
+            async with self._engine.write(single=True) as conn:
                 result = await conn.execute(text(
                     f"UPDATE {LEASE_TABLE} SET heartbeat_at = {now}, expires_at = {now} + :ttl "
                     "WHERE run_id = :run_id AND attempt_id = :attempt_id"
                 ), {"ttl": ttl, "run_id": run_id, "attempt_id": attempt_id})
-        return bool(result.rowcount)
+            return bool(result.rowcount)
+
+        return await self._engine.retry("renewing a lease in", update)
 
     async def release(self, run_id: str, attempt_id: str) -> None:
-        with self._engine.errors("releasing a lease in"):
+        async def delete() -> None:
             async with self._engine.write(single=True) as conn:
                 await self._delete(conn, run_id, attempt_id)
+
+        await self._engine.retry("releasing a lease in", delete)
 
     async def release_quietly(self, run_id: str, attempt_id: str) -> None:
         """Release best effort, shielded and bounded: if the database does not answer, the
@@ -234,28 +281,44 @@ class Leases:
 
     async def release_session(self, session_id: str) -> int:
         """On resume: leases the crashed run of this session still held."""
-        with self._engine.errors("releasing leases in"):
+        async def delete() -> int:
             async with self._engine.write(single=True) as conn:
                 result = await conn.execute(text(
                     f"DELETE FROM {LEASE_TABLE} WHERE session_id = :session_id"
                 ), {"session_id": session_id})
-        return int(result.rowcount or 0)
+            return int(result.rowcount or 0)
 
-    async def sweep_expired(self) -> list[Lease]:
-        """Restore the phase each expired lease names (if non-final), then delete the lease."""
-        lock = "" if self._sqlite else " FOR UPDATE SKIP LOCKED"
-        swept: list[Lease] = []
-        with self._engine.errors("sweeping expired leases in"):
-            async with self._engine.write() as conn:
+        return await self._engine.retry("releasing leases in", delete)
+
+    async def expired(self, *, other_than: str) -> list[Lease]:
+        """Expired leases of sessions other than ``other_than`` (a drainer never sweeps its
+        own: its heartbeats decide about those, even after its database was unreachable)."""
+        async def select() -> list[Lease]:
+            async with self._engine.read() as conn:
                 rows = (await conn.execute(text(
-                    f"SELECT {_COLUMNS} FROM {LEASE_TABLE} WHERE expires_at < {self._now}{lock}"
-                ))).all()
-                for row in rows:
-                    await self._phases.restore_in(conn, str(row.run_id), str(row.phase_id),
-                                                  _expired_reason(row))
-                    await self._delete(conn, str(row.run_id), str(row.attempt_id))
-                    swept.append(Lease.from_row(row))
-        return swept
+                    f"SELECT {_COLUMNS}, 1 AS expired FROM {LEASE_TABLE} "
+                    f"WHERE expires_at < {self._now} AND session_id <> :session_id"
+                ), {"session_id": other_than})).all()
+            return [Lease.from_row(r) for r in rows]
+
+        return await self._engine.retry("reading expired leases in", select)
+
+    async def sweep(self, lease: Lease) -> bool:
+        """Restore the phase an expired lease names (if non-final) and delete the lease, in
+        one transaction; only if it is still that lease and still expired."""
+        async def delete() -> bool:
+            async with self._engine.write() as conn:
+                result = await conn.execute(text(
+                    f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id AND "
+                    f"attempt_id = :attempt_id AND expires_at < {self._now}"
+                ), {"run_id": lease.run_id, "attempt_id": lease.attempt_id})
+                if not result.rowcount:
+                    return False
+                await self._phases.restore_in(conn, lease.run_id, lease.phase_id,
+                                              _expired_reason(lease))
+            return True
+
+        return await self._engine.retry("sweeping an expired lease in", delete)
 
     async def live(self) -> list[tuple[Lease, float]]:
         """Leases not expired, with their age in seconds (for status)."""
@@ -271,6 +334,6 @@ class Leases:
         return [(Lease.from_row(r), float(r.age)) for r in rows]
 
 
-def _expired_reason(row: Any) -> str:
-    return (f"drainer: lease expired (drainer {row.host} pid {row.pid}, session "
-            f"{row.session_id} stopped renewing it); restored to FAILED")
+def _expired_reason(lease: Lease) -> str:
+    return (f"drainer: lease expired (drainer {lease.host} pid {lease.pid}, session "
+            f"{lease.session_id} stopped renewing it); restored to FAILED")

@@ -96,11 +96,17 @@ class Phases:
 
     # -- reads ---------------------------------------------------------------------------
 
+    async def _all(self, action: str, stmt: Any) -> list[Any]:
+        """Every row of one read statement (retried on a transient fault)."""
+        async def read() -> list[Any]:
+            async with self._engine.read() as conn:
+                return list((await conn.execute(stmt)).all())
+
+        return await self._engine.retry(action, read)
+
     async def counts_by_state(self) -> dict[str, int]:
         stmt = select(self._state, func.count()).group_by(self._state)
-        with self._engine.errors("counting phases in"):
-            async with self._engine.read() as conn:
-                rows = (await conn.execute(stmt)).all()
+        rows = await self._all("counting phases in", stmt)
         out: dict[str, int] = {}
         for state, n in rows:
             key = self.schema.canonical(state)
@@ -110,9 +116,7 @@ class Phases:
     async def counts_by_run(self) -> dict[str, dict[str, int]]:
         """``{run_id: {state: count}}`` for every run with phases."""
         stmt = select(self._run, self._state, func.count()).group_by(self._run, self._state)
-        with self._engine.errors("counting phases in"):
-            async with self._engine.read() as conn:
-                rows = (await conn.execute(stmt)).all()
+        rows = await self._all("counting phases in", stmt)
         out: dict[str, dict[str, int]] = {}
         for run, state, n in rows:
             counts = out.setdefault(str(run), {})
@@ -142,12 +146,13 @@ class Phases:
                                  self.schema.db(PhaseState.QUEUED)]))
         if run_id is not None:
             stmt = stmt.where(self._run == run_id)
-        found = Candidates()
         canonical = self.schema.canonical
+
         # Streamed in chunks into columns, grouped by run (ORDER BY), with one shared string
         # per run id and reason: memory stays proportional to the candidates, not to the
         # driver's rows. The sort runs in the database (SQLite spills it to disk).
-        with self._engine.errors("loading candidates from"):
+        async def load() -> Candidates:
+            found = Candidates()
             async with self._engine.read() as conn:
                 result = await conn.stream(
                     stmt.order_by(self._run).execution_options(yield_per=LOAD_CHUNK))
@@ -159,23 +164,25 @@ class Phases:
                         found.add(run_id, str(phase), int(index) if index is not None else 0,
                                   canonical(state),
                                   None if reason is None else sys.intern(reason))
-        return found.done()
+            return found.done()
+
+        return await self._engine.retry("loading candidates from", load)
 
     async def read(self, run_id: str, phase_id: str) -> PhaseRow | None:
         """``(state, last_failure_reason)`` of one phase, or None if it does not exist."""
         stmt = select(self._state, self._reason).where(
             self._run == run_id, self._phase == phase_id
         )
-        with self._engine.errors("reading a phase from"):
-            async with self._engine.read() as conn:
-                row = (await conn.execute(stmt)).first()
-        return None if row is None else (self.schema.canonical(row[0]), row[1])
+        rows = await self._all("reading a phase from", stmt)
+        return None if not rows else (self.schema.canonical(rows[0][0]), rows[0][1])
 
     async def read_outcome(self, run_id: str, phase_id: str) -> Outcome:
         """A phase's state, reason and telemetry count, in one statement."""
-        with self._engine.errors("reading a phase from"):
+        async def read() -> Outcome:
             async with self._engine.read() as conn:
                 return await self.outcome_in(conn, run_id, phase_id)
+
+        return await self._engine.retry("reading a phase from", read)
 
     async def outcome_in(self, conn: AsyncConnection, run_id: str, phase_id: str) -> Outcome:
         if self._outcome_stmt is None:
@@ -214,9 +221,12 @@ class Phases:
         """Telemetry rows for one phase across the telemetry tables; None when unavailable."""
         if not self.telemetry_tables:
             return None
-        with self._engine.errors("counting telemetry in"):
+
+        async def count() -> int | None:
             async with self._engine.read() as conn:
                 return await self._telemetry_in(conn, run_id, phase_id)
+
+        return await self._engine.retry("counting telemetry in", count)
 
     def _telemetry_total(self) -> Any:
         """A scalar expression summing the phase's rows over every telemetry table (bound
@@ -250,9 +260,11 @@ class Phases:
 
     async def restore_failed(self, run_id: str, phase_id: str, reason: str) -> bool:
         """Set a phase left non-final back to FAILED. True when a row was changed."""
-        with self._engine.errors("restoring a phase in"):
-            async with self._engine.write() as conn:
+        async def restore() -> bool:
+            async with self._engine.write(single=True) as conn:
                 return await self.restore_in(conn, run_id, phase_id, reason)
+
+        return await self._engine.retry("restoring a phase in", restore)
 
     async def restore_in(
         self,

@@ -1,0 +1,193 @@
+"""A run is never drained twice at once when a drainer dies, freezes or loses its database
+for a while (issue 9, items 1, 2 and 8): real drainers, real workers, a real SQLite file.
+
+Each worker logs when it starts and ends (by pid), so overlaps are measured, not guessed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+from conftest import Env, create_backlog, phase_states, wait_for_worker_file
+
+# The first worker to start takes the "long" token: it runs until killed, with a setsid
+# grandchild (keeping drainer's marker). Every other worker completes its phase at once.
+SPAN_WORKER = textwrap.dedent(
+    """
+    import json, os, signal, sqlite3, subprocess, sys, time
+    run_id, phase_id = sys.argv[1], sys.argv[2]
+    out = os.environ["TEST_OUT"]
+    def log(what):
+        with open(os.path.join(out, "spans.jsonl"), "a") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), "what": what, "t": time.time(),
+                                 "session": os.environ["DRAINER_SESSION_ID"]}) + "\\n")
+    def on_term(*_):
+        log("end")
+        os._exit(143)
+    signal.signal(signal.SIGTERM, on_term)
+    log("start")
+    db = sqlite3.connect(os.environ["DATABASE_URL"][len("sqlite:///"):], timeout=30)
+    db.execute("UPDATE phases SET state='EXECUTING' WHERE run_id=? AND phase_id=?",
+               (run_id, phase_id))
+    db.commit()
+    try:
+        os.rename(os.path.join(out, "long"), os.path.join(out, "long.taken"))
+        long = True
+    except FileNotFoundError:
+        long = False
+    if long:
+        gc = subprocess.Popen([sys.executable, "-c",
+                               "import os, time; os.setsid(); time.sleep(600)"])
+        with open(os.path.join(out, "grandchild"), "w") as fh:
+            fh.write(str(gc.pid))
+        open(os.path.join(out, "running.%d" % os.getpid()), "w").close()
+        time.sleep(600)
+    db.execute("UPDATE phases SET state='COMPLETE' WHERE run_id=? AND phase_id=?",
+               (run_id, phase_id))
+    db.commit()
+    log("end")
+    """
+)
+
+TTL = "1.5"
+
+
+def _setup(env: Env) -> list[str]:
+    # The first drainer takes P0; the run's other phase brings the second one to its lease.
+    create_backlog(env.db, [("run-0", "P0", 0, "FAILED", None), ("run-0", "P1", 1, "FAILED", None)])
+    worker = env.tmp / "span_worker.py"
+    worker.write_text(SPAN_WORKER)
+    (env.out / "long").touch()
+    return [*env.base_args(f"{sys.executable} {worker} {{run_id}} {{phase_id}}"),
+            "--lease-ttl-seconds", TTL, "--max-attempts-per-phase", "1"]
+
+
+def _spans(env: Env) -> dict[int, dict[str, float]]:
+    spans: dict[int, dict[str, float]] = {}
+    for line in (env.out / "spans.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        spans.setdefault(rec["pid"], {})[rec["what"]] = rec["t"]
+    return spans
+
+
+def _assert_no_overlap(spans: dict[int, dict[str, float]]) -> None:
+    ordered = sorted(spans.values(), key=lambda s: s["start"])
+    for first, second in itertools.pairwise(ordered):
+        assert "end" in first, f"a worker never ended: {spans}"
+        assert first["end"] <= second["start"], f"two workers drained one run at once: {spans}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _start_drainer(env: Env, args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "drainer", "run", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env.worker_env(), cwd=env.tmp)
+
+
+def _results(env: Env) -> list[dict[str, object]]:
+    return [r for snap in sorted(env.sessions.glob("batch-drain-*.json"))
+            for r in json.loads(snap.read_text())["results"]]
+
+
+def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(env: Env) -> None:
+    args = _setup(env)
+    frozen = _start_drainer(env, args)
+    try:
+        wait_for_worker_file(env.out, "running.*", frozen)
+        os.kill(frozen.pid, signal.SIGSTOP)  # frozen: its lease stops being renewed
+        other = env.run_cli("run", *args)
+        assert other.returncode == 0, other.stdout + other.stderr
+        assert "killed 2 process(es) of its attempt before taking the run over" in other.stdout
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    out, _err = frozen.communicate(timeout=60)
+    # On waking, the frozen drainer finds its lease gone: it records that and leaves the
+    # phase (completed by the other drainer) alone.
+    assert frozen.returncode == 1, out
+    spans = _spans(env)
+    assert len(spans) == 3
+    _assert_no_overlap(spans)
+    assert {state for state, _ in phase_states(env.db).values()} == {"COMPLETE"}
+    (lost,) = [r for r in _results(env) if r["lease_lost"]]
+    assert lost["success"] is False and lost["state_restored"] is False
+    assert "lease lost" in str(lost["error_message"])
+    grandchild = int((env.out / "grandchild").read_text())
+    assert not any(_alive(pid) for pid in [*spans, grandchild])
+    assert _no_drainer_leases(env.db)
+
+
+def test_a_killed_drainers_worker_is_killed_before_its_run_is_taken_over(env: Env) -> None:
+    args = _setup(env)
+    killed = _start_drainer(env, args)
+    wait_for_worker_file(env.out, "running.*", killed)
+    killed.kill()  # kill -9: its worker and the worker's grandchild live on
+    killed.communicate(timeout=30)
+    other = env.run_cli("run", *args)
+    assert other.returncode == 0, other.stdout + other.stderr
+    spans = _spans(env)
+    assert len(spans) == 3
+    _assert_no_overlap(spans)
+    assert {state for state, _ in phase_states(env.db).values()} == {"COMPLETE"}
+    grandchild = int((env.out / "grandchild").read_text())
+    assert not any(_alive(pid) for pid in [*spans, grandchild])
+
+
+def test_a_write_lock_held_past_the_lease_ttl_cancels_no_healthy_attempt(env: Env) -> None:
+    """Another program holds SQLite's write lock for longer than the lease TTL: the leases
+    expire meanwhile, but they are still this drainer's, so its attempts go on."""
+    create_backlog(env.db, [(f"run-{i}", f"P{i}", 0, "FAILED", None) for i in range(3)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drainer", "run", *env.base_args(), "--lanes", "3",
+         "--lease-ttl-seconds", TTL, "--max-attempts-per-phase", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env.worker_env(WORKER_KIND="gated"), cwd=env.tmp)
+    for i in range(3):
+        wait_for_worker_file(env.out, f"started.P{i}", proc)
+    holder = sqlite3.connect(env.db, timeout=30, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    # Held for three TTLs (4.5 s): measured by the lease table itself, which the drainer's
+    # heartbeats cannot touch meanwhile; the wait ends once every lease has expired.
+    reader = sqlite3.connect(env.db, timeout=30)
+    while reader.execute("SELECT count(*) FROM drainer_leases WHERE expires_at > "
+                         "(julianday('now') - 2440587.5) * 86400.0 - 3.0").fetchone()[0]:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    holder.execute("COMMIT")
+    holder.close()
+    reader.close()
+    (env.out / "release").touch()
+    # It used to hang here: a heartbeat cancelled while its statement waited on the lock
+    # left aiosqlite's close pending forever at the event loop's shutdown.
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert "lost the lease" not in out and "swept" not in out, out
+    assert "Task was destroyed" not in err, err
+    assert all(state == "COMPLETE" for state, _ in phase_states(env.db).values())
+    results = _results(env)
+    assert len(results) == 3 and all(r["success"] for r in results)
+    assert _no_drainer_leases(env.db)
+
+
+def _no_drainer_leases(db: Path) -> bool:
+    conn = sqlite3.connect(db)
+    try:
+        return not conn.execute("SELECT count(*) FROM drainer_leases").fetchone()[0]
+    finally:
+        conn.close()
