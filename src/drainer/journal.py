@@ -9,6 +9,7 @@ session never holds its attempts in memory; the snapshot (``snapshot``) is built
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -176,9 +177,16 @@ class SessionFiles:
         data["at"] = at
         line = self.redact(orjson.dumps(data)) + b"\n"
         try:
-            self._journal.write(line)
+            written = self._journal.write(line)
+            if written != len(line):  # a full disk (or file size limit) took part of it
+                raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written")
         except OSError as exc:
-            raise SessionError(f"cannot append to journal {self.journal_path}: {exc}") from exc
+            # Cut the torn line back off, so that the journal ends on a whole line.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._journal.fileno(), self.journal_size)
+            raise SessionError(f"cannot append to journal {self.journal_path}: "
+                               f"{exc.strerror or exc}; the session is resumable once there is "
+                               "room") from exc
         self.journal_size += len(line)
 
     def close(self) -> None:
@@ -195,12 +203,19 @@ def _drop_torn_line(fd: int) -> int:
     size = os.lseek(fd, 0, os.SEEK_END)
     if size == 0:
         return 0
-    tail_size = min(size, 1 << 16)
-    tail = os.pread(fd, tail_size, size - tail_size)
-    if tail.endswith(b"\n"):
+    if os.pread(fd, 1, size - 1) == b"\n":
         return size
-    cut = tail.rfind(b"\n")
-    keep = size - tail_size + cut + 1 if cut >= 0 else (0 if size <= tail_size else size)
+    # Look back, 64 KiB at a time, for the end of the last whole line (a torn line may be
+    # longer than one chunk).
+    end = size
+    keep = 0
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        cut = os.pread(fd, end - start, start).rfind(b"\n")
+        if cut >= 0:
+            keep = start + cut + 1
+            break
+        end = start
     os.ftruncate(fd, keep)
     return keep
 
