@@ -363,14 +363,25 @@ class Totals:
     telemetry_seconds: float = 0.0  #: duration of those attempts
     duration_seconds: float = 0.0  #: duration of every attempt
     runs: dict[str, RunTotals] = field(default_factory=dict)
+    #: attempts that failed on their own (not cancelled by a stop): they make exit code 1
+    failed_by_worker: int = 0
+    #: phases whose latest attempt was cancelled by a stop and that have not been drained
+    #: since (a later success clears one); they too make exit code 1. At most one entry per
+    #: attempt in flight at each stop: it does not grow with the session.
+    cancelled_open: set[tuple[str, str]] = field(default_factory=set)
 
     def add(self, a: Attempt) -> None:
         self.processed += 1
         self.succeeded += a.success
         self.failed += a.failed
+        self.failed_by_worker += a.failed and not a.cancelled
         self.timed_out += a.timed_out
         self.cancelled += a.cancelled
         self.interrupted += a.interrupted
+        if a.failed and a.cancelled:
+            self.cancelled_open.add(a.key)
+        elif a.success:
+            self.cancelled_open.discard(a.key)
         self.restored += a.state_restored
         self.leaked += len(a.leaked_processes)
         self.duration_seconds += a.subprocess_duration_seconds
@@ -439,4 +450,5 @@ class SessionSummary:
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        return 1 if self.totals.failed else 0
+        # A cancelled attempt whose phase was drained since (after --resume) is made good.
+        return 1 if self.totals.failed_by_worker or self.totals.cancelled_open else 0
