@@ -404,9 +404,9 @@ def test_corrupt_json_and_foreign_files(tmp_path: Path) -> None:
 def test_corrupt_journal_names_the_snapshot(tmp_path: Path) -> None:
     root = tmp_path / SID
     root.mkdir()
-    (root / "journal.jsonl").write_text('{"type": "session_started"}\nnot json\n{"type": "x"}\n')
+    (root / "journal.jsonl").write_text('not json\n{"type": "session_started"}\n')
     (tmp_path / f"{SID}.json").write_text(json.dumps({"session_id": SID, "results": []}))
-    with pytest.raises(SessionError, match=r"line 2 is not JSON.*analyse .*\.json"):
+    with pytest.raises(SessionError, match=r"line 1 is not JSON.*analyse .*\.json"):
         load_session(SID, tmp_path)
     # naming the snapshot explicitly reads it despite the damaged journal
     assert list(load_session(str(tmp_path / f"{SID}.json"), tmp_path).attempts()) == []

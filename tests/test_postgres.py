@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -280,3 +283,81 @@ def test_connections_dropped_as_an_attempt_ends_are_retried_and_nothing_is_stuck
             await conn.close()
 
     assert asyncio.run(leases()) == 0
+
+
+def _small_files(limit: int) -> Callable[[], None]:
+    """For ``preexec_fn``: no file of this process may grow past ``limit`` bytes, as on a
+    full disk. The database lives in the server, so only drainer's own files meet the limit
+    (Python ignores SIGXFSZ, so a write past it is cut short or fails with EFBIG)."""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return apply
+
+
+def test_a_full_disk_stops_the_session_resumably_and_resume_finishes_it(env: Env) -> None:
+    import asyncio
+    import json
+    import subprocess
+
+    import asyncpg
+
+    runs = [f"run-{i}" for i in range(6)]
+    name = create_database([(run, "P-ok", 0, "FAILED", None) for run in runs])
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    worker = env.tmp / "pg_worker.py"
+    worker.write_text(PG_WORKER)
+    args = env.base_args(f"{sys.executable} {worker} {{run_id}} {{phase_id}}")
+    args[args.index("--database-url") + 1] = url
+
+    def drain_until_full(limit: int) -> tuple[Path, list[dict[str, Any]]]:
+        full = subprocess.run([sys.executable, "-m", "drainer", "run", *args],
+                              capture_output=True, text=True, env=env.worker_env(),
+                              cwd=env.tmp, timeout=120, preexec_fn=_small_files(limit))
+        assert full.returncode == 2, full.stdout + full.stderr
+        error = full.stderr.strip().splitlines()
+        assert len(error) == 1 and "cannot append to journal" in error[0], full.stderr
+        assert "resumable once there is room" in error[0]
+        (journal,) = (p for p in env.sessions.glob("batch-drain-*/journal.jsonl")
+                      if p not in seen)
+        seen.add(journal)
+        data = journal.read_bytes()
+        assert data.endswith(b"\n")  # whole lines only: no torn line left behind
+        events = [json.loads(line) for line in data.splitlines()]
+        assert events[0]["type"] == "session_started"
+        assert {s for s, _ in fetch_states(name).values()} <= {"COMPLETE", "FAILED"}
+
+        resumed = env.run_cli("run", *args, "--resume")
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert f"[RESUME] session {journal.parent.name}" in resumed.stdout
+        assert {s for s, _ in fetch_states(name).values()} == {"COMPLETE"}
+        snap = json.loads((env.sessions / f"{journal.parent.name}.json").read_text())
+        drained = [r["run_id"] for r in snap["results"] if not r["interrupted"]]
+        assert len(drained) == len(set(drained))  # no phase drained twice
+        assert set(drained) | {r["run_id"] for r in snap["results"]} == set(runs)
+        return journal, events
+
+    async def fail_all_again() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("UPDATE phases SET state = 'FAILED'")
+        finally:
+            await conn.close()
+
+    seen: set[Path] = set()
+    try:
+        # About 1.5 KB of header and 2.7 KB per attempt: 8,000 bytes fill up at the third
+        # attempt, with room left for the stop line (a resumable reason).
+        journal, events = drain_until_full(8000)
+        stops = [e for e in events if e["type"] == "session_stopped"]
+        assert [e["stop_reason"] for e in stops] == ["error"]
+        assert 2 <= sum(e["type"] == "attempt_finished" for e in events) < len(runs)
+        # Room for the header and 100 bytes: the first attempt's line fails and the stop
+        # line does not fit either; still one line of error, and resumable.
+        asyncio.run(fail_all_again())
+        header = journal.read_bytes().split(b"\n", 1)[0]
+        _, events = drain_until_full(len(header) + 1 + 100)
+        assert [e["type"] for e in events] == ["session_started"]
+    finally:
+        drop_database(name)

@@ -211,7 +211,8 @@ def test_resume_with_no_incomplete_session_starts_a_new_one(env: Env) -> None:
 
 def test_resume_of_a_corrupt_journal_is_exit_2(env: Env) -> None:
     create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
-    env.run_cli("run", *env.base_args(), env=env.worker_env(DRAINER_CRASH_AT="before_spawn:1"))
+    env.run_cli("run", *env.base_args(), "--lease-ttl-seconds", "2",
+                env=env.worker_env(DRAINER_CRASH_AT="before_spawn:1"))
     (session_dir,) = env.sessions.glob("batch-drain-*")
     journal = session_dir / "journal.jsonl"
     journal.write_bytes(b"garbage\n" + journal.read_bytes())
@@ -219,7 +220,47 @@ def test_resume_of_a_corrupt_journal_is_exit_2(env: Env) -> None:
     proc = env.run_cli("run", *env.base_args(), "--resume", session_dir.name)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "corrupt journal" in proc.stderr
+    assert "does not start a session (line 1 is not JSON)" in proc.stderr
     assert env.db.read_bytes() == before
+    # --resume (the latest) says which session it passed over, instead of starting anew quietly
+    latest = env.run_cli("run", *env.base_args(), "--resume")
+    assert latest.returncode == 0, latest.stderr
+    assert f"[WARN] passed over: corrupt journal {journal}" in latest.stdout
+    assert "no incomplete session" in latest.stdout
+
+
+def test_a_corrupt_line_mid_journal_is_reported_and_resume_continues_past_it(env: Env) -> None:
+    create_backlog(env.db, [(f"run-{r}", "P", 0, "FAILED", None) for r in range(4)])
+    args = [*env.base_args(), "--batch-size", "10"]
+    crashed = env.run_cli("run", *args, env=env.worker_env(DRAINER_CRASH_AT="before_spawn:3"))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    _, session_dir = only_session(env.sessions)
+    journal = session_dir / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    finished = [n for n, line in enumerate(lines, 1) if b'"attempt_finished"' in line]
+    assert len(finished) == 2
+    bad = finished[0]  # the first attempt's finish: damaged in place, mid-file
+    lines[bad - 1] = b'{"type": "attempt_finished", "run_id": \x00 garbage\n'
+    journal.write_bytes(b"".join(lines))
+
+    report = env.run_cli("analyze", session_dir.name, "--session-dir", str(env.sessions))
+    assert report.returncode == 0, report.stderr
+    assert f"line {bad} is not JSON" in report.stderr and "analysing the rest" in report.stderr
+    status = env.run_cli("status", "--database-url", f"sqlite:///{env.db}",
+                         "--session-dir", str(env.sessions))
+    assert f"skipped 1 corrupt line(s) (line {bad} is not JSON)" in status.stdout
+
+    proc = env.run_cli("run", *args, "--resume", session_dir.name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"[WARN] journal {journal}: skipped 1 corrupt line(s) (line {bad} is not JSON); " \
+        "resuming from the lines that could be read" in proc.stdout
+    # Nothing stuck, every phase drained once; the attempt whose finish was damaged counts as
+    # interrupted, like the one the crash cut off before its spawn.
+    assert {s for s, _ in phase_states(env.db).values()} == {"COMPLETE"}
+    snap = json.loads((env.sessions / f"{session_dir.name}.json").read_text())
+    done = Counter(r["run_id"] for r in snap["results"] if not r["interrupted"])
+    assert sorted(done) == ["run-1", "run-2", "run-3"] and max(done.values()) == 1
+    assert sorted(r["run_id"] for r in snap["results"] if r["interrupted"]) == ["run-0", "run-2"]
 
 
 def test_database_failure_mid_drain_is_one_line_exit_2_and_resumable(env: Env) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from .errors import SessionError
-from .journal import JOURNAL_NAME, iter_attempts, replay
+from .journal import JOURNAL_NAME, Damage, iter_attempts, replay
 from .models import Attempt, Totals, stop_reason_of
 
 LATEST = "latest"
@@ -68,6 +68,7 @@ class LoadedSession:
     completed_at: str | None = None
     stopped_runs: dict[str, str] = field(default_factory=dict)
     unfinished: int = 0  #: attempts the journal shows started but never finished
+    damage: Damage | None = None  #: corrupt journal lines that were skipped
 
     def attempts(self) -> Iterator[Attempt]:
         return iter(self.read())
@@ -152,6 +153,7 @@ def _load_journal(path: Path) -> LoadedSession:
         completed_at=_text(state.completed_at) if state.stopped else None,
         stopped_runs=dict(state.stopped_runs),
         unfinished=len(state.dangling),
+        damage=state.damage if state.damage is not None and state.damage.count else None,
     )
 
 

@@ -305,6 +305,9 @@ def _analyze(args: argparse.Namespace, session_dir: Path) -> int:
 
     target = "latest" if getattr(args, "latest", False) else args.target
     session = load_session(target, Path(session_dir))
+    if session.damage is not None:
+        print(f"drainer: warning: {session.damage.describe()}; analysing the rest",
+              file=sys.stderr)
     report = analyze(session)
     html = getattr(args, "html", None)
     if html is not None:

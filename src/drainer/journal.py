@@ -223,12 +223,40 @@ def _drop_torn_line(fd: int) -> int:
 # -- reading -----------------------------------------------------------------------------
 
 
-def iter_records(path: Path, *, upto: int | None = None) -> Iterator[dict[str, Any]]:
+@dataclass
+class Damage:
+    """The bad lines a read of a journal skipped: how many, and the first few with why.
+
+    A torn last line (no newline: a crash mid-write) is not damage, it is dropped. A bad line
+    elsewhere (not JSON, not an event, a field missing or of the wrong type) is skipped and
+    counted here, so one damaged line never makes a whole session unreadable.
+    """
+
+    path: Path
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+    SHOWN = 3
+
+    def add(self, number: int, why: str) -> None:
+        self.count += 1
+        if len(self.first) < self.SHOWN:
+            self.first.append(f"line {number} {why}")
+
+    def describe(self) -> str:
+        more = f", and {self.count - len(self.first)} more" if self.count > len(self.first) else ""
+        return (f"journal {self.path}: skipped {self.count} corrupt line(s) "
+                f"({'; '.join(self.first)}{more})")
+
+
+def iter_records(
+    path: Path, *, upto: int | None = None, damage: Damage | None = None
+) -> Iterator[dict[str, Any]]:
     """Every event of a journal as a dict, streamed (up to byte ``upto`` when given).
 
-    A torn last line (no newline, not JSON) is dropped; a bad line elsewhere is corrupt.
+    A torn last line (no newline, not JSON) is dropped; a bad line elsewhere is skipped and
+    counted in ``damage`` when given.
     """
-    for _number, event in _numbered(path, upto=upto):
+    for _number, event in _numbered(path, upto=upto, damage=damage):
         yield event
 
 
@@ -247,10 +275,10 @@ class Cursor:
 
 
 def _numbered(
-    path: Path, *, upto: int | None, cursor: Cursor | None = None
+    path: Path, *, upto: int | None, cursor: Cursor | None = None, damage: Damage | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Events as (line number, dict) from ``cursor`` (the start when not given) up to byte
-    ``upto``; the cursor moves past each whole line as it is read."""
+    ``upto``; the cursor moves past each whole line as it is read, bad ones included."""
     cursor = cursor or Cursor()
     try:
         fh = path.open("rb")
@@ -263,30 +291,40 @@ def _numbered(
             read += len(line)
             if upto is not None and read > upto:
                 return
+            if not line.endswith(b"\n"):
+                try:
+                    orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    return  # the last line, cut short: a torn write, not damage
+            cursor.offset, cursor.line = read, number
             if not line.strip():
-                cursor.offset, cursor.line = read, number
                 continue
             try:
                 event = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                if not line.endswith(b"\n"):  # the last line, cut short: a torn write
-                    return
-                raise SessionError(f"corrupt journal {path}: line {number} is not JSON") from exc
-            if not isinstance(event, dict) or "type" not in event:
-                raise SessionError(f"corrupt journal {path}: line {number} is not an event")
-            cursor.offset, cursor.line = read, number
+            except orjson.JSONDecodeError:
+                _skip(damage, number, "is not JSON")
+                continue
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                _skip(damage, number, "is not an event")
+                continue
             yield number, event
 
 
+def _skip(damage: Damage | None, number: int, why: str) -> None:
+    if damage is not None:
+        damage.add(number, why)
+
+
 def _walk(
-    path: Path, *, upto: int | None = None, cursor: Cursor | None = None
+    path: Path, *, upto: int | None = None, cursor: Cursor | None = None,
+    damage: Damage | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """The journal's events as (line number, dict), streamed, with one rule applied: an
     ``attempt_finished`` counts only while its ``attempt_started`` is open, so a finish
     written twice, or one without a start, is skipped. Memory holds the open ids only."""
     cursor = cursor or Cursor()
     open_ids = cursor.open_ids
-    for number, data in _numbered(path, upto=upto, cursor=cursor):
+    for number, data in _numbered(path, upto=upto, cursor=cursor, damage=damage):
         kind = data["type"]
         try:
             if kind == AttemptStarted.kind:
@@ -297,23 +335,25 @@ def _walk(
                     continue
                 open_ids.discard(attempt_id)
         except KeyError as exc:
-            raise _corrupt(path, number, kind, exc) from exc
+            _skip(damage, number, _bad_fields(kind, exc))
+            continue
         yield number, data
 
 
-def _corrupt(path: Path, number: int, kind: str, exc: Exception) -> SessionError:
-    return SessionError(f"corrupt journal {path}: line {number} ({kind}) lacks a field or has "
-                        f"a wrong type ({exc})")
+def _bad_fields(kind: str, exc: Exception) -> str:
+    return f"({kind}) lacks a field or has a wrong type ({exc})"
 
 
 def iter_attempts(path: Path, *, upto: int | None = None) -> Iterator[Attempt]:
-    """Every finished attempt of a session's journal, in order, streamed."""
-    for number, data in _walk(path, upto=upto):
+    """Every finished attempt of a session's journal, in order, streamed. A finish line that
+    is not an attempt record is skipped (:func:`replay` reports it as damage)."""
+    for _number, data in _walk(path, upto=upto):
         if data["type"] == AttemptFinished.kind:
             try:
-                yield Attempt.from_json(data)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise _corrupt(path, number, AttemptFinished.kind, exc) from exc
+                attempt = Attempt.from_json(data)
+            except (KeyError, TypeError, ValueError):
+                continue
+            yield attempt
 
 
 def result_records(
@@ -324,6 +364,10 @@ def result_records(
     on when given."""
     for _number, data in _walk(path, upto=upto, cursor=cursor):
         if data["type"] == AttemptFinished.kind:
+            try:
+                Attempt.from_json(data)
+            except (KeyError, TypeError, ValueError):
+                continue  # damage (reported by replay): not an attempt record
             del data["type"]
             data.pop("at", None)
             yield data
@@ -354,6 +398,7 @@ class Replay:
     stop_reason: StopReason | None = None
     completed_at: str | None = None
     last_event_at: str = ""
+    damage: Damage | None = None  #: the bad lines the pass skipped
 
     @property
     def complete(self) -> bool:
@@ -369,16 +414,25 @@ class Replay:
 def replay(journal_path: Path) -> Replay:
     """One streaming pass over a journal. Started attempts are kept as their raw lines
     while open; only those left dangling become typed events."""
-    walk = _walk(journal_path)
+    damage = Damage(journal_path)
+    walk = _walk(journal_path, damage=damage)
     first = next(walk, None)
-    if first is None or first[1]["type"] != SessionStarted.kind:
-        raise SessionError(f"corrupt journal {journal_path}: it does not start a session")
-    header = SessionStarted.from_journal(first[1])
+    if first is None or first[1]["type"] != SessionStarted.kind or damage.count:
+        why = f" ({damage.first[0]})" if damage.count else ""
+        raise SessionError(f"corrupt journal {journal_path}: it does not start a session{why}; "
+                           "it cannot be read or resumed")
+    try:
+        header = SessionStarted.from_journal(first[1])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SessionError(f"corrupt journal {journal_path}: line 1 "
+                           f"{_bad_fields(SessionStarted.kind, exc)}; it cannot be read or "
+                           "resumed") from exc
     state = Replay(
         session_id=header.session_id or journal_path.parent.name,
         journal_path=journal_path,
         started_at=header.started_at,
         config=header.config,
+        damage=damage,
     )
     open_attempts: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {}
     for number, data in walk:
@@ -391,6 +445,7 @@ def replay(journal_path: Path) -> Replay:
                 if started is not None:
                     started[2].update(data)
             elif kind == AttemptFinished.kind:
+                Attempt.from_json(data)  # a bad record is damage, and its attempt unfinished
                 open_attempts.pop(str(data["attempt_id"]), None)
                 state.finished += 1
                 state.interrupted += bool(data.get("interrupted"))
@@ -405,13 +460,14 @@ def replay(journal_path: Path) -> Replay:
                 state.stopped = False
                 state.stop_reason = state.completed_at = None
         except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(journal_path, number, kind, exc) from exc
+            damage.add(number, _bad_fields(kind, exc))
     for number, data, spawned in open_attempts.values():
         try:
             started_event = AttemptStarted.from_journal(data, state.session_id)
             spawn = AttemptSpawned.from_journal(spawned) if spawned else None
         except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(journal_path, number, AttemptStarted.kind, exc) from exc
+            damage.add(number, _bad_fields(AttemptStarted.kind, exc))
+            continue
         state.dangling.append(Dangling(started_event, spawn.pid if spawn else None,
                                        spawn.create_time if spawn else None))
     state.last_event_at = _last_at(journal_path)
@@ -443,8 +499,12 @@ def session_journals(session_dir: Path) -> list[Path]:
     return sorted(session_dir.glob(f"batch-drain-*/{JOURNAL_NAME}"))
 
 
-def find_resumable(session_dir: Path, which: str) -> Replay | None:
-    """``which`` is ``latest`` (newest incomplete session, or None) or a session id."""
+def find_resumable(
+    session_dir: Path, which: str, unreadable: list[str] | None = None
+) -> Replay | None:
+    """``which`` is ``latest`` (newest incomplete session, or None) or a session id. With
+    ``latest``, sessions whose journal cannot be read at all are passed over, and why is
+    added to ``unreadable`` when given."""
     if which != "latest":
         journal = session_dir / which / JOURNAL_NAME
         if "/" in which or not journal.is_file():
@@ -469,8 +529,10 @@ def find_resumable(session_dir: Path, which: str) -> Replay | None:
             continue  # cheap: a complete session's last line says so
         try:
             found = replay(journal)
-        except SessionError:
-            continue  # a corrupt old session does not block resuming the newest good one
+        except SessionError as exc:
+            if unreadable is not None:  # it does not block resuming the newest good one
+                unreadable.append(str(exc))
+            continue
         if not found.complete:
             candidates.append(found)
     if not candidates:

@@ -148,11 +148,17 @@ class DrainSession:
         cfg = self.config
         if cfg.resume is None:
             return None
-        replay = find_resumable(cfg.session_dir, cfg.resume)
+        unreadable: list[str] = []
+        replay = find_resumable(cfg.session_dir, cfg.resume, unreadable)
+        for why in unreadable:
+            self._say(f"[WARN] passed over: {why}")
         if replay is None:
             self._say(f"[RESUME] no incomplete session in {cfg.session_dir}; "
                       "starting a new one")
             return None
+        if replay.damage is not None and replay.damage.count:
+            self._say(f"[WARN] {replay.damage.describe()}; resuming from the lines that "
+                      "could be read")
         self.session_id = replay.session_id
         self.started_at = replay.started_at
         self._files = SessionFiles(cfg.session_dir, self.session_id, cfg.secrets)
@@ -212,16 +218,17 @@ class DrainSession:
                 scheduler.stop(StopReason.SIGNAL, "interrupted")
             elif isinstance(exc, Exception):  # a bug: the session stays resumable
                 scheduler.stop(StopReason.ERROR, f"unexpected error: {exc!r}")
-            self._finish(quiet=True)
+            self._finish(quiet=True, report=error is None)
             if error is not None and error is not exc:
                 raise error from exc
             raise
         self._finish()
 
-    def _finish(self, *, quiet: bool = False) -> None:
+    def _finish(self, *, quiet: bool = False, report: bool = True) -> None:
         """The session's last word; synchronous, so a cancellation cannot skip it. With
-        ``quiet`` (an exception is on its way out), a failure here is logged instead of
-        replacing that exception."""
+        ``quiet`` (an exception is on its way out), a failure here does not replace that
+        exception; it is logged when ``report`` (the exception is not itself drainer's
+        one-line error, which a full disk, say, has already given)."""
         assert self._recorder is not None
         self.completed_at = iso(utcnow())
         try:
@@ -229,7 +236,8 @@ class DrainSession:
         except DrainerError as exc:
             if not quiet:
                 raise
-            log.error("drainer: %s", exc)
+            if report:
+                log.error("drainer: %s", exc)
 
     async def _replay(
         self, replay: Replay, selector: Selector, recorder: Recorder, scheduler: Scheduler

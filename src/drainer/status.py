@@ -109,6 +109,8 @@ def status_lines(
         why = s.stop_reason or "crashed or killed"
         lines.append(f"  {s.session_id}: {s.done} attempt(s) done, {len(s.dangling)} unfinished, "
                      f"stopped: {why}")
+        if s.damage is not None and s.damage.count:
+            lines.append(f"    damaged: {s.damage.describe()}")
         lines.append(f"    resume: python -m drainer run --resume {s.session_id} "
                      f"--session-dir {shlex.quote(str(session_dir))} (same --database-url)")
     for path, why in status.unreadable_sessions:
