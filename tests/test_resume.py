@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from typing import IO
@@ -282,6 +283,43 @@ def test_database_failure_mid_drain_is_one_line_exit_2_and_resumable(env: Env) -
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr
     assert "[RECONCILED]" in resumed.stdout
     assert {s for s, _ in phase_states(env.db).values()} <= {"COMPLETE", "FAILED"}
+
+
+# A worker that deletes its database file, or puts a copy in its place (as a restore from a
+# backup does), and then marks its phase COMPLETE in whatever file is now at the path.
+SWAPPER = textwrap.dedent(
+    """
+    import os, shutil, sqlite3, sys
+    path = os.environ["DATABASE_URL"][len("sqlite:///"):]
+    if sys.argv[1] == "delete":
+        os.unlink(path)
+    else:
+        shutil.copyfile(path, path + ".copy")
+        os.replace(path + ".copy", path)
+        db = sqlite3.connect(path)
+        db.execute("UPDATE phases SET state = 'COMPLETE'")
+        db.commit()
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["delete", "replace"])
+def test_a_database_file_deleted_or_replaced_mid_run_stops_the_session(
+    env: Env, how: str
+) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 1, "FAILED", None)])
+    swapper = env.tmp / "swapper.py"
+    swapper.write_text(SWAPPER)
+    proc = env.run_cli("run", *env.base_args(f"{sys.executable} {swapper} {how}"))
+    # Before: drainer went on with the file it had open (the deleted one, or the old one
+    # beside its replacement), and its reading of the phase was not the worker's.
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    word = "deleted" if how == "delete" else "replaced by another file"
+    assert f"SQLite database {env.db} was {word} while drainer was using it" in line
+    snapshot, _ = only_session(env.sessions)
+    assert json.loads(snapshot.read_text())["stop_reason"] == "error"
+    assert sum(e["type"] == "attempt_started" for e in _journal(env)) == 1  # no second one
 
 
 def test_resume_refuses_a_session_another_drainer_is_running(env: Env) -> None:

@@ -4,8 +4,10 @@ clock, and the one place lower-level errors become :class:`~drainer.errors.Datab
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -60,10 +62,28 @@ class Engine:
 
     def __init__(self, db: DatabaseURL) -> None:
         self.db = db
+        self._file = db.sqlite_path
+        self._identity = _file_identity(self._file) if self._file is not None else None
         try:
             self._engine = _make_engine(db)
         except (SQLAlchemyError, ImportError) as exc:
             raise DatabaseError(f"cannot open {db.redacted}: {_import_hint(exc)}") from exc
+
+    def check_identity(self) -> None:
+        """SQLite: the file at the database's path must still be the one drainer opened.
+
+        Checked on each connection drainer takes (one ``stat``). A file deleted or replaced
+        (restored from a backup, rebuilt by a script) while drainer runs would otherwise go
+        unnoticed: drainer's open connections keep reading and writing the old file while
+        workers, which open the path, use the new one."""
+        if self._file is None or self._identity is None:
+            return
+        now = _file_identity(self._file)
+        if now != self._identity:
+            what = "deleted" if now is None else "replaced by another file"
+            raise DatabaseError(
+                f"SQLite database {self._file} was {what} while drainer was using it; "
+                "stopping (check what changed it, then resume against the right file)")
 
     @contextmanager
     def errors(self, action: str) -> Iterator[None]:
@@ -106,6 +126,7 @@ class Engine:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A connection for reads: on SQLite each statement runs without a BEGIN."""
+        self.check_identity()
         async with self._engine.connect() as conn:
             yield conn
 
@@ -113,6 +134,7 @@ class Engine:
     async def write(self, *, single: bool = False) -> AsyncIterator[AsyncConnection]:
         """A short write transaction (BEGIN IMMEDIATE on SQLite). ``single``: the caller
         runs one statement, atomic by itself, so SQLite needs no explicit BEGIN."""
+        self.check_identity()
         async with self._engine.connect() as conn:
             if self.db.is_sqlite and not single:
                 conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
@@ -155,6 +177,15 @@ class Engine:
 
     async def aclose(self) -> None:
         await self._engine.dispose()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """A file's device and inode, or None when nothing is at ``path``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def check_sqlite_file(db: DatabaseURL) -> None:
