@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import sys
@@ -235,3 +236,119 @@ def test_a_worker_that_completes_then_hangs_is_a_success_and_a_timeout(env: Env)
     assert (snap["total_success"], snap["total_failed"], snap["total_timeouts"]) == (1, 0, 1)
     [result] = snap["results"]
     assert result["success"] is True and result["timed_out"] is True
+
+
+# A worker whose grandchild leaves the attempt for good: a double fork, setsid, and an empty
+# environment (env -i), so neither the process group nor the marker leads to it. The worker
+# waits until the daemon runs and its first child has exited, then completes its phase.
+ESCAPING_WORKER = """\
+import os, sqlite3, sys, time
+pid_file = os.path.join(os.environ["TEST_OUT"], "daemon.pid")
+child = os.fork()
+if child == 0:
+    os.setsid()
+    daemon = os.fork()
+    if daemon == 0:
+        os.execvp("env", ["env", "-i", "sleep", "1000"])
+    with open(pid_file + ".tmp", "w") as fh:
+        fh.write(str(daemon))
+    os.rename(pid_file + ".tmp", pid_file)
+    os._exit(0)
+os.waitpid(child, 0)  # the daemon's parent is gone: it is re-parented now
+with open(pid_file) as fh:
+    daemon = int(fh.read())
+while not open(f"/proc/{daemon}/cmdline", "rb").read().startswith(b"sleep"):
+    time.sleep(0.01)  # env -i has exec'd sleep: the marker is gone from its environment
+db = sqlite3.connect(os.environ["DATABASE_URL"][len("sqlite:///"):])
+db.execute("UPDATE phases SET state='COMPLETE' WHERE run_id=?", (sys.argv[1],))
+db.commit()
+"""
+
+
+def test_a_setsid_escapee_with_an_empty_environment_is_found_and_killed(env: Env) -> None:
+    import psutil
+
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 1, "FAILED", None)])
+    script = env.tmp / "escaping_worker.py"
+    script.write_text(ESCAPING_WORKER)
+    daemons: list[int] = []
+    try:
+        proc = env.run_cli("run", *env.base_args(f"{sys.executable} {script} {{run_id}}"),
+                           "--batch-size", "1")
+        daemons.append(int((env.out / "daemon.pid").read_text()))
+        # Before: the daemon ran on after drainer, and no attempt listed it.
+        alive = psutil.pid_exists(daemons[0]) and \
+            psutil.Process(daemons[0]).status() != psutil.STATUS_ZOMBIE
+        assert not alive
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        snapshot, _ = only_session(env.sessions)
+        [result] = json.loads(snapshot.read_text())["results"]
+        assert [(p["pid"], p["name"]) for p in result["leaked_processes"]] == [
+            (daemons[0], "sleep")]
+    finally:
+        for pid in daemons:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+
+
+# Two lanes. run-0's worker starts a daemon (setsid, env -i) after run-1's worker started, and
+# needs it until run-1's attempt has ended (its lease is gone); run-1's worker exits then.
+LANES_WORKER = """\
+import os, sqlite3, sys, time
+out, run_id = os.environ["TEST_OUT"], sys.argv[1]
+db = sqlite3.connect(os.environ["DATABASE_URL"][len("sqlite:///"):], timeout=30)
+def wait_for(check):
+    while not check():
+        time.sleep(0.01)
+def done(state):
+    db.execute("UPDATE phases SET state=? WHERE run_id=?", (state, run_id))
+    db.commit()
+if run_id == "run-1":
+    open(os.path.join(out, "b-started"), "w").close()
+    wait_for(lambda: os.path.exists(os.path.join(out, "daemon.pid")))
+    done("COMPLETE")
+    sys.exit(0)
+wait_for(lambda: os.path.exists(os.path.join(out, "b-started")))
+child = os.fork()
+if child == 0:
+    os.setsid()
+    daemon = os.fork()
+    if daemon == 0:
+        os.execvp("env", ["env", "-i", "sleep", "1000"])
+    with open(os.path.join(out, "daemon.tmp"), "w") as fh:
+        fh.write(str(daemon))
+    os._exit(0)
+os.waitpid(child, 0)
+daemon = int(open(os.path.join(out, "daemon.tmp")).read())
+wait_for(lambda: open(f"/proc/{daemon}/cmdline", "rb").read().startswith(b"sleep"))
+os.rename(os.path.join(out, "daemon.tmp"), os.path.join(out, "daemon.pid"))
+wait_for(lambda: db.execute(
+    "SELECT count(*) FROM drainer_leases WHERE run_id='run-1'").fetchone()[0] == 0)
+state = open(f"/proc/{daemon}/stat").read().split(") ")[1][0]
+done("COMPLETE" if state != "Z" else "FAILED")  # killed by the other attempt's end: FAILED
+"""
+
+
+def test_an_escapee_is_left_to_its_own_attempt_while_other_attempts_run(env: Env) -> None:
+    import psutil
+
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 1, "FAILED", None)])
+    script = env.tmp / "lanes_worker.py"
+    script.write_text(LANES_WORKER)
+    try:
+        proc = env.run_cli("run", *env.base_args(f"{sys.executable} {script} {{run_id}}"),
+                           "--lanes", "2")
+        daemon = int((env.out / "daemon.pid").read_text())
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        # run-1 ended first, while run-0's worker (which may have made the daemon) ran:
+        # the daemon lived on until run-0's own attempt ended, and is listed there.
+        assert phase_states(env.db)[("run-0", "P")][0] == "COMPLETE"
+        snapshot, _ = only_session(env.sessions)
+        results = {r["run_id"]: r for r in json.loads(snapshot.read_text())["results"]}
+        assert results["run-1"]["leaked_processes"] == []
+        assert [p["pid"] for p in results["run-0"]["leaked_processes"]] == [daemon]
+        assert not psutil.pid_exists(daemon) or \
+            psutil.Process(daemon).status() == psutil.STATUS_ZOMBIE
+    finally:
+        with contextlib.suppress(psutil.Error, OSError, ValueError):
+            psutil.Process(int((env.out / "daemon.pid").read_text())).kill()

@@ -126,18 +126,22 @@ def test_a_leaked_uvicorn_is_found_killed_and_reported(env: Env) -> None:
     assert "leaked processes: 1" in proc.stdout
 
 
-def test_unmarked_leak_is_gauged_and_max_leaks_stops_the_session(env: Env) -> None:
+def test_unmarked_leak_is_found_by_ancestry_and_max_leaks_stops_the_session(env: Env) -> None:
     create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(4)])
     try:
         proc = env.run_cli("run", *env.base_args(), "--max-leaks", "1",
                            env=env.worker_env(WORKER_KIND="leak_unmarked"))
         snap = json.loads(only_session(env.sessions)[0].read_text())
-        # Each attempt leaves one unmarked uvicorn: the 2nd exceeds --max-leaks 1.
-        assert snap["stop_reason"] == "max_leaks"
+        # Each attempt leaves one uvicorn in its own session without drainer's marker: it is
+        # re-parented to drainer (the subreaper) and listed under its attempt, and the 2nd
+        # exceeds --max-leaks 1.
+        assert snap["stop_reason"] == "max_leaks", proc.stdout
         assert snap["total_processed"] == 2
-        gauged = {p["pid"] for p in snap["leak_gauge"]["processes"]}
-        assert gauged == {int(f.read_text()) for f in env.out.glob("leak.*")}
-        assert "Leak gauge (--leak-pattern uvicorn): 2 process(es)" in proc.stdout
+        listed = [p["pid"] for r in snap["results"] for p in r["leaked_processes"]]
+        assert sorted(listed) == sorted(int(f.read_text()) for f in env.out.glob("leak.*"))
+        assert snap["leak_gauge"]["processes"] == []  # tied to its attempt, not gauged
+        for pid in listed:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     finally:
         for f in env.out.glob("leak.*"):
             with contextlib.suppress(psutil.NoSuchProcess):

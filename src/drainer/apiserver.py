@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from . import proctree
+from . import proctree, reaper
 from .config import DrainConfig, render_command, strip_userinfo
 from .errors import UsageError
+from .proctree import API_MARKER_VAR
 
-API_MARKER_VAR = "DRAINER_API_SERVER_OF"  #: marks the server (and children) of a session
 START_TIMEOUT = 30.0
 PROBE_TIMEOUT = 3.0
 
@@ -88,10 +88,12 @@ async def open_api_server(
     env = {**os.environ, API_MARKER_VAR: session_id}
     log = await anyio.to_thread.run_sync(lambda: open(log_path, "ab"))  # noqa: SIM115
     try:
-        process = await anyio.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            cwd=config.workspace, env=env, start_new_session=True,
-        )
+        with reaper.spawning():
+            process = await anyio.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=config.workspace, env=env, start_new_session=True,
+            )
+            reaper.known(process.pid)
     except OSError as exc:
         log.close()
         raise UsageError(f"cannot start --api-command {argv[0]!r}: {exc.strerror}") from exc
@@ -118,4 +120,5 @@ async def open_api_server(
                 with anyio.move_on_after(5):
                     await process.wait()
             await process.aclose()
+            reaper.forget(process.pid)
             log.close()

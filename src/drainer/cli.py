@@ -228,7 +228,12 @@ def _run(args: argparse.Namespace) -> int:
         for line in plan_lines(plan, config):
             _echo(line)
         return EXIT_OK
+    from . import reaper
     from .api import drain
+
+    # Escapees of the workers (setsid plus env -i) are re-parented to drainer, not to init,
+    # so each attempt's end finds and kills them (see reaper.py).
+    reaper.become_subreaper()
 
     if getattr(args, "json", False):
         import orjson

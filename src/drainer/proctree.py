@@ -21,6 +21,7 @@ import psutil
 from .models import LeakedProcess
 
 MARKER_VAR = "DRAINER_ATTEMPT_ID"
+API_MARKER_VAR = "DRAINER_API_SERVER_OF"  #: marks the server (and children) of a session
 POLL_INTERVAL = 0.05
 
 
@@ -251,7 +252,7 @@ def kill_leftovers(
 
 
 def find_matching(
-    pattern: re.Pattern[str], exclude: set[int], *, skip_var: str = "DRAINER_API_SERVER_OF"
+    pattern: re.Pattern[str], exclude: set[int], *, skip_var: str = API_MARKER_VAR
 ) -> list[tuple[psutil.Process, str]]:
     """Live processes whose command line matches ``pattern``, with their attempt marker.
 

@@ -143,6 +143,10 @@ class Recorder:
         self.echo(f"  [LEAK] --leak-pattern: pid {proc.pid} "
                   f"{' '.join(proc.cmdline)[:120]} outlived its attempt")
 
+    def escapee_found(self, proc: LeakedProcess, *, killed: bool) -> None:
+        self.echo(f"  [LEAK] pid {proc.pid} {' '.join(proc.cmdline)[:120]} left its attempt's "
+                  f"session and environment{'; killed' if killed else ''}")
+
     def session_stopped(self, summary: SessionSummary) -> None:
         """The last word: journal, final snapshot, summary lines, event. Synchronous, so a
         cancellation cannot skip any of it."""

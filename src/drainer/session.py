@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from . import __version__
+from . import __version__, reaper
 from .apiserver import check_api_url, kill_orphaned_api_server, open_api_server
 from .attempt import AttemptRunner, check_worker_program
 from .backlog import Backlog, open_backlog
@@ -207,6 +207,7 @@ class DrainSession:
                 tg.cancel_scope.cancel()  # the lanes are done: stop watching signals
             for proc in await self._gauge.sample((), force=True):  # the last attempts' leaks
                 recorder.leak_found(proc)
+            await self._end_escapees(recorder)
         except BaseException as exc:
             error = drainer_error_in(exc)
             if error is not None:
@@ -223,6 +224,17 @@ class DrainSession:
                 raise error from exc
             raise
         self._finish()
+
+    async def _end_escapees(self, recorder: Recorder) -> None:
+        """Escapees re-parented to drainer after their attempt had ended (see reaper.py)."""
+        escapees = reaper.adopted()
+        if not escapees:
+            return
+        kill = self.config.leak_policy == "kill"
+        ended = await anyio.to_thread.run_sync(functools.partial(
+            reaper.end, escapees, kill=kill, grace=self.config.kill_grace_period))
+        for proc in ended:
+            recorder.escapee_found(proc, killed=kill)
 
     def _finish(self, *, quiet: bool = False, report: bool = True) -> None:
         """The session's last word; synchronous, so a cancellation cannot skip it. With

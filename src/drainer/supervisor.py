@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from . import proctree
+from . import proctree, reaper
 from .models import LeakedProcess
 from .sinks import LogSink, open_sinks
 
@@ -73,6 +73,7 @@ class Supervisor:
         self.result = ProcessResult()
         self._process: Process | None = None
         self._started_ticks: int | None = None
+        self._created: float | None = None
 
     async def run(self) -> ProcessResult:
         """Run the attempt. On cancellation, kill the whole tree (shielded) and re-raise."""
@@ -94,15 +95,18 @@ class Supervisor:
         spec, result = self.spec, self.result
         result.started = time.monotonic()
         try:
-            process = await anyio.open_process(
-                list(spec.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=spec.cwd,
-                env=dict(spec.env),
-                start_new_session=True,
-            )
+            with reaper.spawning():
+                process = await anyio.open_process(
+                    list(spec.argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=spec.cwd,
+                    env=dict(spec.env),
+                    start_new_session=True,
+                )
+                self._created = proctree.create_time(process.pid)
+                reaper.known(process.pid, worker_created=self._created or time.time())
         except OSError as exc:
             result.spawn_error = f"cannot start worker {spec.argv[0]!r}: {exc.strerror or exc}"
             return
@@ -115,7 +119,7 @@ class Supervisor:
             if self._on_spawn is not None:
                 # pid + create time identify the worker later, even if its pid is reused.
                 # Inside the try: if recording it fails, the worker is still killed.
-                self._on_spawn(process.pid, proctree.create_time(process.pid))
+                self._on_spawn(process.pid, self._created)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._pump_both, process.stdout, process.stderr, out, err,
                               pumps_done)
@@ -145,6 +149,7 @@ class Supervisor:
             # Closes our ends of the pipes and reaps; the process has exited by now.
             with anyio.CancelScope(shield=True):
                 await process.aclose()
+            reaper.forget(process.pid)
 
     async def _pump_both(
         self,
@@ -201,5 +206,13 @@ class Supervisor:
                     started_after=self._started_ticks,
                 )
             )
+            # Escapees without marker or group, re-parented to drainer (the command line
+            # makes it their subreaper): listed here on this loop's thread, then killed.
+            marked = {p.pid for p in leaked}
+            escapees = [p for p in reaper.adopted(process.pid) if p.pid not in marked]
+            if escapees:
+                leaked += await anyio.to_thread.run_sync(
+                    lambda: reaper.end(escapees, kill=spec.kill_leaks,
+                                       grace=spec.kill_grace_period))
         known = {p.pid for p in self.result.leaked}
         self.result.leaked.extend(p for p in leaked if p.pid not in known)
