@@ -46,6 +46,7 @@ PG_WORKER = textwrap.dedent(
                            run_id, phase_id)
         if os.environ.get("HANG_ONCE") and await conn.fetchval(
                 "UPDATE flags SET armed=false WHERE name='hang' AND armed RETURNING name"):
+            await conn.execute("UPDATE worker_log SET hung=true WHERE id=$1", log_id)
             await conn.close()
             time.sleep(600)
         await asyncio.sleep(0.05)
@@ -76,7 +77,8 @@ def pg_backlog() -> Iterator[str]:
     phases = [(f"run-{r:02d}", f"P{p}", p, "FAILED", None) for r in range(60) for p in range(5)]
     name = create_database(phases)
     _sql(name, "CREATE TABLE worker_log (id SERIAL PRIMARY KEY, run_id TEXT, phase_id TEXT, "
-               "session_id TEXT, pid INT, started DOUBLE PRECISION, ended DOUBLE PRECISION)")
+               "session_id TEXT, pid INT, started DOUBLE PRECISION, ended DOUBLE PRECISION, "
+               "hung BOOLEAN NOT NULL DEFAULT false)")
     _sql(name, "CREATE TABLE flags (name TEXT PRIMARY KEY, armed BOOLEAN)")
     _sql(name, "INSERT INTO flags VALUES ('hang', true)")
     try:
@@ -117,9 +119,15 @@ def test_three_drainers_share_a_backlog_and_survive_one_being_killed(
         assert procs[n].returncode == 0, (n, out[-3000:], err)
 
     rows = _sql(pg_backlog, "SELECT run_id, phase_id, pid, started, ended FROM worker_log")
-    hung = [r for r in rows if r[4] is None]
-    assert len(hung) == 1  # only the hung worker never finished
-    hung_run, hung_phase, hung_pid, _, _ = hung[0]
+    # Only a's workers never finished: the hung one, and those of its other lanes that were
+    # running when it was killed (they die with it: PR_SET_PDEATHSIG).
+    unfinished = _sql(pg_backlog, "SELECT DISTINCT session_id FROM worker_log "
+                                  "WHERE ended IS NULL")
+    assert len(unfinished) == 1
+    [(hung_run, hung_phase, hung_pid)] = _sql(
+        pg_backlog, "SELECT run_id, phase_id, pid FROM worker_log WHERE hung")
+    with contextlib.suppress(psutil.NoSuchProcess):  # it died with its drainer
+        psutil.Process(int(hung_pid)).wait(timeout=30)  # type: ignore[call-overload]
     try:
         # Every phase completed exactly once, across the three drainers.
         done: dict[tuple[object, object], int] = defaultdict(int)

@@ -3,6 +3,7 @@ Signals: the first SIGINT lets in-flight attempts finish, the second kills them 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -13,6 +14,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from pathlib import Path
 from typing import IO
 
 import psutil
@@ -40,14 +42,30 @@ def _journal(env: Env) -> list[dict[str, object]]:
     return [json.loads(line) for line in (session / "journal.jsonl").read_text().splitlines()]
 
 
+def _kill_9_while_a_worker_runs(
+    env: Env, args: list[str], kind: str = "gated", says: str = "started.*"
+) -> Path:
+    """Start drainer, wait until its worker has set its phase EXECUTING and written the file
+    ``says``, then kill -9 drainer. The worker dies with it (PR_SET_PDEATHSIG), leaving the
+    phase EXECUTING. Returns the worker's file."""
+    drainer = subprocess.Popen([sys.executable, "-m", "drainer", "run", *args], text=True,
+                               stdout=subprocess.DEVNULL, cwd=env.tmp,
+                               env=env.worker_env(WORKER_KIND=kind))
+    said = wait_for_worker_file(env.out, says, drainer)
+    drainer.kill()
+    assert drainer.wait(timeout=30) == -signal.SIGKILL
+    return said
+
+
 @pytest.mark.slow
 def test_kill_9_at_several_points_then_resume_loses_and_doubles_nothing(env: Env) -> None:
     phases = [(f"run-{r}", f"P{p}", p, "FAILED", None) for r in range(6) for p in range(2)]
     create_backlog(env.db, phases)
     args = [*env.base_args(), "--batch-size", "100", "--max-attempts-per-phase", "1",
             "--kill-grace-seconds", "0.5", "--max-fingerprint-repeats", "100"]
-    # 1st run dies before its 3rd spawn; 2nd while a (hanging, setsid-grandchild) worker
-    # runs; 3rd between a worker's exit and the journal write; the 4th finishes.
+    # 1st run dies before its 3rd spawn; 2nd just after a spawn (the worker, which would
+    # hang, dies with drainer, however far it got); 3rd between a worker's exit and the
+    # journal write; the 4th finishes.
     crashes = ["before_spawn:3", "worker_running:1", "after_exit:2"]
     for n, crash in enumerate(crashes):
         if crash.startswith("worker_running"):
@@ -56,6 +74,7 @@ def test_kill_9_at_several_points_then_resume_loses_and_doubles_nothing(env: Env
         proc = env.run_cli("run", *args, *extra,
                            env=env.worker_env(DRAINER_CRASH_AT=crash, WORKER_KIND="fail"))
         assert proc.returncode == -signal.SIGKILL, (crash, proc.stdout, proc.stderr)
+        (env.out / "hang-next").unlink(missing_ok=True)  # not taken if it died at once
     final = env.run_cli("run", *args, "--resume", env=env.worker_env(WORKER_KIND="fail"))
     assert final.returncode == 1, final.stderr  # attempts fail by design
     assert "[RESUME] session" in final.stdout and "[RECONCILED]" in final.stdout
@@ -79,10 +98,10 @@ def test_kill_9_at_several_points_then_resume_loses_and_doubles_nothing(env: Env
     # Nothing stuck, nothing left running.
     assert all(state in ("FAILED", "COMPLETE") for state, _ in phase_states(env.db).values())
     assert _processes_with(f"DRAINER_SESSION_ID={snap['session_id']}") == []
-    hung = list(env.out.glob("hung.*"))
-    assert len(hung) == 1
-    grandchild = int(hung[0].read_text())
-    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == "zombie"
+    for hung in env.out.glob("hung.*"):  # a grandchild, if the worker got that far
+        grandchild = int(hung.read_text())
+        assert not psutil.pid_exists(grandchild) or \
+            psutil.Process(grandchild).status() == "zombie"
     assert snap["stop_reason"] == "no_candidates"
 
 
@@ -367,10 +386,8 @@ def test_a_phase_restored_at_resume_is_drained_in_its_priority_order(env: Env) -
     # other phases (or the next refresh).
     create_backlog(env.db, [(f"run-{r}", "P", 0, "FAILED", "boom") for r in range(4)])
     args = [*env.base_args(), "--max-attempts-per-phase", "1", "--kill-grace-seconds", "0.5"]
-    (env.out / "hang-next").write_text("")
-    crashed = env.run_cli("run", *args,
-                          env=env.worker_env(DRAINER_CRASH_AT="worker_running:1"))
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    _kill_9_while_a_worker_runs(env, args)
+    assert phase_states(env.db)[("run-0", "P")][0] == "EXECUTING"
     resumed = env.run_cli("run", *args, "--resume", env=env.worker_env(WORKER_KIND="ok"))
     assert resumed.returncode == 0, resumed.stderr
     events = _journal(env)
@@ -429,11 +446,9 @@ def test_an_interrupted_attempt_is_not_credited_with_another_sessions_work(env: 
     # a new session B sweeps it (restoring the phase) and drains the phase: COMPLETE, with
     # 3 telemetry rows. A's --resume must not count B's rows, nor B's success, as A's.
     create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
-    (env.out / "hang-next").write_text("")
-    a = env.run_cli("run", *env.base_args(), "--lease-ttl-seconds", "1",
-                    "--kill-grace-seconds", "0.5",
-                    env=env.worker_env(DRAINER_CRASH_AT="worker_running:1"))
-    assert a.returncode == -signal.SIGKILL, a.stderr
+    _kill_9_while_a_worker_runs(env, [*env.base_args(), "--lease-ttl-seconds", "1",
+                                      "--kill-grace-seconds", "0.5"])
+    assert phase_states(env.db)[("run-0", "P")][0] == "EXECUTING"
     [a_id] = [p.name for p in env.sessions.iterdir() if p.is_dir()]
     _wait_until_leases_expired(env)
     b = env.run_cli("run", *env.base_args(), env=env.worker_env(WORKER_KIND="ok"))
@@ -450,3 +465,26 @@ def test_an_interrupted_attempt_is_not_credited_with_another_sessions_work(env: 
     assert interrupted["success"] is False
     assert phase_states(env.db)[("run-0", "P")][0] == "COMPLETE"  # left as B left it
     assert _processes_with(f"DRAINER_SESSION_ID={a_id}") == []
+
+
+def test_a_worker_dies_with_its_drainer(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    # The worker keeps its phase EXECUTING, starts a setsid grandchild and would hang.
+    hung = _kill_9_while_a_worker_runs(env, env.base_args(), kind="hang", says="hung.*")
+    worker, grandchild = int(hung.name.split(".")[1]), int(hung.read_text())
+    try:
+        # Before: the worker ran on (until a takeover or --resume killed it). Now the kernel
+        # kills it as drainer dies (PR_SET_PDEATHSIG); psutil polls, it is not our child.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(worker).wait(timeout=30)
+        # Its grandchild carries the marker: --resume kills it and mends the phase.
+        resumed = env.run_cli("run", *env.base_args(), "--resume")
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "[RECONCILED]" in resumed.stdout
+        assert not psutil.pid_exists(grandchild) or \
+            psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+        assert phase_states(env.db)[("run-0", "P")][0] == "COMPLETE"
+    finally:
+        for pid in (worker, grandchild):
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()

@@ -6,6 +6,7 @@ Each worker logs when it starts and ends (by pid), so overlaps are measured, not
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -136,13 +137,19 @@ def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(env: En
 def test_a_killed_drainers_worker_is_killed_before_its_run_is_taken_over(env: Env) -> None:
     args = _setup(env)
     killed = _start_drainer(env, args)
-    wait_for_worker_file(env.out, "running.*", killed)
-    killed.kill()  # kill -9: its worker and the worker's grandchild live on
+    running = wait_for_worker_file(env.out, "running.*", killed)
+    killed.kill()  # kill -9: its worker dies with it, the worker's grandchild lives on
     killed.communicate(timeout=30)
+    long_worker = int(running.name.split(".")[1])
+    with contextlib.suppress(psutil.NoSuchProcess):  # PR_SET_PDEATHSIG: SIGKILL, no "end"
+        psutil.Process(long_worker).wait(timeout=30)
+    dead_at = time.time()
+    assert _alive(int((env.out / "grandchild").read_text()))
     other = env.run_cli("run", *args)
     assert other.returncode == 0, other.stdout + other.stderr
     spans = _spans(env)
-    assert len(spans) == 3
+    assert len(spans) == 3 and "end" not in spans[long_worker]
+    spans[long_worker]["end"] = dead_at
     _assert_no_overlap(spans)
     assert {state for state, _ in phase_states(env.db).values()} == {"COMPLETE"}
     grandchild = int((env.out / "grandchild").read_text())

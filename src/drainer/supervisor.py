@@ -7,7 +7,10 @@ scope was cancelled (deadline, Ctrl-C, embedding caller) still has what happened
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +27,38 @@ log = logging.getLogger(__name__)
 
 PIPE_DRAIN_TIMEOUT = 2.0  #: after the sweep, how long a pipe may stay open before we stop reading
 RSS_SAMPLE_INTERVAL = 0.5
+_death_prefix: tuple[str, ...] | None = None  #: see :func:`death_prefix` (None: not probed)
+
+
+def death_prefix() -> tuple[str, ...]:
+    """The argv prefix that makes a worker die with drainer: util-linux ``setpriv
+    --pdeathsig KILL`` sets ``PR_SET_PDEATHSIG`` and execs the worker (about 0.9 ms more per
+    spawn). Python's process API has no other way to set it without giving up its fast spawn.
+    Probed once; empty where ``setpriv`` is missing or too old, then a worker outlives a
+    killed drainer until a takeover or ``--resume`` kills it."""
+    global _death_prefix
+    if _death_prefix is None:
+        _death_prefix = ()
+        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+        if setpriv is not None:
+            prefix = (setpriv, "--pdeathsig", "KILL", "--")
+            try:
+                probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10,
+                                       check=False)
+            except (OSError, subprocess.SubprocessError):
+                probe = None
+            if probe is not None and probe.returncode == 0:
+                _death_prefix = prefix
+    return _death_prefix
+
+
+def _worker_argv(argv: Sequence[str]) -> list[str]:
+    """The argv to spawn: the worker's, behind :func:`death_prefix` when the program is
+    there (a missing one must fail the spawn itself, with the usual one-line reason)."""
+    program = argv[0]
+    if os.path.isabs(program) and not os.access(program, os.X_OK):
+        return list(argv)
+    return [*death_prefix(), *argv]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +132,7 @@ class Supervisor:
         try:
             with reaper.spawning():
                 process = await anyio.open_process(
-                    list(spec.argv),
+                    _worker_argv(spec.argv),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
