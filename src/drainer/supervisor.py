@@ -32,7 +32,7 @@ _death_prefix: tuple[str, ...] | None = None  #: see :func:`death_prefix` (None:
 
 def death_prefix() -> tuple[str, ...]:
     """The argv prefix that makes a worker die with drainer: util-linux ``setpriv
-    --pdeathsig KILL`` sets ``PR_SET_PDEATHSIG`` and execs the worker (about 0.9 ms more per
+    --pdeathsig KILL`` sets ``PR_SET_PDEATHSIG`` and execs the worker (about 0.8 ms more per
     spawn). Python's process API has no other way to set it without giving up its fast spawn.
     Probed once; empty where ``setpriv`` is missing or too old, then a worker outlives a
     killed drainer until a takeover or ``--resume`` kills it."""
