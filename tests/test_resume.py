@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from conftest import Env, create_backlog, only_session, phase_states, wait_for_worker_file
+from drainer.journal import replay
 
 
 def _processes_with(text: str) -> list[int]:
@@ -249,7 +250,10 @@ def test_resume_of_a_corrupt_journal_is_exit_2(env: Env) -> None:
     assert "no incomplete session" in latest.stdout
 
 
-def test_a_corrupt_line_mid_journal_is_reported_and_resume_continues_past_it(env: Env) -> None:
+@pytest.mark.parametrize("damage", ["not JSON", "a wrong field"])
+def test_a_corrupt_line_mid_journal_is_reported_and_resume_continues_past_it(
+    env: Env, damage: str
+) -> None:
     create_backlog(env.db, [(f"run-{r}", "P", 0, "FAILED", None) for r in range(4)])
     args = [*env.base_args(), "--batch-size", "10"]
     crashed = env.run_cli("run", *args, env=env.worker_env(DRAINER_CRASH_AT="before_spawn:3"))
@@ -260,20 +264,27 @@ def test_a_corrupt_line_mid_journal_is_reported_and_resume_continues_past_it(env
     finished = [n for n, line in enumerate(lines, 1) if b'"attempt_finished"' in line]
     assert len(finished) == 2
     bad = finished[0]  # the first attempt's finish: damaged in place, mid-file
-    lines[bad - 1] = b'{"type": "attempt_finished", "run_id": \x00 garbage\n'
+    if damage == "not JSON":
+        lines[bad - 1] = b'{"type": "attempt_finished", "run_id": \x00 garbage\n'
+        why = f"line {bad} is not JSON"
+    else:  # JSON, and an attempt_finished, but not an attempt record
+        record = json.loads(lines[bad - 1])
+        record["phase_index"] = "first"
+        lines[bad - 1] = json.dumps(record).encode() + b"\n"
+        why = f"line {bad} (attempt_finished) lacks a field or has a wrong type"
     journal.write_bytes(b"".join(lines))
 
     report = env.run_cli("analyze", session_dir.name, "--session-dir", str(env.sessions))
     assert report.returncode == 0, report.stderr
-    assert f"line {bad} is not JSON" in report.stderr and "analysing the rest" in report.stderr
+    assert why in report.stderr and "analysing the rest" in report.stderr
     status = env.run_cli("status", "--database-url", f"sqlite:///{env.db}",
                          "--session-dir", str(env.sessions))
-    assert f"skipped 1 corrupt line(s) (line {bad} is not JSON)" in status.stdout
+    assert f"skipped 1 corrupt line(s) ({why}" in status.stdout
 
     proc = env.run_cli("run", *args, "--resume", session_dir.name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"[WARN] journal {journal}: skipped 1 corrupt line(s) (line {bad} is not JSON); " \
-        "resuming from the lines that could be read" in proc.stdout
+    assert f"[WARN] journal {journal}: skipped 1 corrupt line(s) ({why}" in proc.stdout
+    assert "resuming from the lines that could be read" in proc.stdout
     # Nothing stuck, every phase drained once; the attempt whose finish was damaged counts as
     # interrupted, like the one the crash cut off before its spawn.
     assert {s for s, _ in phase_states(env.db).values()} == {"COMPLETE"}
@@ -281,6 +292,7 @@ def test_a_corrupt_line_mid_journal_is_reported_and_resume_continues_past_it(env
     done = Counter(r["run_id"] for r in snap["results"] if not r["interrupted"])
     assert sorted(done) == ["run-1", "run-2", "run-3"] and max(done.values()) == 1
     assert sorted(r["run_id"] for r in snap["results"] if r["interrupted"]) == ["run-0", "run-2"]
+    assert replay(journal).dangling == []  # the reconciled finish counts: nothing left open
 
 
 def test_database_failure_mid_drain_is_one_line_exit_2_and_resumable(env: Env) -> None:

@@ -333,6 +333,11 @@ def _walk(
                 attempt_id = str(data["attempt_id"])
                 if attempt_id not in open_ids:
                     continue
+                try:
+                    Attempt.from_json(data)
+                except (TypeError, ValueError) as exc:  # damage: its attempt stays open
+                    _skip(damage, number, _bad_fields(kind, exc))
+                    continue
                 open_ids.discard(attempt_id)
         except KeyError as exc:
             _skip(damage, number, _bad_fields(kind, exc))
@@ -364,10 +369,6 @@ def result_records(
     on when given."""
     for _number, data in _walk(path, upto=upto, cursor=cursor):
         if data["type"] == AttemptFinished.kind:
-            try:
-                Attempt.from_json(data)
-            except (KeyError, TypeError, ValueError):
-                continue  # damage (reported by replay): not an attempt record
             del data["type"]
             data.pop("at", None)
             yield data
@@ -444,8 +445,7 @@ def replay(journal_path: Path) -> Replay:
                 started = open_attempts.get(str(data["attempt_id"]))
                 if started is not None:
                     started[2].update(data)
-            elif kind == AttemptFinished.kind:
-                Attempt.from_json(data)  # a bad record is damage, and its attempt unfinished
+            elif kind == AttemptFinished.kind:  # a valid record (_walk checked it)
                 open_attempts.pop(str(data["attempt_id"]), None)
                 state.finished += 1
                 state.interrupted += bool(data.get("interrupted"))
