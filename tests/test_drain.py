@@ -238,27 +238,35 @@ def test_a_worker_that_completes_then_hangs_is_a_success_and_a_timeout(env: Env)
     assert result["success"] is True and result["timed_out"] is True
 
 
-# A worker whose grandchild leaves the attempt for good: a double fork, setsid, and an empty
-# environment (env -i), so neither the process group nor the marker leads to it. The worker
-# waits until the daemon runs and its first child has exited, then completes its phase.
-ESCAPING_WORKER = """\
-import os, sqlite3, sys, time
-pid_file = os.path.join(os.environ["TEST_OUT"], "daemon.pid")
-child = os.fork()
-if child == 0:
-    os.setsid()
-    daemon = os.fork()
-    if daemon == 0:
-        os.execvp("env", ["env", "-i", "sleep", "1000"])
-    with open(pid_file + ".tmp", "w") as fh:
-        fh.write(str(daemon))
-    os.rename(pid_file + ".tmp", pid_file)
-    os._exit(0)
-os.waitpid(child, 0)  # the daemon's parent is gone: it is re-parented now
-with open(pid_file) as fh:
-    daemon = int(fh.read())
-while not open(f"/proc/{daemon}/cmdline", "rb").read().startswith(b"sleep"):
-    time.sleep(0.01)  # env -i has exec'd sleep: the marker is gone from its environment
+# A grandchild that leaves the attempt for good: a double fork, setsid, and an empty
+# environment (env -i), so neither the process group nor the marker leads to it.
+# start_daemon() returns once the daemon runs and its first parent has exited.
+START_DAEMON = """\
+import os, time
+def start_daemon(scratch):
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        daemon = os.fork()
+        if daemon == 0:
+            os.execvp("env", ["env", "-i", "sleep", "1000"])
+        with open(scratch, "w") as fh:
+            fh.write(str(daemon))
+        os._exit(0)
+    os.waitpid(child, 0)  # the daemon's parent is gone: it is re-parented now
+    with open(scratch) as fh:
+        daemon = int(fh.read())
+    while not open(f"/proc/{daemon}/cmdline", "rb").read().startswith(b"sleep"):
+        time.sleep(0.01)  # env -i has exec'd sleep: the marker is gone from its environment
+    return daemon
+"""
+
+# The worker starts such a daemon, records its pid, then completes its phase.
+ESCAPING_WORKER = START_DAEMON + """\
+import sqlite3, sys
+out = os.environ["TEST_OUT"]
+daemon = start_daemon(os.path.join(out, "daemon.tmp"))
+os.rename(os.path.join(out, "daemon.tmp"), os.path.join(out, "daemon.pid"))
 db = sqlite3.connect(os.environ["DATABASE_URL"][len("sqlite:///"):])
 db.execute("UPDATE phases SET state='COMPLETE' WHERE run_id=?", (sys.argv[1],))
 db.commit()
@@ -293,8 +301,8 @@ def test_a_setsid_escapee_with_an_empty_environment_is_found_and_killed(env: Env
 
 # Two lanes. run-0's worker starts a daemon (setsid, env -i) after run-1's worker started, and
 # needs it until run-1's attempt has ended (its lease is gone); run-1's worker exits then.
-LANES_WORKER = """\
-import os, sqlite3, sys, time
+LANES_WORKER = START_DAEMON + """\
+import sqlite3, sys
 out, run_id = os.environ["TEST_OUT"], sys.argv[1]
 db = sqlite3.connect(os.environ["DATABASE_URL"][len("sqlite:///"):], timeout=30)
 def wait_for(check):
@@ -309,18 +317,7 @@ if run_id == "run-1":
     done("COMPLETE")
     sys.exit(0)
 wait_for(lambda: os.path.exists(os.path.join(out, "b-started")))
-child = os.fork()
-if child == 0:
-    os.setsid()
-    daemon = os.fork()
-    if daemon == 0:
-        os.execvp("env", ["env", "-i", "sleep", "1000"])
-    with open(os.path.join(out, "daemon.tmp"), "w") as fh:
-        fh.write(str(daemon))
-    os._exit(0)
-os.waitpid(child, 0)
-daemon = int(open(os.path.join(out, "daemon.tmp")).read())
-wait_for(lambda: open(f"/proc/{daemon}/cmdline", "rb").read().startswith(b"sleep"))
+daemon = start_daemon(os.path.join(out, "daemon.tmp"))
 os.rename(os.path.join(out, "daemon.tmp"), os.path.join(out, "daemon.pid"))
 wait_for(lambda: db.execute(
     "SELECT count(*) FROM drainer_leases WHERE run_id='run-1'").fetchone()[0] == 0)
