@@ -50,9 +50,12 @@ PG_WORKER = textwrap.dedent(
             await conn.close()
             time.sleep(600)
         await asyncio.sleep(0.05)
-        await conn.execute("UPDATE phases SET state='COMPLETE' WHERE run_id=$1 AND phase_id=$2",
-                           run_id, phase_id)
-        await conn.execute("UPDATE worker_log SET ended=$2 WHERE id=$1", log_id, time.time())
+        # One transaction: a worker killed with its drainer leaves both or neither.
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE phases SET state='COMPLETE' WHERE run_id=$1 AND phase_id=$2",
+                run_id, phase_id)
+            await conn.execute("UPDATE worker_log SET ended=$2 WHERE id=$1", log_id, time.time())
         await conn.close()
     asyncio.run(main())
     """
