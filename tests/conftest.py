@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -235,3 +236,29 @@ def wait_for_worker_file(directory: Path, pattern: str, proc: subprocess.Popen[s
 
 
 PY = sys.executable
+
+
+def journal_results(root: Path) -> list[dict[str, Any]]:
+    """The attempt records of a session, with drainer's fields (``root`` is its directory),
+    as drainer's own reader gives them from the journal (damaged lines skipped). The Autopack
+    session file holds Autopack's fields only."""
+    from drainer.journal import JOURNAL_NAME, result_records
+
+    return list(result_records(root / JOURNAL_NAME, upto=None))
+
+
+def session_info(root: Path) -> dict[str, Any]:
+    """drainer's ``session.json`` beside the journal."""
+    import json
+
+    return dict(json.loads((root / "session.json").read_text()))
+
+
+def drainer_view(snapshot: Path) -> dict[str, Any]:
+    """What drainer knows of a session: the Autopack file's fields, drainer's
+    ``session.json`` over them, and the journal's full records as ``results``."""
+    import json
+
+    root = snapshot.parent / snapshot.stem
+    return {**json.loads(snapshot.read_text()), **session_info(root),
+            "results": journal_results(root)}

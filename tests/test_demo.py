@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import journal_results
+
 
 @pytest.mark.slow
 def test_demo_drains_a_batch_and_says_what_next(tmp_path: Path) -> None:
@@ -27,7 +29,8 @@ def test_demo_drains_a_batch_and_says_what_next(tmp_path: Path) -> None:
     snap = json.loads(snapshot.read_text())
     assert snap["total_processed"] == 30
     assert snap["total_timeouts"] == 2
-    leaks = [p for r in snap["results"] for p in r["leaked_processes"]]
+    leaks = [p for r in journal_results(snapshot.parent / snapshot.stem)
+             for p in r["leaked_processes"]]
     assert len(leaks) == 1 and "uvicorn" in leaks[0]["cmdline"]
     assert not psutil.pid_exists(leaks[0]["pid"]) or (
         psutil.Process(leaks[0]["pid"]).status() == psutil.STATUS_ZOMBIE

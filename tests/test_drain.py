@@ -8,22 +8,39 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from conftest import Env, create_backlog, only_session, phase_states
+from conftest import (
+    Env,
+    create_backlog,
+    journal_results,
+    only_session,
+    phase_states,
+    session_info,
+)
 
+# Autopack's session file: its keys exactly (its loader passes every key to a dataclass).
 SNAPSHOT_FIELDS = {
     "session_id", "started_at", "completed_at", "batch_size", "total_processed",
     "total_success", "total_failed", "total_timeouts", "total_telemetry_events",
-    "fingerprint_counts", "stopped_fingerprints", "stopped_runs", "results", "lanes",
-    "stop_reason", "config", "host", "drainer_version",
+    "fingerprint_counts", "stopped_fingerprints", "stopped_runs", "results",
+    "consecutive_zero_yield",
 }
-RESULT_FIELDS = {
+AUTOPACK_RESULT_FIELDS = {
     "run_id", "phase_id", "phase_index", "initial_state", "final_state", "success",
     "error_message", "timestamp", "subprocess_returncode", "subprocess_duration_seconds",
     "subprocess_stdout_path", "subprocess_stderr_path", "subprocess_stdout_excerpt",
     "subprocess_stderr_excerpt", "failure_fingerprint", "telemetry_events_collected",
-    "telemetry_yield_per_minute", "reached_llm_boundary", "zero_yield_reason", "attempt_id",
-    "attempt_number", "lane", "started_at", "finished_at", "timed_out", "cancelled",
-    "state_restored", "leaked_processes", "peak_rss_bytes", "stdout_bytes", "stderr_bytes",
+    "telemetry_yield_per_minute", "reached_llm_boundary", "zero_yield_reason",
+}
+# The journal's records: Autopack's fields and drainer's.
+RESULT_FIELDS = AUTOPACK_RESULT_FIELDS | {
+    "llm_call_seen", "worker_error", "attempt_id", "attempt_number", "lane", "started_at",
+    "finished_at", "timed_out", "cancelled", "interrupted", "lease_lost", "state_restored",
+    "leaked_processes", "peak_rss_bytes", "stdout_bytes", "stderr_bytes",
+}
+INFO_FIELDS = {
+    "session_id", "started_at", "completed_at", "autopack_session_file", "stop_reason",
+    "stop_detail", "totals", "stopped_runs", "leak_gauge", "lanes", "config", "host",
+    "drainer_version",
 }
 
 
@@ -51,9 +68,11 @@ def test_worker_leaving_phase_executing_gets_it_restored(env: Env) -> None:
     assert proc.returncode == 1, proc.stderr
     state, reason = phase_states(env.db)[("run-x", "P1")]
     assert state == "FAILED"
-    assert reason is not None and reason.startswith("drainer:")
-    snapshot, _ = only_session(env.sessions)
-    (result,) = json.loads(snapshot.read_text())["results"]
+    # This worker cleared the reason (it writes NULL with each state): drainer's note alone.
+    assert reason == ("drainer: worker exited with status 3; phase was left EXECUTING, "
+                      "restored to FAILED")
+    _, root = only_session(env.sessions)
+    (result,) = journal_results(root)
     assert result["state_restored"] is True
     assert result["final_state"] == "FAILED"
     assert result["subprocess_returncode"] == 3
@@ -102,16 +121,21 @@ def test_session_files_have_every_field(env: Env) -> None:
     assert proc.returncode == 1
     snapshot_path, session = only_session(env.sessions)
     snap = json.loads(snapshot_path.read_text())
-    assert set(snap) >= SNAPSHOT_FIELDS
+    assert set(snap) == SNAPSHOT_FIELDS
     assert snap["total_processed"] == 2 and snap["total_failed"] == 2
-    assert snap["stop_reason"] == "no_candidates"
     assert snap["session_id"] == snapshot_path.stem
-    for result in snap["results"]:
-        assert set(result) >= RESULT_FIELDS
-        assert result["error_message"] == "Deliverable missing: src/x.py"
+    assert all(set(r) == AUTOPACK_RESULT_FIELDS for r in snap["results"])
+    info = session_info(session)
+    assert set(info) == INFO_FIELDS
+    assert info["stop_reason"] == "no_candidates" and info["lanes"] == 1
+    assert info["autopack_session_file"] == snapshot_path.name
+    for result in journal_results(session):
+        assert set(result) == RESULT_FIELDS
+        log = result["subprocess_stderr_path"]
+        assert result["error_message"] == f"Deliverable missing: src/x.py | (log: {log})"
         assert result["failure_fingerprint"].startswith("FAILED|rc1|deliverable missing")
         assert result["telemetry_events_collected"] == 0
-        assert result["zero_yield_reason"] == "failed_before_llm"
+        assert result["zero_yield_reason"] == "execution_error"
         assert Path(result["subprocess_stdout_path"]).is_file()
         assert Path(result["subprocess_stderr_path"]).read_text() == "boom\n"
     events = [json.loads(line) for line in (session / "journal.jsonl").read_text().splitlines()]
@@ -121,7 +145,7 @@ def test_session_files_have_every_field(env: Env) -> None:
                      "attempt_started", "attempt_spawned", "attempt_finished",
                      "session_stopped"]
     assert isinstance(events[2]["pid"], int) and events[2]["create_time"] > 0
-    assert events[1]["attempt_id"] == events[3]["attempt_id"] == snap["results"][0]["attempt_id"]
+    assert events[1]["attempt_id"] == events[3]["attempt_id"] == journal_results(session)[0]["attempt_id"]
     assert sorted(p.name for p in (session / "logs").iterdir()) == [
         "run-a__P1__1.stderr.txt", "run-a__P1__1.stdout.txt",
         "run-b__P1__1.stderr.txt", "run-b__P1__1.stdout.txt",
@@ -132,11 +156,12 @@ def test_success_counts_telemetry_and_exits_zero(env: Env) -> None:
     create_backlog(env.db, [("run-t", "P1", 0, "FAILED", None)])
     proc = env.run_cli("run", *env.base_args())
     assert proc.returncode == 0, proc.stderr
-    snapshot, _ = only_session(env.sessions)
-    (result,) = json.loads(snapshot.read_text())["results"]
+    _, root = only_session(env.sessions)
+    (result,) = journal_results(root)
     assert result["success"] is True and result["final_state"] == "COMPLETE"
     assert result["telemetry_events_collected"] == 3
-    assert result["reached_llm_boundary"] is True
+    assert result["reached_llm_boundary"] is False  # no limit hit
+    assert result["llm_call_seen"] is True
     assert result["error_message"] is None
     assert "[TELEMETRY] +3 events" in proc.stdout
 
@@ -187,12 +212,15 @@ def test_timeout_restores_phase_and_session_continues(env: Env) -> None:
     assert states[("run-slow", "P1")][0] == "FAILED"
     assert (states[("run-slow", "P1")][1] or "").startswith("drainer: attempt timed out")
     assert states[("run-ok", "P2")][0] == "COMPLETE"
-    snapshot, _ = only_session(env.sessions)
+    snapshot, root = only_session(env.sessions)
     snap = json.loads(snapshot.read_text())
     assert snap["total_timeouts"] == 1
-    slow = snap["results"][0]
+    # Autopack's file records a timeout as Autopack does; the journal keeps the real exit.
+    assert (snap["results"][0]["final_state"], snap["results"][0]["subprocess_returncode"]) \
+        == ("TIMEOUT", -1)
+    slow = journal_results(root)[0]
     assert slow["timed_out"] and slow["failure_fingerprint"].startswith("FAILED|timeout|")
-    assert slow["zero_yield_reason"] == "timeout"
+    assert slow["zero_yield_reason"] == "timeout" and slow["subprocess_returncode"] < 0
 
 
 def test_a_megabyte_of_failure_reason_is_cut_in_the_session_files(env: Env) -> None:
@@ -235,7 +263,8 @@ def test_a_worker_that_completes_then_hangs_is_a_success_and_a_timeout(env: Env)
     snap = json.loads(snapshot.read_text())
     assert (snap["total_success"], snap["total_failed"], snap["total_timeouts"]) == (1, 0, 1)
     [result] = snap["results"]
-    assert result["success"] is True and result["timed_out"] is True
+    assert result["success"] is True and result["final_state"] == "COMPLETE"
+    assert result["subprocess_returncode"] == -1  # counted as a timeout by Autopack too
 
 
 # A grandchild that leaves the attempt for good: a double fork, setsid, and an empty
@@ -289,8 +318,8 @@ def test_a_setsid_escapee_with_an_empty_environment_is_found_and_killed(env: Env
             psutil.Process(daemons[0]).status() != psutil.STATUS_ZOMBIE
         assert not alive
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        snapshot, _ = only_session(env.sessions)
-        [result] = json.loads(snapshot.read_text())["results"]
+        _, root = only_session(env.sessions)
+        [result] = journal_results(root)
         assert [(p["pid"], p["name"]) for p in result["leaked_processes"]] == [
             (daemons[0], "sleep")]
     finally:
@@ -340,8 +369,8 @@ def test_an_escapee_is_left_to_its_own_attempt_while_other_attempts_run(env: Env
         # run-1 ended first, while run-0's worker (which may have made the daemon) ran:
         # the daemon lived on until run-0's own attempt ended, and is listed there.
         assert phase_states(env.db)[("run-0", "P")][0] == "COMPLETE"
-        snapshot, _ = only_session(env.sessions)
-        results = {r["run_id"]: r for r in json.loads(snapshot.read_text())["results"]}
+        _, root = only_session(env.sessions)
+        results = {r["run_id"]: r for r in journal_results(root)}
         assert results["run-1"]["leaked_processes"] == []
         assert [p["pid"] for p in results["run-0"]["leaked_processes"]] == [daemon]
         assert not psutil.pid_exists(daemon) or \

@@ -64,6 +64,10 @@ def test_autopack_example_config_drives_a_run(tmp_path: Path) -> None:
         "args[args.index('--phase-id') + 1]]\n"
         f"exec(compile({CONTRACT_WORKER!r}, 'worker', 'exec'))\n"
     )
+    # A git checkout: the example gives each lane its own worktree of it.
+    for git in (["init", "-q"], ["add", "scripts"],
+                ["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "w"]):
+        subprocess.run(["git", "-C", str(tmp_path), *git], check=True, capture_output=True)
     (tmp_path / "out").mkdir()
     create_backlog(tmp_path / "autopack.db", [(f"run-{i}", "P", 0, "FAILED", None)
                                               for i in range(5)])
@@ -73,7 +77,7 @@ def test_autopack_example_config_drives_a_run(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "drainer", "run", "--plain"], env=env,
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
-    assert "lanes:      4" in proc.stdout
+    assert "lanes:      4" in proc.stdout and "[WORKTREE] 4 lane worktree(s)" in proc.stdout
     sessions = tmp_path / ".autonomous_runs" / "batch_drain_sessions"
     (snapshot,) = sessions.glob("batch-drain-*.json")
     assert json.loads(snapshot.read_text())["total_success"] == 5

@@ -5,9 +5,11 @@ import pytest
 from drainer.fingerprint import (
     error_excerpt,
     failure_fingerprint,
+    llm_call_seen,
     normalize_error,
     rc_bucket,
     reached_llm_boundary,
+    worker_error_line,
     yield_per_minute,
     zero_yield_reason,
 )
@@ -213,9 +215,10 @@ def test_fingerprint_truncates_normalised_error_to_200_chars() -> None:
         "Builder: calling model",
     ],
 )
-def test_llm_boundary_detected(text: str) -> None:
-    assert reached_llm_boundary(text)
-    assert reached_llm_boundary(f"noise\n{text.upper()}\nmore noise")
+def test_llm_call_seen(text: str) -> None:
+    assert llm_call_seen(text)
+    assert llm_call_seen(f"noise\n{text.upper()}\nmore noise")
+    assert not reached_llm_boundary(text)  # naming an LLM is not hitting its limits
 
 
 @pytest.mark.parametrize(
@@ -228,8 +231,43 @@ def test_llm_boundary_detected(text: str) -> None:
         "phase queued, no model used",
     ],
 )
-def test_llm_boundary_not_detected(text: str) -> None:
+def test_llm_call_not_seen(text: str) -> None:
+    assert not llm_call_seen(text)
     assert not reached_llm_boundary(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "anthropic.BadRequestError: prompt is too long (context_length_exceeded)",
+        "This model's maximum context length is 200000 tokens",
+        "stop_reason='max_tokens'",
+        "Conversation too long, please start a new one",
+        "Builder stopped: max_turns reached",
+        "token limit exceeded for phase 3",
+    ],
+)
+def test_llm_boundary_is_a_limit_hit(text: str) -> None:
+    """Autopack's meaning: a message, context or token limit was hit."""
+    assert reached_llm_boundary(f"noise\n{text}\nmore")
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad\n"
+         "Autonomous execution loop finished\n", "ValueError: bad"),
+        ("[drain_one_phase] Error: boom\nsqlalchemy.exc.OperationalError: (sqlite3) locked\n"
+         "[SQL: UPDATE phases]\n", "sqlalchemy.exc.OperationalError: (sqlite3) locked"),
+        ("[drain_one_phase] Error: Cannot proceed without API server\n",
+         "[drain_one_phase] Error: Cannot proceed without API server"),
+        ("KeyboardInterrupt\n", "KeyboardInterrupt"),
+        ("all fine\nerror_count: 0\nErrors: none\n", ""),
+        ("", ""),
+    ],
+)
+def test_worker_error_line_is_the_last_line_naming_an_error(text: str, line: str) -> None:
+    assert worker_error_line(text) == line
 
 
 # --- zero yield -----------------------------------------------------------------------------
@@ -240,30 +278,36 @@ def reason(
     events: int | None = 0,
     success: bool = False,
     timed_out: bool = False,
-    llm: bool = False,
+    output: str = "",
     rc: int | None = 1,
 ) -> str | None:
     return zero_yield_reason(
         success=success,
         timed_out=timed_out,
         telemetry_events=events,
-        llm_boundary=llm,
+        output=output,
         returncode=rc,
     )
 
 
 def test_zero_yield_reasons() -> None:
+    """Autopack's order and meanings; ``unknown`` also when telemetry could not be counted."""
+    limit = "context_length_exceeded"
     assert reason(events=3, timed_out=True) is None
     assert reason(events=1, success=True) is None
     assert reason(events=None, success=True) == "unknown"
     assert reason(events=None, timed_out=True) == "unknown"
-    assert reason(timed_out=True, success=True, llm=True, rc=None) == "timeout"
-    assert reason(success=True, llm=True, rc=0) == "success_no_llm_calls"
-    assert reason(llm=True, rc=None) == "llm_boundary_hit"
-    assert reason(rc=None) == "execution_error"
+    assert reason(success=True, output=limit, rc=0) == "success_no_llm_calls"
+    assert reason(timed_out=True, output=limit, rc=-15) == "timeout"
+    assert reason(output=limit, rc=1) == "llm_boundary_hit"
+    assert reason(output="openai.AuthenticationError: bad key", rc=1) == "execution_error"
+    assert reason(output="Refusing to drain: phase state is COMPLETE", rc=1) \
+        == "failed_before_llm"
+    assert reason(output="psycopg2 connection error", rc=1) == "failed_before_llm"
+    assert reason(rc=None) == "failed_before_llm"  # never started
     assert reason(rc=-9) == "execution_error"
-    assert reason(rc=1) == "failed_before_llm"
-    assert reason(rc=2) == "failed_before_llm"
+    assert reason(rc=2) == "execution_error"
+    assert reason(rc=0) == "unknown"
 
 
 # --- yield ----------------------------------------------------------------------------------

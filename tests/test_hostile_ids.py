@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import Env, create_backlog, phase_states
+from conftest import Env, create_backlog, phase_states, session_info
 
 
 def test_a_nul_byte_in_an_id_is_skipped_and_the_other_phases_drain(env: Env) -> None:
@@ -26,8 +26,9 @@ def test_a_nul_byte_in_an_id_is_skipped_and_the_other_phases_drain(env: Env) -> 
             "be given (argv and environment)",
         ]
         [saved] = [line for line in proc.stdout.splitlines() if line.startswith("Session saved:")]
-        snap = json.loads((env.tmp / saved.split(":", 1)[1].strip()).read_text())
-        assert snap["stop_reason"] == "no_candidates"
+        snapshot = env.tmp / saved.split(":", 1)[1].strip()
+        snap = json.loads(snapshot.read_text())
+        assert session_info(snapshot.parent / snapshot.stem)["stop_reason"] == "no_candidates"
         drained = sorted((r["run_id"], r["phase_id"]) for r in snap["results"])
         assert drained == [("run-a", "P"), ("run-c", "Q")]
     states = phase_states(env.db)

@@ -15,11 +15,20 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import Env, create_backlog, only_session, phase_states, wait_for_worker_file
+from conftest import (
+    Env,
+    create_backlog,
+    journal_results,
+    only_session,
+    phase_states,
+    session_info,
+    wait_for_worker_file,
+)
 
 
 def _results(snapshot: Path) -> list[dict[str, Any]]:
-    return list(json.loads(snapshot.read_text())["results"])
+    """The session's attempt records with drainer's fields (from its journal)."""
+    return journal_results(snapshot.parent / snapshot.stem)
 
 
 def _span(r: dict[str, Any]) -> tuple[float, float]:
@@ -131,7 +140,9 @@ def test_unmarked_leak_is_found_by_ancestry_and_max_leaks_stops_the_session(env:
     try:
         proc = env.run_cli("run", *env.base_args(), "--max-leaks", "1",
                            env=env.worker_env(WORKER_KIND="leak_unmarked"))
-        snap = json.loads(only_session(env.sessions)[0].read_text())
+        snapshot, root = only_session(env.sessions)
+        snap = {**json.loads(snapshot.read_text()), **session_info(root),
+                "results": journal_results(root)}
         # Each attempt leaves one uvicorn in its own session without drainer's marker: it is
         # re-parented to drainer (the subreaper) and listed under its attempt, and the 2nd
         # exceeds --max-leaks 1.

@@ -99,7 +99,7 @@ async def test_live_lease_blocks_and_release_frees(url: str) -> None:
         await backlog.leases.release("run-a", "a-two")
         assert (await backlog.leases.claim(_lease("run-a", "P2", "two"), ttl=60)).holder is not None
         finished = await backlog.leases.finish("run-a", "P2", "a-one", restore=None)
-        assert finished.held is True and finished.restored is False
+        assert finished.held is True and finished.restored is None
         claim = await backlog.leases.claim(_lease("run-a", "P2", "two"), ttl=60)
         assert claim.holder is None and claim.phase == ("FAILED", "boom")
 
@@ -132,7 +132,7 @@ async def test_finish_restores_a_non_final_phase_and_releases(url: str) -> None:
         outcome = await backlog.phases.wait_final_state("run-a", "P1", wait=0)
         assert outcome.row == ("EXECUTING", None) and outcome.telemetry == 0
         finished = await backlog.leases.finish("run-a", "P1", "a-me", restore="drainer: test")
-        assert finished.held is True and finished.restored is True
+        assert finished.held is True and finished.restored == "drainer: test"
         assert await backlog.phases.read("run-a", "P1") == ("FAILED", "drainer: test")
         assert await backlog.leases.live() == []
 
@@ -150,7 +150,7 @@ async def test_finish_after_a_take_over_leaves_the_phase_to_the_new_holder(url: 
                                     " AND run_id = 'run-a'"))
         # The frozen drainer wakes and settles: its lease is gone, the phase is not its own.
         finished = await leases.finish("run-a", "P1", "a-frozen", restore="drainer: frozen")
-        assert finished.held is False and finished.restored is False
+        assert finished.held is False and finished.restored is None
         assert (await backlog.phases.read("run-a", "P1") or ("?",))[0] == "EXECUTING"
         [(held, _age)] = await leases.live()
         assert held.attempt_id == "a-new"

@@ -3,11 +3,10 @@ restored only when no other drainer has taken the run over."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from conftest import Env, create_backlog, only_session, phase_states
+from conftest import Env, create_backlog, drainer_view, only_session, phase_states
 
 
 def _lease_thief(env: Env, takeover: str) -> Path:
@@ -28,7 +27,7 @@ def test_a_lost_lease_stops_the_attempt_and_a_phase_nobody_holds_is_restored(env
     proc = env.run_cli("run", *env.base_args(f"{sys.executable} {thief}"),
                        "--lease-ttl-seconds", "1.5", "--max-attempts-per-phase", "1")
     assert "[LEASE] lost the lease of run-0" in proc.stdout
-    (result,) = json.loads(only_session(env.sessions)[0].read_text())["results"]
+    (result,) = drainer_view(only_session(env.sessions)[0])["results"]
     assert result["cancelled"] is True and result["state_restored"] is True
     assert "lease lost" in result["error_message"]
     state, reason = phase_states(env.db)[("run-0", "P")]
@@ -42,6 +41,6 @@ def test_a_lost_lease_leaves_the_phase_to_the_drainer_that_took_the_run(env: Env
     proc = env.run_cli("run", *env.base_args(f"{sys.executable} {thief}"),
                        "--lease-ttl-seconds", "1.5", "--max-attempts-per-phase", "1")
     assert "[LEASE] lost the lease of run-0" in proc.stdout
-    (result,) = json.loads(only_session(env.sessions)[0].read_text())["results"]
+    (result,) = drainer_view(only_session(env.sessions)[0])["results"]
     assert result["cancelled"] is True and result["state_restored"] is False
     assert phase_states(env.db)[("run-0", "P")][0] == "EXECUTING"  # the new holder's business

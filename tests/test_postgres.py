@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Env
+from conftest import Env, drainer_view
 from pg import create_database, drop_database, fetch_states, server_answers
 
 _why_not = server_answers()
@@ -332,7 +332,7 @@ def test_a_full_disk_stops_the_session_resumably_and_resume_finishes_it(env: Env
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert f"[RESUME] session {journal.parent.name}" in resumed.stdout
         assert {s for s, _ in fetch_states(name).values()} == {"COMPLETE"}
-        snap = json.loads((env.sessions / f"{journal.parent.name}.json").read_text())
+        snap = drainer_view(env.sessions / f"{journal.parent.name}.json")
         drained = [r["run_id"] for r in snap["results"] if not r["interrupted"]]
         assert len(drained) == len(set(drained))  # no phase drained twice
         assert set(drained) | {r["run_id"] for r in snap["results"]} == set(runs)

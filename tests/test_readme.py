@@ -18,14 +18,33 @@ def _blocks() -> dict[str, tuple[str, str]]:
     return {name: (lang, body) for name, lang, body in BLOCK.findall(README.read_text())}
 
 
-def test_the_readme_marks_all_three_sections() -> None:
-    assert set(_blocks()) == {"operators", "teams", "embedders"}
+def test_the_readme_marks_all_four_sections() -> None:
+    assert set(_blocks()) == {"operators", "teams", "embedders", "autopack"}
+
+
+def _autopack_checkout(path: Path) -> None:
+    """A stand-in Autopack checkout: its worker (the Autopack-shaped stub), its runs
+    directory, its .gitignore, a backlog in autopack.db; committed."""
+    from autopack_stubs import AUTOPACK_WORKER
+    from conftest import create_backlog
+
+    (path / "scripts").mkdir()
+    (path / "scripts" / "drain_one_phase.py").write_text(AUTOPACK_WORKER)
+    (path / ".autonomous_runs").mkdir()
+    (path / ".gitignore").write_text("*.db\n.autonomous_runs/\n")
+    create_backlog(path / "autopack.db", [(f"run-{r}", f"P{p}", p, "FAILED", None)
+                                          for r in range(3) for p in range(2)])
+    for git in (["init", "-q"], ["add", "."],
+                ["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "c"]):
+        subprocess.run(["git", "-C", str(path), *git], check=True, capture_output=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["operators", "teams", "embedders"])
+@pytest.mark.parametrize("name", ["operators", "teams", "embedders", "autopack"])
 def test_readme_section_runs_as_written(name: str, tmp_path: Path) -> None:
     lang, body = _blocks()[name]
+    if name == "autopack":
+        _autopack_checkout(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DRAINER_", "DATABASE_URL"))}
     # `python` is the interpreter drainer is installed in, as after the quick start.
     bindir = Path(sys.executable).parent
@@ -53,5 +72,14 @@ def test_readme_section_runs_as_written(name: str, tmp_path: Path) -> None:
     if name == "teams":
         assert "(env DRAINER_LANES)" in proc.stdout and "(command line)" in proc.stdout
         assert list((tmp_path / ".drainer" / "team-sessions").glob("batch-drain-*.json"))
+    if name == "autopack":
+        sessions = tmp_path / ".autonomous_runs" / "batch_drain_sessions"
+        assert f"sessions: {sessions} (Autopack's session directory" in proc.stdout
+        assert "[WORKTREE] 2 lane worktree(s)" in proc.stdout
+        assert len(list(sessions.glob("batch-drain-*.json"))) == 1
+        assert "Recommendations" in proc.stdout and "Live leases" in proc.stdout
+        status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain"],
+                                capture_output=True, text=True, check=True)
+        assert status.stdout == ""
     if name == "embedders":
         assert "SessionStopped" in proc.stdout or "True" in proc.stdout

@@ -20,7 +20,14 @@ from typing import IO
 import psutil
 import pytest
 
-from conftest import Env, create_backlog, only_session, phase_states, wait_for_worker_file
+from conftest import (
+    Env,
+    create_backlog,
+    drainer_view,
+    only_session,
+    phase_states,
+    wait_for_worker_file,
+)
 from drainer.journal import replay
 
 
@@ -81,7 +88,7 @@ def test_kill_9_at_several_points_then_resume_loses_and_doubles_nothing(env: Env
     assert "[RESUME] session" in final.stdout and "[RECONCILED]" in final.stdout
 
     snapshot_path, _ = only_session(env.sessions)  # one session across all four runs
-    snap = json.loads(snapshot_path.read_text())
+    snap = drainer_view(snapshot_path)
     events = _journal(env)
     started = [e["attempt_id"] for e in events if e["type"] == "attempt_started"]
     finished = [e["attempt_id"] for e in events if e["type"] == "attempt_finished"]
@@ -137,7 +144,7 @@ def test_first_sigint_lets_the_attempt_finish_then_resume_continues(env: Env) ->
     assert proc.returncode == 130, err
     assert "Resume with: python -m drainer run --resume batch-drain-" in rest
     snapshot, _ = only_session(env.sessions)
-    snap = json.loads(snapshot.read_text())
+    snap = drainer_view(snapshot)
     assert snap["stop_reason"] == "signal"
     (result,) = snap["results"]
     assert result["success"] is True and result["cancelled"] is False
@@ -145,7 +152,7 @@ def test_first_sigint_lets_the_attempt_finish_then_resume_continues(env: Env) ->
     resumed = env.run_cli("run", *env.base_args(), "--resume",
                           env=env.worker_env(WORKER_KIND="ok"))
     assert resumed.returncode == 0, resumed.stderr
-    snap = json.loads(snapshot.read_text())
+    snap = drainer_view(snapshot)
     assert sorted(r["run_id"] for r in snap["results"]) == ["run-0", "run-1", "run-2"]
     assert snap["stop_reason"] == "no_candidates"
     again = env.run_cli("run", *env.base_args(), "--resume", snap["session_id"])
@@ -165,7 +172,7 @@ def test_second_sigint_kills_the_attempt_now(env: Env) -> None:
     assert proc.returncode == 130, err
     assert "killing in-flight attempts now" in rest
     snapshot, _ = only_session(env.sessions)
-    snap = json.loads(snapshot.read_text())
+    snap = drainer_view(snapshot)
     (result,) = snap["results"]
     assert result["cancelled"] is True and result["state_restored"] is True
     state, reason = phase_states(env.db)[("run-0", "P")]
@@ -177,7 +184,7 @@ def test_second_sigint_kills_the_attempt_now(env: Env) -> None:
                           env=env.worker_env(WORKER_KIND="ok"))
     # Before: 1, for the cancelled attempt whose phase the resumed session then completed.
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    snap = json.loads(snapshot.read_text())
+    snap = drainer_view(snapshot)
     cancelled, *rest = snap["results"]
     assert cancelled["cancelled"] is True and all(r["success"] for r in rest)
     assert {state for state, _ in phase_states(env.db).values()} == {"COMPLETE"}
@@ -205,7 +212,7 @@ def test_resume_keeps_the_session_options_unless_given_again(env: Env) -> None:
     resumed = env.run_cli("run", *env.base_args(), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     snapshot, _ = only_session(env.sessions)
-    snap = json.loads(snapshot.read_text())
+    snap = drainer_view(snapshot)
     assert snap["batch_size"] == 3 and snap["stop_reason"] == "batch_size_reached"
     assert sum(1 for r in snap["results"] if not r["interrupted"]) == 3
 
@@ -217,7 +224,7 @@ def test_resume_with_an_option_given_again_uses_the_new_value(env: Env) -> None:
     resumed = env.run_cli("run", *env.base_args(), "--resume", "--batch-size", "5")
     assert resumed.returncode == 0, resumed.stderr
     snapshot, _ = only_session(env.sessions)
-    snap = json.loads(snapshot.read_text())
+    snap = drainer_view(snapshot)
     assert snap["batch_size"] == 5
     assert sum(1 for r in snap["results"] if not r["interrupted"]) == 5
 
@@ -288,7 +295,7 @@ def test_a_corrupt_line_mid_journal_is_reported_and_resume_continues_past_it(
     # Nothing stuck, every phase drained once; the attempt whose finish was damaged counts as
     # interrupted, like the one the crash cut off before its spawn.
     assert {s for s, _ in phase_states(env.db).values()} == {"COMPLETE"}
-    snap = json.loads((env.sessions / f"{session_dir.name}.json").read_text())
+    snap = drainer_view(env.sessions / f"{session_dir.name}.json")
     done = Counter(r["run_id"] for r in snap["results"] if not r["interrupted"])
     assert sorted(done) == ["run-1", "run-2", "run-3"] and max(done.values()) == 1
     assert sorted(r["run_id"] for r in snap["results"] if r["interrupted"]) == ["run-0", "run-2"]
@@ -307,7 +314,7 @@ def test_database_failure_mid_drain_is_one_line_exit_2_and_resumable(env: Env) -
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     snapshot, _ = only_session(env.sessions)
-    assert json.loads(snapshot.read_text())["stop_reason"] == "error"
+    assert drainer_view(snapshot)["stop_reason"] == "error"
     assert "Resume with: python -m drainer run --resume" in proc.stdout
     # Resuming reconciles the attempt that could not be finished, then drains the rest.
     resumed = env.run_cli("run", *env.base_args(), "--resume")
@@ -349,7 +356,7 @@ def test_a_database_file_deleted_or_replaced_mid_run_stops_the_session(
     word = "deleted" if how == "delete" else "replaced by another file"
     assert f"SQLite database {env.db} was {word} while drainer was using it" in line
     snapshot, _ = only_session(env.sessions)
-    assert json.loads(snapshot.read_text())["stop_reason"] == "error"
+    assert drainer_view(snapshot)["stop_reason"] == "error"
     assert sum(e["type"] == "attempt_started" for e in _journal(env)) == 1  # no second one
 
 
@@ -372,7 +379,7 @@ def test_resume_refuses_a_session_another_drainer_is_running(env: Env) -> None:
         (env.out / "release").write_text("")
         _out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
-    snap = json.loads((env.sessions / f"{session_dir.name}.json").read_text())
+    snap = drainer_view(env.sessions / f"{session_dir.name}.json")
     assert [r["success"] for r in snap["results"]] == [True]  # the live attempt was left alone
 
 
@@ -387,7 +394,7 @@ def test_a_torn_journal_line_survives_two_resumes(env: Env) -> None:
     assert again.returncode == -signal.SIGKILL
     final = env.run_cli("run", *env.base_args(), "--resume", session_dir.name)
     assert final.returncode == 0, final.stderr
-    snap = json.loads((env.sessions / f"{session_dir.name}.json").read_text())
+    snap = drainer_view(env.sessions / f"{session_dir.name}.json")
     assert sorted(r["run_id"] for r in snap["results"] if not r["interrupted"]) == [
         "run-0", "run-1", "run-2"]
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from conftest import Env, create_backlog, only_session
+from conftest import Env, create_backlog, drainer_view, only_session
 
 
 def _config_lines(env: Env, *args: str, **environ: str) -> dict[str, tuple[str, str]]:
@@ -49,7 +49,7 @@ def test_run_uses_the_file_and_secrets_stay_redacted(env: Env) -> None:
     (env.tmp / "drainer.toml").write_text('batch-size = 2\n[env]\nAPI_TOKEN = "tok-s3cret"\n')
     proc = env.run_cli("run", *env.base_args())
     assert proc.returncode == 0, proc.stderr
-    snap = json.loads(only_session(env.sessions)[0].read_text())
+    snap = drainer_view(only_session(env.sessions)[0])
     assert snap["total_processed"] == 2 and snap["config"]["env"] == {"API_TOKEN": "***"}
     shown = env.run_cli("config", "--database-url", env.url)
     assert "tok-s3cret" not in shown.stdout and '"API_TOKEN": "***"' in shown.stdout
@@ -88,7 +88,7 @@ def test_resume_keeps_what_a_config_file_sets(env: Env) -> None:
     (env.tmp / "drainer.toml").write_text("batch-size = 5\n")
     resumed = env.run_cli("run", *env.base_args(), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    snap = json.loads(only_session(env.sessions)[0].read_text())
+    snap = drainer_view(only_session(env.sessions)[0])
     assert snap["batch_size"] == 5  # the file's value, not the session's saved 3
 
 

@@ -4,10 +4,12 @@ a rewrite parses only what the journal gained since the last one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +18,7 @@ from drainer import recorder as recorder_module
 from drainer.config import DrainConfig
 from drainer.events import AttemptStarted
 from drainer.journal import SessionFiles, iter_attempts
-from drainer.models import Attempt
+from drainer.models import AUTOPACK_FIELDS, Attempt, autopack_record
 from drainer.recorder import Recorder
 from drainer.snapshot import Snapshot
 
@@ -77,18 +79,46 @@ def test_the_snapshot_holds_every_journaled_result_once_with_autopack_fields(
     assert data["session_id"] == rec.session_id
     assert data["total_processed"] == data["total_success"] == 30
     assert data["total_telemetry_events"] == 60
-    assert data["results"] == [a.to_json() for a in iter_attempts(rec.files.journal_path)]
-    assert [r["attempt_id"] for r in data["results"]] == [f"a{n}" for n in range(30)]
-    for key in ("started_at", "completed_at", "batch_size", "total_failed", "total_timeouts",
-                "lanes", "config", "host", "drainer_version"):
+    assert data["results"] == [autopack_record(a.to_json())
+                               for a in iter_attempts(rec.files.journal_path)]
+    assert all(list(r) == list(AUTOPACK_FIELDS) for r in data["results"])
+    assert _ids(data) == [f"{n // 20}/p{n % 20}" for n in range(30)]
+    for key in ("started_at", "completed_at", "batch_size", "total_failed", "total_timeouts"):
         assert key in data, key
+    info = json.loads(rec.files.info_path.read_text())
+    for key in ("lanes", "config", "host", "drainer_version", "stop_reason", "totals"):
+        assert key in info, key
+
+
+def test_interrupted_attempts_stay_out_and_timeouts_read_as_autopacks(rec: Recorder) -> None:
+    for n in range(3):
+        _record(rec, n)
+    hung = dataclasses.replace(_attempt(3), success=False, final_state="FAILED",
+                               timed_out=True, subprocess_returncode=-15)
+    dead = dataclasses.replace(_attempt(4), interrupted=True, success=False)
+    for n, attempt in ((4, hung), (5, dead)):
+        rec.attempt_started(AttemptStarted(session_id=rec.session_id, attempt=attempt), n)
+    rec.attempt_finished(hung)
+    rec.attempt_reconciled(dead)
+    rec.write_snapshot()
+    data = json.loads(rec.files.snapshot_path.read_text())
+    assert _ids(data) == ["0/p0", "0/p1", "0/p2", "0/p3"]
+    assert data["total_processed"] == 4 and data["total_timeouts"] == 1
+    assert (data["results"][3]["final_state"], data["results"][3]["subprocess_returncode"]) \
+        == ("TIMEOUT", -1)
+    assert json.loads(rec.files.info_path.read_text())["totals"]["interrupted"] == 1
+    assert _write(rec) == _fresh(rec)  # reused bytes and a fresh build agree
+
+
+def _ids(data: dict[str, Any]) -> list[str]:
+    return [f"{r['run_id'][4:]}/{r['phase_id']}" for r in data["results"]]
 
 
 def _fresh(rec: Recorder) -> bytes:
     """The snapshot as built from the whole journal, by a writer with no earlier file."""
     out = rec.files.snapshot_path.with_name("fresh.json")
-    Snapshot(out, rec.files.journal_path).write({"session_id": rec.session_id},
-                                               rec.files.journal_size)
+    Snapshot(out, rec.files.journal_path, out.with_name("fresh-info.json")).write(
+        {"session_id": rec.session_id}, rec.files.journal_size)
     return out.read_bytes()
 
 
@@ -128,8 +158,8 @@ def test_a_rewrite_reuses_the_last_results_and_equals_one_built_from_the_whole_j
     assert parsed == 8
     monkeypatch.undo()
     assert incremental == _fresh(rec)
-    ids = [r["attempt_id"] for r in json.loads(incremental)["results"]]
-    assert ids == ["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a99"]
+    ids = _ids(json.loads(incremental))
+    assert ids == ["0/p0", "0/p1", "0/p2", "0/p3", "0/p4", "0/p5", "0/p6", "0/p7", "4/p19"]
 
 
 def test_a_snapshot_changed_behind_drainers_back_is_rebuilt_from_the_journal(
@@ -159,7 +189,7 @@ def test_a_journal_line_cut_short_at_a_rewrite_is_read_whole_at_the_next(
     rec._snapshot.write({"session_id": rec.session_id}, size - 10)
     assert len(json.loads(rec.files.snapshot_path.read_bytes())["results"]) == 3
     final = _write(rec)
-    assert [r["attempt_id"] for r in json.loads(final)["results"]] == ["a0", "a1", "a2", "a3"]
+    assert _ids(json.loads(final)) == ["0/p0", "0/p1", "0/p2", "0/p3"]
     assert final == _fresh(rec)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import sys
 from pathlib import Path
@@ -10,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from conftest import Env, create_backlog, only_session, phase_states
+from conftest import Env, create_backlog, drainer_view, only_session, phase_states
 
 
 def _snapshot(env: Env) -> dict[str, Any]:
     snapshot, _ = only_session(env.sessions)
-    return dict(json.loads(snapshot.read_text()))
+    return dict(drainer_view(snapshot))
 
 
 def _drained(env: Env) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from conftest import Env, create_backlog, phase_states, wait_for_worker_file
+from conftest import Env, create_backlog, drainer_view, phase_states, wait_for_worker_file
 
 # The first worker to start takes the "long" token: it runs until killed, with a setsid
 # grandchild (keeping drainer's marker). Every other worker completes its phase at once.
@@ -104,7 +104,7 @@ def _start_drainer(env: Env, args: list[str]) -> subprocess.Popen[str]:
 
 def _results(env: Env) -> list[dict[str, object]]:
     return [r for snap in sorted(env.sessions.glob("batch-drain-*.json"))
-            for r in json.loads(snap.read_text())["results"]]
+            for r in drainer_view(snap)["results"]]
 
 
 def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(env: Env) -> None:

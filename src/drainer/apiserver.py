@@ -1,23 +1,29 @@
 """One API server for every worker: ``--api-url`` (check it answers) or ``--api-command``
-(start one on a free port, wait until it answers, stop its whole tree at the end)."""
+(start one on a free port with the workers' ``DATABASE_URL`` and ``--env``, wait until it
+answers, keep its output in ``<session>/api-server.log``, stop its whole tree at the end)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
+from anyio.abc import Process
 
 from . import proctree, reaper
 from .config import DrainConfig, render_command, strip_userinfo
+from .dburl import redact_text
 from .errors import UsageError
 from .proctree import API_MARKER_VAR
+from .sinks import TAIL_BYTES, LogSink
 
 START_TIMEOUT = 30.0
 PROBE_TIMEOUT = 3.0
@@ -70,13 +76,73 @@ async def check_api_url(url: str) -> None:
         raise UsageError(f"--api-url {shown} does not answer ({why}); start the server first")
 
 
+class ServerLog:
+    """The API server's output (stdout and stderr, pumped by drainer): held in memory until
+    the session's directory exists, then written to ``<session>/api-server.log``. Capped at
+    ``--max-log-bytes`` like a worker's log; the last lines stay at hand for error messages."""
+
+    def __init__(self, max_bytes: int, secrets: tuple[str, ...]) -> None:
+        self._early = bytearray()
+        self._sink: LogSink | None = None
+        self._max_bytes = max_bytes
+        self._secrets = secrets
+        self._tail = bytearray()
+        self.path: Path | None = None
+
+    async def write(self, data: bytes) -> None:
+        self._tail += data
+        del self._tail[:-TAIL_BYTES]
+        if self._sink is not None:
+            await self._sink.write(data)
+        elif len(self._early) < self._max_bytes:
+            self._early += data[: self._max_bytes - len(self._early)]
+
+    async def attach(self, path: Path) -> None:
+        """From now on the log is ``path`` (what came before is written first)."""
+        sink = LogSink(path, max_bytes=self._max_bytes, secrets=self._secrets)
+        await sink.__aenter__()
+        early, self._early = bytes(self._early), bytearray()
+        await sink.write(early)
+        self._sink, self.path = sink, path
+
+    def last_line(self) -> str:
+        """The server's last non-blank output line (its error, when it exits at start)."""
+        lines = [x for x in bytes(self._tail).decode("utf-8", "replace").splitlines()
+                 if x.strip()]
+        return redact_text(lines[-1].strip(), self._secrets)[:300] if lines else ""
+
+    async def aclose(self) -> None:
+        if self._sink is not None:
+            await self._sink.aclose()
+
+
+@dataclass
+class ApiServer:
+    """The API server workers share: its URL, and its log once the session has a directory."""
+
+    url: str | None
+    log: ServerLog | None = None
+
+    async def attach_log(self, path: Path) -> None:
+        if self.log is not None:
+            await self.log.attach(path)
+
+
+def server_env(config: DrainConfig, session_id: str) -> dict[str, str]:
+    """What the API server starts with: drainer's environment, the same ``DATABASE_URL``
+    (sync form) and ``--env`` values as the workers, and its marker."""
+    env = dict(os.environ)
+    env["DATABASE_URL"] = config.db.sync_url
+    env.update(dict(config.env))
+    env[API_MARKER_VAR] = session_id
+    return env
+
+
 @asynccontextmanager
-async def open_api_server(
-    config: DrainConfig, session_id: str, log_path: Path
-) -> AsyncIterator[str | None]:
-    """Yield the API URL workers get (None without --api-url/--api-command)."""
+async def open_api_server(config: DrainConfig, session_id: str) -> AsyncIterator[ApiServer]:
+    """Yield the API server workers get (its URL is None without --api-url/--api-command)."""
     if config.api_command is None:
-        yield config.api_url
+        yield ApiServer(config.api_url)
         return
     port = free_port()
     argv = render_command(
@@ -85,40 +151,59 @@ async def open_api_server(
          "workspace": str(config.workspace.resolve())},
     )
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, API_MARKER_VAR: session_id}
-    log = await anyio.to_thread.run_sync(lambda: open(log_path, "ab"))  # noqa: SIM115
+    log = ServerLog(config.max_log_bytes, config.secrets)
     try:
         with reaper.spawning():
             process = await anyio.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=config.workspace, env=env, start_new_session=True,
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, cwd=config.workspace,
+                env=server_env(config, session_id), start_new_session=True,
             )
             reaper.known(process.pid)
     except OSError as exc:
-        log.close()
         raise UsageError(f"cannot start --api-command {argv[0]!r}: {exc.strerror}") from exc
+
+    async def pump() -> None:
+        assert process.stdout is not None
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            async for chunk in process.stdout:
+                await log.write(chunk)
+
     try:
-        started = time.monotonic()
-        while (why := await answers(url, within=1.0)) is not None:
-            if process.returncode is not None:
-                raise UsageError(
-                    f"--api-command exited with status {process.returncode} before answering "
-                    f"on {url} (see {log_path})"
-                )
-            if time.monotonic() - started > START_TIMEOUT:
-                raise UsageError(f"--api-command did not answer on {url} within "
-                                 f"{START_TIMEOUT:g}s ({why}; see {log_path})")
-            await anyio.sleep(0.1)
-        yield url
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump)
+            try:
+                await _wait_until_it_answers(process, url, log)
+                yield ApiServer(url, log)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(
+                        lambda: proctree.kill_marked(API_MARKER_VAR, session_id, process.pid,
+                                                     grace=config.kill_grace_period)
+                    )
+                    if process.returncode is None:
+                        with anyio.move_on_after(5):
+                            await process.wait()
+                    tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(
-                lambda: proctree.kill_marked(API_MARKER_VAR, session_id, process.pid,
-                                             grace=config.kill_grace_period)
-            )
-            if process.returncode is None:
-                with anyio.move_on_after(5):
-                    await process.wait()
             await process.aclose()
             reaper.forget(process.pid)
-            log.close()
+            await log.aclose()
+
+
+async def _wait_until_it_answers(process: Process, url: str, log: ServerLog) -> None:
+    started = time.monotonic()
+    while (why := await answers(url, within=1.0)) is not None:
+        if process.returncode is not None:
+            said = log.last_line()
+            raise UsageError(
+                f"--api-command exited with status {process.returncode} before answering "
+                f"on {url}" + (f": {said}" if said else " (it printed nothing)")
+            )
+        if time.monotonic() - started > START_TIMEOUT:
+            said = log.last_line()
+            raise UsageError(f"--api-command did not answer on {url} within "
+                             f"{START_TIMEOUT:g}s ({why})" + (f"; it said: {said}" if said
+                                                               else ""))
+        await anyio.sleep(0.1)

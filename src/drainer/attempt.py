@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -29,14 +30,19 @@ from .faults import crash_point
 from .fingerprint import (
     error_excerpt,
     failure_fingerprint,
+    llm_call_seen,
     reached_llm_boundary,
+    worker_error_line,
     yield_per_minute,
     zero_yield_reason,
 )
 from .journal import Dangling, SessionFiles, iso, utcnow
 from .models import Attempt, PhaseRef, PhaseState, is_final_state
+from .reasons import NOTE_START, is_code, note_part, worker_part
 from .recorder import Recorder
+from .sinks import TAIL_BYTES
 from .supervisor import AttemptSpec, ProcessResult, Supervisor
+from .worktrees import check_git_workspace
 
 DB_CLEANUP_TIMEOUT = 90.0  #: settling an attempt gives up after this long (resume mends it)
 #: while its lease cannot be renewed (database unreachable), an attempt goes on this long
@@ -65,8 +71,9 @@ GONE: Literal["gone"] = "gone"  #: the phase is no longer drainable (done meanwh
 
 def placeholder_values(
     config: DrainConfig, *, run_id: str, phase_id: str, phase_index: int, attempt_id: str,
-    session_id: str,
+    session_id: str, workspace: Path | None = None,
 ) -> dict[str, str]:
+    """``workspace``: the lane's own (``--lane-workspaces``), else ``--workspace``."""
     return {
         "run_id": run_id,
         "phase_id": phase_id,
@@ -74,7 +81,7 @@ def placeholder_values(
         "attempt_id": attempt_id,
         "session_id": session_id,
         "python": config.python,
-        "workspace": str(config.workspace.resolve()),
+        "workspace": str((workspace or config.workspace).resolve()),
     }
 
 
@@ -83,14 +90,44 @@ def check_worker_program(config: DrainConfig) -> None:
     phase with a misleading spawn error)."""
     if not config.workspace.is_dir():
         raise UsageError(f"--workspace {config.workspace} is not a directory")
-    first = render_command(config.command_tokens[:1], placeholder_values(
-        config, run_id="", phase_id="", phase_index=0, attempt_id="", session_id=""))[0]
+    if config.lane_workspaces == "git-worktree":
+        check_git_workspace(config.workspace)
+    argv = render_command(config.command_tokens, placeholder_values(
+        config, run_id="", phase_id="", phase_index=0, attempt_id="", session_id=""))
+    first = argv[0]
     if "/" in first:
         path = Path(first) if Path(first).is_absolute() else config.workspace / first
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise UsageError(f"worker program {first!r} is not an executable file (--command)")
     elif shutil.which(first) is None:
         raise UsageError(f"worker program {first!r} is not on PATH (--command)")
+    script = interpreter_script(config.command_tokens)
+    if script is not None:
+        path = Path(script) if Path(script).is_absolute() else config.workspace / script
+        if not path.is_file():
+            raise UsageError(
+                f"worker script {script!r} not found in workspace {config.workspace} "
+                "(--command, --workspace)")
+
+
+_PYTHON = re.compile(r"python[\d.]*")
+
+
+def interpreter_script(tokens: tuple[str, ...]) -> str | None:
+    """The script of a ``{python} path/to/script.py ...`` command (None for other commands,
+    ``-m``/``-c`` forms, or a script path made of placeholders)."""
+    if len(tokens) < 2 or not (tokens[0] == "{python}"
+                               or _PYTHON.fullmatch(Path(tokens[0]).name)):
+        return None
+    rest = iter(tokens[1:])
+    for token in rest:
+        if token in ("-m", "-c"):
+            return None
+        if token in ("-W", "-X"):  # an option with its value in the next token
+            next(rest, None)
+        elif not token.startswith("-"):
+            return None if "{" in token else token
+    return None
 
 
 def worker_env(
@@ -120,7 +157,8 @@ def worker_env(
 def restore_reason(
     result: ProcessResult, state: str | None, timeout_label: str, *, lease_lost: bool = False
 ) -> str:
-    """The ``last_failure_reason`` of a phase an attempt left non-final."""
+    """drainer's note for a phase an attempt left non-final (the worker's reason is kept
+    before it, :mod:`drainer.reasons`)."""
     if lease_lost:
         what = "lease lost (not renewed in time); attempt stopped"
     elif result.cancelled:
@@ -131,7 +169,7 @@ def restore_reason(
         what = result.spawn_error
     else:
         what = f"worker exited with status {result.returncode}"
-    return f"drainer: {what}; phase was left {state}, restored to FAILED"
+    return f"{NOTE_START}{what}; phase was left {state}, restored to FAILED"
 
 
 def error_message(
@@ -146,10 +184,12 @@ def error_message(
 ) -> tuple[str, str]:
     """An actionable failure message, and the part of it the fingerprint is built from.
 
-    The database reason comes first when there is one. When it equals the reason the phase
-    had before and the worker exited non-zero, the worker may have crashed before writing
-    its own, so the exit status, stderr tail and log path are added as context (outside
-    the fingerprint, which must not change with a log path).
+    The message names, in this order and each once: what drainer did (a timeout, a stop, a
+    restore), the worker's reason from the database, the worker's last error line (else
+    the end of its stderr), and the log path. The fingerprint is built from the most
+    telling stable part: drainer's cause for timeouts and stops; else the worker's error
+    line (behind a bare status code such as ``FAILED`` when the worker wrote one); else the
+    worker's reason when this attempt wrote it; else drainer's note.
     """
     if row is None:
         text = f"phase {started.run_id}/{started.phase_id} no longer exists in the database"
@@ -157,23 +197,37 @@ def error_message(
     if result.spawn_error:
         return result.spawn_error, result.spawn_error
     state, reason = row
-    db_reason = _capped((reason or "").strip())
-    tail = error_excerpt(result.stderr_tail, 300) or error_excerpt(result.stdout_tail, 300)
-    log = f"(log: {started.subprocess_stderr_path})"
+    worker = _capped(worker_part(reason))
+    written = bool(worker) and worker != _capped(worker_part(previous_reason))
+    line = worker_error_line(result.stderr_tail) or worker_error_line(result.stdout_tail)
     if lease_lost:
-        head = "drainer: lease lost (not renewed in time); attempt stopped, process tree killed"
+        cause = "drainer: lease lost (not renewed in time); attempt stopped, process tree killed"
     elif result.cancelled:
-        head = "drainer: attempt cancelled (session stopping); process tree killed"
+        cause = "drainer: attempt cancelled (session stopping); process tree killed"
     elif result.timed_out:
-        head = f"drainer: timed out after {timeout_label}; process tree killed"
-    elif restored or not db_reason:
-        head = db_reason or f"worker exited with status {result.returncode}, phase {state}"
-    elif db_reason == _capped((previous_reason or "").strip()) and result.returncode != 0:
-        context = f"unchanged by this attempt? worker exited with status {result.returncode}"
-        return " | ".join(p for p in (db_reason, context, tail, log) if p), db_reason
+        cause = f"drainer: timed out after {timeout_label}; process tree killed"
     else:
-        return db_reason, db_reason
-    return " | ".join(p for p in (head, tail, log) if p), head
+        cause = note_part(reason) if restored else ""
+    parts = [cause, worker]
+    if not cause and not worker:
+        parts.append(f"worker exited with status {result.returncode}, phase {state}")
+    elif not cause and not written and result.returncode != 0:
+        parts.append(f"unchanged by this attempt? worker exited with status {result.returncode}")
+    if line and line not in worker:
+        parts.append(line)
+    elif not line and not (written and not is_code(worker)):
+        parts.append(error_excerpt(result.stderr_tail, 300)
+                     or error_excerpt(result.stdout_tail, 300))
+    parts.append(f"(log: {started.subprocess_stderr_path})")
+    if result.timed_out or result.cancelled or lease_lost:
+        basis = cause
+    elif line:
+        basis = f"{worker}: {line}" if written and is_code(worker) else line
+    elif written:
+        basis = worker
+    else:
+        basis = cause or parts[0] or parts[2]
+    return " | ".join(p for p in parts if p), basis
 
 
 def judge(
@@ -196,7 +250,8 @@ def judge(
     success = state == PhaseState.COMPLETE and not result.cancelled and not lease_lost
     events = None if telemetry_before is None or telemetry_after is None else max(
         0, telemetry_after - telemetry_before)
-    llm = reached_llm_boundary(result.stdout_tail + "\n" + result.stderr_tail)
+    output = result.stdout_tail + "\n" + result.stderr_tail
+    line = worker_error_line(result.stderr_tail) or worker_error_line(result.stdout_tail)
     message = fingerprint = None
     if not success:
         text, basis = error_message(started, result, row=row, restored=restored,
@@ -227,9 +282,11 @@ def judge(
         stderr_bytes=result.stderr_bytes,
         telemetry_events_collected=events,
         telemetry_yield_per_minute=yield_per_minute(events, result.duration),
-        reached_llm_boundary=llm,
+        reached_llm_boundary=reached_llm_boundary(output),
+        llm_call_seen=llm_call_seen(output),
+        worker_error=redact_text(line, secrets) or None,
         zero_yield_reason=zero_yield_reason(success=success, timed_out=result.timed_out,
-                                            telemetry_events=events, llm_boundary=llm,
+                                            telemetry_events=events, output=output,
                                             returncode=result.returncode),
     )
 
@@ -265,6 +322,10 @@ class AttemptRunner:
         self._session_id = files.session_id
         self._host = host
         self._api_url = api_url
+        self._workspaces: dict[int, Path] = {}  #: lane -> its own workspace, if any
+
+    def use_lane_workspaces(self, paths: dict[int, Path]) -> None:
+        self._workspaces = dict(paths)
 
     async def claim(self, ref: PhaseRef) -> ClaimOutcome:
         """Claim the run's lease and re-read the phase under it."""
@@ -342,13 +403,15 @@ class AttemptRunner:
             attempt_number=attempt_number, lane=lane, started_at=iso(utcnow()),
             subprocess_stdout_path=str(out), subprocess_stderr_path=str(err),
         )
+        workspace = self._workspaces.get(lane, cfg.workspace)
         spec = AttemptSpec(
             argv=render_command(cfg.command_tokens, placeholder_values(
                 cfg, run_id=ref.run_id, phase_id=ref.phase_id, phase_index=ref.phase_index,
-                attempt_id=claimed.attempt_id, session_id=self._session_id)),
+                attempt_id=claimed.attempt_id, session_id=self._session_id,
+                workspace=workspace)),
             env=worker_env(cfg, session_id=self._session_id, attempt_id=claimed.attempt_id,
                            ref=ref, api_url=self._api_url),
-            cwd=cfg.workspace,
+            cwd=workspace,
             attempt_id=claimed.attempt_id,
             stdout_path=out,
             stderr_path=err,
@@ -413,9 +476,9 @@ class AttemptRunner:
                 finished = await leases.finish(ref.run_id, ref.phase_id, claimed.attempt_id,
                                                restore=why)
                 lease_lost = lease_lost or not finished.held
-                restored = finished.restored
-                if restored:
-                    row = (PhaseState.FAILED.value, why)
+                restored = finished.restored is not None
+                if finished.restored is not None:
+                    row = (PhaseState.FAILED.value, finished.restored)
                 elif why is not None:  # changed under us: read what it is now
                     row = await phases.read(ref.run_id, ref.phase_id)
         except TimeoutError:
@@ -506,6 +569,8 @@ class AttemptRunner:
         before = started.telemetry_before if ours else None
         after = await phases.telemetry_count(record.run_id, record.phase_id) if ours else None
         success = ours and state == PhaseState.COMPLETE and not killed
+        line = await anyio.to_thread.run_sync(_last_error_line, record.subprocess_stderr_path,
+                                              record.subprocess_stdout_path)
         finished_at = iso(utcnow())
         attempt = dataclasses.replace(
             record,
@@ -518,10 +583,28 @@ class AttemptRunner:
             timestamp=finished_at,
             telemetry_events_collected=None if before is None or after is None else max(
                 0, after - before),
-            error_message=None if success else (
+            worker_error=line or None,
+            error_message=None if success else " | ".join(p for p in (
                 f"drainer: interrupted: drainer stopped while this attempt ran "
-                f"({len(killed)} leftover process(es) killed); phase now {state}"),
+                f"({len(killed)} leftover process(es) killed); phase now {state}", line,
+                f"(log: {record.subprocess_stderr_path})") if p),
         )
         await self._store.leases.release(record.run_id, record.attempt_id)
         self._recorder.attempt_reconciled(attempt)
         return attempt
+
+
+def _last_error_line(*logs: str | None) -> str:
+    """The worker's last error line in the end of its logs (stderr first); "" if none."""
+    for log in logs:
+        if not log:
+            continue
+        try:
+            with open(log, "rb") as fh:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - TAIL_BYTES))
+                line = worker_error_line(fh.read().decode("utf-8", "replace"))
+        except OSError:
+            continue
+        if line:
+            return line
+    return ""

@@ -44,6 +44,7 @@ DEFAULT_TELEMETRY_TABLES = ("token_estimation_v2_events", "token_budget_escalati
 DEFAULT_SESSION_DIR = Path(".drainer/sessions")
 MIB = 1024 * 1024
 LEAK_POLICIES = ("kill", "report")
+LANE_WORKSPACES = ("none", "git-worktree")
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -260,6 +261,10 @@ class DrainConfig:
     workspace: Path = option(
         Path("."), "--workspace", "directory the worker runs in (default: current directory)",
         WORKER, metavar="DIR", parse=Path, relative_to_file=True)
+    lane_workspaces: str = option(
+        "none", "--lane-workspaces", "give each lane its own workspace: 'git-worktree' (a git "
+        "worktree of --workspace per lane, made before the first attempt, removed at the end) "
+        "or 'none' (default: %(default)s)", WORKER, choices=LANE_WORKSPACES)
     env: tuple[tuple[str, str], ...] = option(
         (), "--env", "extra environment variable for workers (repeatable)", WORKER,
         metavar="KEY=VALUE", kind=LIST, parse=parse_env_pairs)
@@ -356,7 +361,7 @@ class DrainConfig:
                 opt.check(opt.flag, value)
         _seconds(positive=False)("final_state_wait", self.final_state_wait)
         if self.api_url is not None:
-            _check_http_url(self.api_url)
+            setattr_(self, "api_url", normalize_api_url(self.api_url))
         try:
             re.compile(self.leak_pattern)
         except re.error as exc:
@@ -371,6 +376,8 @@ class DrainConfig:
             if not any("{port}" in t for t in tokens):
                 raise UsageError("--api-command needs a {port} placeholder for the free port")
             setattr_(self, "api_command", tokens)
+        if self.lane_workspaces not in LANE_WORKSPACES:
+            raise UsageError(f"--lane-workspaces must be one of {', '.join(LANE_WORKSPACES)}")
         if self.leak_policy not in LEAK_POLICIES:
             raise UsageError(f"--leak-policy must be one of {', '.join(LEAK_POLICIES)}")
         if self.run_id is not None and not self.run_id:
@@ -467,14 +474,28 @@ def saved_value(name: str, value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _check_http_url(url: str) -> None:
+def normalize_api_url(url: str) -> str:
+    """``scheme://host:port`` (userinfo kept, the default port made explicit): Autopack's
+    worker reads the port as the text after the URL's last colon, so a trailing slash, a
+    path or a missing port would crash every worker. A path, query or fragment is refused."""
     try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises on a bad port
+        parts = urlsplit(url.strip())
+        port = parts.port  # raises on a bad port
     except ValueError as exc:
         raise UsageError(f"--api-url {strip_userinfo(url)!r} is not a valid URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--api-url must be an http(s) URL, got {strip_userinfo(url)!r}")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise UsageError(
+            f"--api-url {strip_userinfo(url)!r} has a path; give the server's root as "
+            "scheme://host:port (workers add their own paths)")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    host = parts.netloc.rsplit("@", 1)[-1]
+    if parts.port is None:
+        host = f"{host}:{port}"
+    userinfo = parts.netloc[: -len(parts.netloc.rsplit("@", 1)[-1])]
+    return f"{parts.scheme}://{userinfo}{host}"
 
 
 def strip_userinfo(url: str) -> str:

@@ -112,21 +112,42 @@ def failure_fingerprint(
     return f"{state}|{bucket}|{normalize_error(error)[:200]}"
 
 
-# Evidence in worker output that it got as far as calling an LLM: provider names, model name
-# prefixes, Autopack's builder/LLM log lines and token accounting. "openai" also matches an
-# import error for the package: such a worker did try to reach the LLM layer.
+# Autopack's meaning of ``reached_llm_boundary``: the worker ran into a message, context or
+# token limit of the LLM (its controller looks for these phrases in the output).
 _LLM_BOUNDARY = re.compile(
+    r"max_turns|message limit|context_length_exceeded|maximum context|context window exceeded"
+    r"|token limit exceeded|max tokens|conversation too long|exceeded maximum"
+    r"|stop_reason\W{0,3}max_tokens",
+    re.IGNORECASE,
+)
+# drainer's own signal, ``llm_call_seen``: the output shows the worker got as far as calling
+# an LLM (provider names, model name prefixes, Autopack's LLM log lines, token accounting).
+_LLM_CALL = re.compile(
     r"anthropic|openai|claude-|gpt-|\[llm\]"
     r"|\bllm[ _-]?(?:call|request|response)|\bcalling (?:the )?llm\b"
     r"|max_tokens|\b(?:prompt|completion)[ _]tokens|\btokens[ _]used|\btoken[ _]budget"
     r"|\bbuilder:\s*calling",
     re.IGNORECASE,
 )
+# Output that says the worker failed in setup or validation, before any LLM call (Autopack's
+# early-failure phrases, plus its worker's own refusals).
+_EARLY_FAILURE = re.compile(
+    r"validation error|schema error|missing required field|invalid phase|phase not found"
+    r"|run not found|database error|connection error|permission denied"
+    r"|refusing to drain|database_url must be set",
+    re.IGNORECASE,
+)
 
 
 def reached_llm_boundary(text: str) -> bool:
-    """Whether ``text`` (a worker's output) shows it got as far as an LLM call."""
+    """Whether ``text`` (a worker's output) shows it hit an LLM message, context or token
+    limit (Autopack's ``reached_llm_boundary``)."""
     return _LLM_BOUNDARY.search(text) is not None
+
+
+def llm_call_seen(text: str) -> bool:
+    """Whether ``text`` (a worker's output) shows it got as far as an LLM call."""
+    return _LLM_CALL.search(text) is not None
 
 
 def zero_yield_reason(
@@ -134,28 +155,53 @@ def zero_yield_reason(
     success: bool,
     timed_out: bool,
     telemetry_events: int | None,
-    llm_boundary: bool,
+    output: str,
     returncode: int | None,
 ) -> str | None:
-    """Why an attempt produced no telemetry, or ``None`` when it produced some.
+    """Why an attempt produced no telemetry (Autopack's ``zero_yield_reason``), or ``None``
+    when it produced some.
 
     ``unknown`` when telemetry could not be counted; otherwise the first that applies:
-    ``timeout``, ``success_no_llm_calls``, ``llm_boundary_hit``, ``execution_error`` (never
-    started, or killed by a signal), ``failed_before_llm``.
+    ``success_no_llm_calls``, ``timeout``, ``llm_boundary_hit`` (a limit phrase in
+    ``output``), ``failed_before_llm`` (an early-failure phrase in ``output``, or a worker
+    that never started), ``execution_error`` (any other non-zero exit), ``unknown``.
     """
     if telemetry_events is None:
         return "unknown"
     if telemetry_events > 0:
         return None
-    if timed_out:
-        return "timeout"
     if success:
         return "success_no_llm_calls"
-    if llm_boundary:
+    if timed_out:
+        return "timeout"
+    if reached_llm_boundary(output):
         return "llm_boundary_hit"
-    if returncode is None or returncode < 0:
+    if returncode is None or _EARLY_FAILURE.search(output):
+        return "failed_before_llm"
+    if returncode != 0:
         return "execution_error"
-    return "failed_before_llm"
+    return "unknown"
+
+
+# The line that names a worker's error: a traceback's last line (``ValueError: bad``,
+# ``sqlalchemy.exc.OperationalError: ...``, ``KeyboardInterrupt``) or an ``Error:`` line
+# (``[drain_one_phase] Error: ...``, ``ERROR: ...``).
+_ERROR_LINE = re.compile(
+    r"(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure|Fault|Timeout)\b(?::\s.*)?"
+    r"|.*\berror\s*:\s*\S.*)",
+    re.IGNORECASE,
+)
+MAX_ERROR_LINE = 1000  #: a longer error line is cut here
+
+
+def worker_error_line(text: str) -> str:
+    """The last line of ``text`` that names an error (see ``_ERROR_LINE``), stripped and
+    cut at ``MAX_ERROR_LINE`` characters; "" when there is none."""
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and _ERROR_LINE.fullmatch(line):
+            return line[:MAX_ERROR_LINE]
+    return ""
 
 
 def yield_per_minute(events: int | None, duration_seconds: float) -> float | None:

@@ -40,6 +40,7 @@ from .models import Attempt, StopReason, stop_reason_of
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME = 60
 JOURNAL_NAME = "journal.jsonl"
+INFO_NAME = "session.json"  #: drainer's summary of the session, beside its journal
 LIFECYCLE = frozenset({SessionStarted.kind, SessionResumed.kind, SessionStopped.kind})
 
 
@@ -122,6 +123,7 @@ class SessionFiles:
         self.snapshot_path = session_dir / f"{session_id}.json"
         self.root = session_dir / session_id
         self.journal_path = self.root / JOURNAL_NAME
+        self.info_path = self.root / INFO_NAME
         self.logs_dir = self.root / "logs"
         self.journal_size = 0  #: bytes in the journal (where the next line starts)
         self._journal: BinaryIO | None = None

@@ -256,8 +256,10 @@ class Attempt:
     failure_fingerprint: str | None = None
     telemetry_events_collected: int | None = None
     telemetry_yield_per_minute: float | None = None
-    reached_llm_boundary: bool = False
+    reached_llm_boundary: bool = False  #: Autopack's: a message/context/token limit was hit
     zero_yield_reason: str | None = None
+    llm_call_seen: bool = False  #: drainer's: the output shows an LLM call was made
+    worker_error: str | None = None  #: the last error line of the worker's output
     timed_out: bool = False
     cancelled: bool = False
     interrupted: bool = False
@@ -302,17 +304,39 @@ class Attempt:
         return cls(**kwargs)
 
 
-#: Field order of an attempt record (Autopack's fields first, then drainer's).
-_ATTEMPT_FIELDS: tuple[str, ...] = (
+#: The fields of an attempt record in Autopack's session file (its ``DrainResult``), in order.
+AUTOPACK_FIELDS: tuple[str, ...] = (
     "run_id", "phase_id", "phase_index", "initial_state", "final_state", "success",
     "error_message", "timestamp", "subprocess_returncode", "subprocess_duration_seconds",
     "subprocess_stdout_path", "subprocess_stderr_path", "subprocess_stdout_excerpt",
     "subprocess_stderr_excerpt", "failure_fingerprint", "telemetry_events_collected",
-    "telemetry_yield_per_minute", "reached_llm_boundary", "zero_yield_reason", "attempt_id",
-    "attempt_number", "lane", "started_at", "finished_at", "timed_out", "cancelled",
-    "interrupted", "lease_lost", "state_restored", "leaked_processes", "peak_rss_bytes",
-    "stdout_bytes", "stderr_bytes",
+    "telemetry_yield_per_minute", "reached_llm_boundary", "zero_yield_reason",
 )
+#: Field order of an attempt record in the journal (Autopack's fields first, then drainer's).
+_ATTEMPT_FIELDS: tuple[str, ...] = (*AUTOPACK_FIELDS,
+    "llm_call_seen", "worker_error", "attempt_id", "attempt_number", "lane", "started_at",
+    "finished_at", "timed_out", "cancelled", "interrupted", "lease_lost", "state_restored",
+    "leaked_processes", "peak_rss_bytes", "stdout_bytes", "stderr_bytes",
+)
+#: how Autopack's controller records a timeout (its analyzer counts return codes -1 and 143)
+AUTOPACK_TIMEOUT_STATE = "TIMEOUT"
+AUTOPACK_TIMEOUT_RETURNCODE = -1
+
+
+def autopack_record(record: dict[str, Any]) -> dict[str, Any] | None:
+    """An attempt record (a journal line's fields) as Autopack's session file holds it: its
+    fields only, so its loader's ``DrainResult(**item)`` accepts it, and a timeout written
+    as Autopack writes one (``final_state`` ``TIMEOUT``, return code -1). None for an
+    interrupted attempt: Autopack's controller records nothing for an attempt it did not
+    see end, and its analyzer's progress counts every item against the batch size."""
+    if record.get("interrupted"):
+        return None
+    out = {name: record.get(name) for name in AUTOPACK_FIELDS}
+    if record.get("timed_out"):  # a success that then hung keeps its COMPLETE
+        if not record.get("success"):
+            out["final_state"] = AUTOPACK_TIMEOUT_STATE
+        out["subprocess_returncode"] = AUTOPACK_TIMEOUT_RETURNCODE
+    return out
 _FIELD_SET = frozenset(_ATTEMPT_FIELDS)
 assert {f.name for f in fields(Attempt)} == _FIELD_SET
 #: number fields of a record, checked on reading (a hand-edited "1.5" must not reach sums)
@@ -356,6 +380,8 @@ class Totals:
     timed_out: int = 0
     cancelled: int = 0
     interrupted: int = 0
+    interrupted_succeeded: int = 0  #: interrupted attempts whose phase was found COMPLETE
+    interrupted_events: int = 0  #: telemetry events counted for interrupted attempts
     restored: int = 0
     leaked: int = 0  #: processes listed in the attempts' ``leaked_processes``
     telemetry_events: int = 0
@@ -378,6 +404,9 @@ class Totals:
         self.timed_out += a.timed_out
         self.cancelled += a.cancelled
         self.interrupted += a.interrupted
+        if a.interrupted:
+            self.interrupted_succeeded += a.success
+            self.interrupted_events += a.telemetry_events_collected or 0
         if a.failed and a.cancelled:
             self.cancelled_open.add(a.key)
         elif a.success:

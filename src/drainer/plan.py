@@ -15,6 +15,7 @@ from .backlog import open_backlog
 from .config import DrainConfig
 from .errors import UsageError
 from .models import Attempt, PhaseRef, PhaseState
+from .report import autopack_note
 from .selection import CATEGORY_NAMES, Selector, failure_category
 
 SKIPPED_SHOWN = 50
@@ -67,6 +68,7 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
     lines = [
         f"Plan (dry run, nothing is started or written) for {config.db.redacted}",
         f"  phases: {phases}",
+        f"  sessions: {config.session_dir}{autopack_note(config)}",
         f"Would drain, in order (batch size {config.batch_size}):",
     ]
     if not plan.picks:

@@ -285,6 +285,11 @@ class Policy:
         self.stopped_runs: dict[str, str] = {}
 
     @property
+    def zero_yield_streak(self) -> int:
+        """Attempts in a row with no telemetry, as the zero-yield rule counts them."""
+        return next(r.streak for r in self.rules if isinstance(r, ConsecutiveZeroYield))
+
+    @property
     def started_count(self) -> int:
         """Attempts started this session (resumed parts included)."""
         return self._batch.count

@@ -76,7 +76,8 @@ class Recorder:
         self.echo = make_echo(config, echo)
         self._on_event = on_event
         self._snapshot_fields = snapshot_fields
-        self._snapshot = Snapshot(files.snapshot_path, files.journal_path, files.redact)
+        self._snapshot = Snapshot(files.snapshot_path, files.journal_path, files.info_path,
+                                  files.redact)
         self._snapshot_at = 0.0
         self._snapshot_journal_size = 0
         self._snapshot_running = False
@@ -167,34 +168,58 @@ class Recorder:
 
     # -- the snapshot ------------------------------------------------------------------------
 
-    def _header(self) -> dict[str, Any]:
+    def _headers(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The Autopack session file's fields but its results (Autopack's keys only: its
+        loader passes every key to its dataclass), and drainer's ``session.json``."""
         t = self.totals
         fields = self._snapshot_fields()
-        return {
+        stopped_runs: dict[str, str] = fields.get("stopped_runs", {})
+        autopack = {
             "session_id": self.session_id,
-            "started_at": fields.pop("started_at", None),
-            "completed_at": fields.pop("completed_at", None),
+            "started_at": fields.get("started_at"),
+            "completed_at": fields.get("completed_at"),
             "batch_size": self.config.batch_size,
-            "total_processed": t.processed,
-            "total_success": t.succeeded,
+            # Interrupted attempts are not in its results[] (see autopack_record).
+            "total_processed": t.processed - t.interrupted,
+            "total_success": t.succeeded - t.interrupted_succeeded,
             "total_failed": t.failed,
             "total_timeouts": t.timed_out,
-            "total_telemetry_events": t.telemetry_events,
-            **fields,
+            "total_telemetry_events": t.telemetry_events - t.interrupted_events,
+            "fingerprint_counts": fields.get("fingerprint_counts", {}),
+            "stopped_fingerprints": fields.get("stopped_fingerprints", []),
+            "stopped_runs": sorted(stopped_runs),
+            "consecutive_zero_yield": fields.get("consecutive_zero_yield", 0),
+        }
+        info = {
+            "session_id": self.session_id,
+            "started_at": fields.get("started_at"),
+            "completed_at": fields.get("completed_at"),
+            "autopack_session_file": self.files.snapshot_path.name,
+            "stop_reason": fields.get("stop_reason"),
+            "stop_detail": fields.get("stop_detail"),
+            "totals": {
+                "processed": t.processed, "succeeded": t.succeeded, "failed": t.failed,
+                "timed_out": t.timed_out, "cancelled": t.cancelled,
+                "interrupted": t.interrupted, "restored": t.restored, "leaked": t.leaked,
+                "telemetry_events": t.telemetry_events,
+            },
+            "stopped_runs": stopped_runs,
+            "leak_gauge": fields.get("leak_gauge"),
             "lanes": self.config.lanes,
             "config": self.config.to_json(),
             "host": hostname(),
             "drainer_version": __version__,
         }
+        return autopack, info
 
     def write_snapshot(self) -> None:
         """Write the snapshot now, from the whole journal (blocking)."""
-        self._write(self._header(), self.files.journal_size)
+        self._write(self._headers(), self.files.journal_size)
 
-    def _write(self, header: dict[str, Any], upto: int) -> None:
+    def _write(self, headers: tuple[dict[str, Any], dict[str, Any]], upto: int) -> None:
         files = self.files
         try:
-            self._snapshot.write(header, upto)
+            self._snapshot.write(headers[0], upto, headers[1])
         except OSError as exc:
             raise SessionError(f"cannot write snapshot {files.snapshot_path}: {exc}") from exc
         self._snapshot_journal_size = upto
@@ -215,10 +240,10 @@ class Recorder:
             return
         self._snapshot_running = True
         self._snapshot_at = time.monotonic()
-        header, upto = self._header(), self.files.journal_size
+        headers, upto = self._headers(), self.files.journal_size
         try:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._write, header, upto)
+                await anyio.to_thread.run_sync(self._write, headers, upto)
         finally:
             self._snapshot_running = False
             self._snapshot_at = time.monotonic()

@@ -9,6 +9,7 @@ import shlex
 
 from .config import DrainConfig
 from .models import Attempt, SessionSummary
+from .settings import AUTOPACK_SESSION_DIR, looks_like_autopack
 
 STATE_ORDER = ("FAILED", "QUEUED", "EXECUTING", "GATE", "CI_RUNNING", "COMPLETE", "SKIPPED")
 EXCERPT = 240
@@ -35,8 +36,16 @@ def header_lines(
         f"  selection:  {'; '.join(scope)}",
         f"  stop rules: {rules}",
         f"  lanes:      {cfg.lanes}",
-        f"  session:    {cfg.session_dir / session_id}",
+        f"  session:    {cfg.session_dir / session_id}{autopack_note(cfg)}",
     ]
+
+
+def autopack_note(cfg: DrainConfig) -> str:
+    """Said after the session directory when it is Autopack's own, in an Autopack checkout."""
+    if looks_like_autopack(cfg.workspace) and \
+            cfg.session_dir.resolve() == (cfg.workspace / AUTOPACK_SESSION_DIR).resolve():
+        return " (Autopack's session directory: the workspace is an Autopack checkout)"
+    return ""
 
 
 def _one_line(text: str | None, limit: int = EXCERPT) -> str:
@@ -61,6 +70,8 @@ def attempt_lines(a: Attempt) -> list[str]:
     else:
         rc = a.subprocess_returncode
         lines.append(f"  [FAIL] {a.final_state} in {took} (rc={rc}): {_one_line(a.error_message)}")
+    if a.worker_error and not a.success:  # whole, however long the message is
+        lines.append(f"  [ERROR] {a.worker_error}")
     if a.state_restored:
         lines.append("  [RESTORED] the phase was left non-final; set back to FAILED")
     for p in a.leaked_processes:

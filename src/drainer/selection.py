@@ -27,6 +27,7 @@ from .models import (
     PhaseRef,
     PhaseState,
 )
+from .reasons import note_part, worker_part
 
 # Priority of a phase by its last failure reason (lower drains first). DESIGN.md §5:
 # none, collection/import, deliverable/missing, patch/no-op/manifest, other, timeout last.
@@ -58,8 +59,15 @@ NUL_SKIP = "its id holds a NUL byte, which no worker can be given (argv and envi
 
 @functools.lru_cache(maxsize=4096)
 def failure_category(reason: str | None) -> int:
-    """Category of a ``last_failure_reason`` (0 = no reason recorded, drains first)."""
-    if reason is None or not reason.strip():
+    """Category of a ``last_failure_reason`` (0 = no reason recorded, drains first).
+
+    The worker's part of the reason is read (:mod:`drainer.reasons`); drainer's note counts
+    only when it says the attempt timed out, which puts the phase last whatever its reason.
+    """
+    if _RULES[0][1].search(note_part(reason)):
+        return CATEGORY_TIMEOUT
+    reason = worker_part(reason)
+    if not reason:
         return CATEGORY_NONE
     for category, pattern in _RULES:
         if pattern.search(reason):

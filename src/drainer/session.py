@@ -10,15 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
 
 from . import __version__, reaper
-from .apiserver import check_api_url, kill_orphaned_api_server, open_api_server
+from .apiserver import ApiServer, check_api_url, kill_orphaned_api_server, open_api_server
 from .attempt import AttemptRunner, check_worker_program
 from .backlog import Backlog, open_backlog
 from .config import DrainConfig
@@ -43,6 +41,7 @@ from .report import header_lines
 from .scheduler import Scheduler, sweep_leases
 from .selection import Selector
 from .signals import watch_signals
+from .worktrees import LaneWorkspaces, is_git_workspace, open_lane_workspaces
 
 log = logging.getLogger("drainer")
 
@@ -116,6 +115,12 @@ class DrainSession:
                 )
             check_writable_dir(cfg.session_dir)
             check_worker_program(cfg)
+            if cfg.lanes > 1 and cfg.lane_workspaces == "none" and \
+                    await anyio.to_thread.run_sync(is_git_workspace, cfg.workspace):
+                self._say(f"[WARN] {cfg.lanes} lanes share one git workspace "
+                          f"({cfg.workspace}); workers that change it can corrupt its git "
+                          "state: pass --lane-workspaces git-worktree to give each lane its "
+                          "own worktree")
             if cfg.api_url is not None:
                 await check_api_url(cfg.api_url)
             replay = self._find_replay()
@@ -136,12 +141,8 @@ class DrainSession:
                               "session's API server")
             # The shared API server starts before the first write: if it never answers, the
             # session ends with exit 2 and nothing changed.
-            api_log = Path(tempfile.gettempdir()) / f"drainer-api-{self.session_id}.log"
-            async with open_api_server(cfg, self.session_id, api_log) as api_url:
-                if cfg.api_command is not None:
-                    self._say(f"[API] started one server for all workers at {api_url} "
-                              f"(log: {api_log})")
-                await self._drain(backlog, replay, api_url)
+            async with open_api_server(cfg, self.session_id) as api:
+                await self._drain(backlog, replay, api)
         return self.summary()
 
     def _find_replay(self) -> Replay | None:
@@ -166,11 +167,16 @@ class DrainSession:
                   f"{len(replay.dangling)} to reconcile")
         return replay
 
-    async def _drain(self, backlog: Backlog, replay: Replay | None, api_url: str | None) -> None:
+    async def _drain(self, backlog: Backlog, replay: Replay | None, api: ApiServer) -> None:
         """From the first write on: journal, reconcile, drain, and always finish cleanly."""
         cfg = self.config
         await backlog.prepare_for_writes()
         self._files.create()
+        api_url = api.url
+        if cfg.api_command is not None:
+            log = self._files.root / "api-server.log"
+            await api.attach_log(log)
+            self._say(f"[API] started one server for all workers at {api_url} (log: {log})")
         recorder = self._recorder = Recorder(
             cfg, self._files, echo=self._raw_echo, on_event=self._on_event,
             snapshot_fields=self._snapshot_fields)
@@ -200,11 +206,17 @@ class DrainSession:
             await backlog.leases.release_session(self.session_id)
             await sweep_leases(attempts, selector)
             await self._gauge.start()
-            async with anyio.create_task_group() as tg:
-                if self._handle_signals:
-                    await tg.start(watch_signals, self._on_signal)
-                await scheduler.run()
-                tg.cancel_scope.cancel()  # the lanes are done: stop watching signals
+            spaces = await self._lane_workspaces(attempts)
+            try:
+                async with anyio.create_task_group() as tg:
+                    if self._handle_signals:
+                        await tg.start(watch_signals, self._on_signal)
+                    await scheduler.run()
+                    tg.cancel_scope.cancel()  # the lanes are done: stop watching signals
+            finally:
+                if spaces is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._remove_lane_workspaces(spaces)
             for proc in await self._gauge.sample((), force=True):  # the last attempts' leaks
                 recorder.leak_found(proc)
             await self._end_escapees(recorder)
@@ -224,6 +236,24 @@ class DrainSession:
                 raise error from exc
             raise
         self._finish()
+
+    async def _lane_workspaces(self, attempts: AttemptRunner) -> LaneWorkspaces | None:
+        """Each lane's own git worktree, with ``--lane-workspaces git-worktree``."""
+        cfg = self.config
+        if cfg.lane_workspaces != "git-worktree":
+            return None
+        spaces = await open_lane_workspaces(cfg.workspace, self._files.root / "worktrees",
+                                            cfg.lanes)
+        attempts.use_lane_workspaces(spaces.paths)
+        self._say(f"[WORKTREE] {cfg.lanes} lane worktree(s) of {spaces.workspace} at HEAD, "
+                  f"under {spaces.root}")
+        return spaces
+
+    async def _remove_lane_workspaces(self, spaces: LaneWorkspaces) -> None:
+        try:
+            await anyio.to_thread.run_sync(spaces.remove)
+        except DrainerError as exc:  # the drain's outcome stands; say what is left
+            self._say(f"[WARN] removing the lane worktrees under {spaces.root}: {exc}")
 
     async def _end_escapees(self, recorder: Recorder) -> None:
         """Escapees re-parented to drainer after their attempt had ended (see reaper.py)."""
@@ -301,6 +331,7 @@ class DrainSession:
             "stopped_runs": dict(self._policy.stopped_runs),
             "stop_reason": self.stop_reason,
             "stop_detail": self.stop_detail,
+            "consecutive_zero_yield": self._policy.zero_yield_streak,
             "leak_gauge": {
                 "pattern": self.config.leak_pattern,
                 "processes": [p.to_json() for p in self._gauge.pattern_leaks.values()],

@@ -120,7 +120,23 @@ def resolve(
             sources[name] = DEFAULT
             continue
         values[name], sources[name] = value, source
+    if sources.get("session_dir") == DEFAULT:
+        workspace = Path(values.get("workspace", workspace_of(given, environ)))
+        if looks_like_autopack(workspace):
+            values["session_dir"] = workspace / AUTOPACK_SESSION_DIR
+            sources["session_dir"] = AUTOPACK_PRESET
     return values, sources
+
+
+AUTOPACK_SESSION_DIR = Path(".autonomous_runs", "batch_drain_sessions")
+AUTOPACK_PRESET = "Autopack workspace (scripts/drain_one_phase.py and .autonomous_runs/)"
+
+
+def looks_like_autopack(workspace: Path) -> bool:
+    """An Autopack checkout: its worker script and its runs directory are there. Then the
+    session directory defaults to Autopack's own, where its tools look."""
+    return (workspace / "scripts" / "drain_one_phase.py").is_file() and \
+        (workspace / ".autonomous_runs").is_dir()
 
 
 def _relative_to(base: Path, value: Any) -> Any:

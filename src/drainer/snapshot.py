@@ -1,4 +1,10 @@
-"""The Autopack-compatible session file (``<id>.json``), built from the journal.
+"""The Autopack-compatible session file (``<id>.json``), built from the journal, and
+drainer's own summary of the session beside it (``<id>/session.json``).
+
+``<id>.json`` holds Autopack's keys only, and each ``results[]`` item Autopack's fields only
+(:func:`~drainer.models.autopack_record`), so Autopack's controller can load it with its
+``cls(**data)`` loaders and its analyzer reads exact figures; drainer's fields stay in the
+journal, and its session-level ones (lanes, stop reason, config...) in ``session.json``.
 
 Each write is atomic (temp file, fsync, rename). After the first, a write copies the previous
 file's ``results[]`` items as bytes (in the kernel where it can) and parses only the journal
@@ -19,6 +25,7 @@ from typing import Any
 import orjson
 
 from .journal import Cursor, result_records
+from .models import autopack_record
 
 FLUSH_AT = 1 << 16  #: bytes gathered before one write(2)
 COPY_CHUNK = 1 << 24  #: bytes per copy_file_range (or pread/write) call
@@ -40,18 +47,29 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
 
 
 class Snapshot:
-    """Writes ``path`` from ``journal_path``; ``redact`` cleans the header's bytes."""
+    """Writes ``path`` from ``journal_path``, and ``info_path`` (drainer's summary);
+    ``redact`` cleans the headers' bytes."""
 
-    def __init__(self, path: Path, journal_path: Path,
+    def __init__(self, path: Path, journal_path: Path, info_path: Path,
                  redact: Callable[[bytes], bytes] = lambda b: b) -> None:
         self.path = path
         self.journal_path = journal_path
+        self.info_path = info_path
         self.redact = redact
         self._last: _Written | None = None
 
-    def write(self, header: dict[str, Any], upto: int) -> int:
+    def write(self, header: dict[str, Any], upto: int,
+              info: dict[str, Any] | None = None) -> int:
         """Write the file: ``header`` (every field but the results), then the results of the
-        journal up to byte ``upto``. Returns the file's size. Blocking; call from a thread."""
+        journal up to byte ``upto``; then ``info``, when given, to ``info_path``. Returns the
+        first file's size. Blocking; call from a thread."""
+        size = self._write_session(header, upto)
+        if info is not None:
+            _write_atomically(self.info_path, self.redact(
+                orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n"))
+        return size
+
+    def _write_session(self, header: dict[str, Any], upto: int) -> int:
         head = self.redact(orjson.dumps(header, option=orjson.OPT_INDENT_2))
         head = head[: head.rfind(b"}")].rstrip() + b',\n  "results": ['
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
@@ -61,7 +79,10 @@ class Snapshot:
             out.put(head)
             count, cursor = self._reuse(out)
             for record in result_records(self.journal_path, upto=upto, cursor=cursor):
-                out.put((b",\n    " if count else b"\n    ") + orjson.dumps(record))
+                item = autopack_record(record)
+                if item is None:
+                    continue
+                out.put((b",\n    " if count else b"\n    ") + orjson.dumps(item))
                 count += 1
             body_length = out.size - len(head)
             out.put(b"\n  ]\n}\n" if count else b"]\n}\n")
@@ -98,6 +119,21 @@ class Snapshot:
         finally:
             os.close(src)
         return last.count, last.cursor.copy()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class _Out:

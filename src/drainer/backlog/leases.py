@@ -73,7 +73,7 @@ class Finished:
     """The answer to :meth:`Leases.finish`."""
 
     held: bool  #: the lease was still ours (else the attempt lost it)
-    restored: bool  #: the phase was restored to FAILED
+    restored: str | None  #: the reason written when the phase was restored to FAILED
 
 
 class Leases:
@@ -236,7 +236,7 @@ class Leases:
             # A lone release is one statement: no explicit transaction needed.
             async with self._engine.write(single=restore is None) as conn:
                 held = await self._delete(conn, run_id, attempt_id)
-                restored = False
+                restored = None
                 if restore is not None:
                     restored = await self._phases.restore_in(
                         conn, run_id, phase_id, restore,

@@ -19,6 +19,7 @@ from sqlalchemy.types import String
 
 from ..errors import DatabaseError
 from ..models import NON_FINAL_STATES, Candidates, PhaseState
+from ..reasons import with_note
 from ..schema import Schema
 from ._engine import Engine
 
@@ -258,11 +259,12 @@ class Phases:
 
     # -- writes --------------------------------------------------------------------------
 
-    async def restore_failed(self, run_id: str, phase_id: str, reason: str) -> bool:
-        """Set a phase left non-final back to FAILED. True when a row was changed."""
-        async def restore() -> bool:
-            async with self._engine.write(single=True) as conn:
-                return await self.restore_in(conn, run_id, phase_id, reason)
+    async def restore_failed(self, run_id: str, phase_id: str, note: str) -> str | None:
+        """Set a phase left non-final back to FAILED, its worker's reason kept and ``note``
+        added (:mod:`drainer.reasons`). The reason written, or None when nothing changed."""
+        async def restore() -> str | None:
+            async with self._engine.write() as conn:
+                return await self.restore_in(conn, run_id, phase_id, note)
 
         return await self._engine.retry("restoring a phase in", restore)
 
@@ -271,24 +273,33 @@ class Phases:
         conn: AsyncConnection,
         run_id: str,
         phase_id: str,
-        reason: str,
+        note: str,
         *,
         unless_leased_in: str | None = None,
-    ) -> bool:
-        """Set a non-final phase to FAILED inside the caller's transaction.
-        ``unless_leased_in`` (the lease table): only while no drainer holds a lease on its
-        run (after our own lease was lost, the run may have a new owner)."""
+    ) -> str | None:
+        """Set a non-final phase to FAILED inside the caller's transaction; its
+        ``last_failure_reason`` keeps the worker's part and gets ``note`` after it. The
+        reason written, or None when no row was changed. ``unless_leased_in`` (the lease
+        table): only while no drainer holds a lease on its run (after our own lease was
+        lost, the run may have a new owner)."""
         sc = self.schema
+        where = [self._run == run_id, self._phase == phase_id,
+                 self._state.in_(self.schema.non_final_db)]
+        if unless_leased_in is not None:
+            leases = table(unless_leased_in, column("run_id"))
+            where.append(~exists().where(leases.c.run_id == run_id))
+        found = select(self._reason).where(*where)
+        if not self._engine.db.is_sqlite:
+            found = found.with_for_update()  # SQLite's write transaction holds the file
+        row = (await conn.execute(found)).first()
+        if row is None:
+            return None
+        reason = with_note(row[0], note)
         values: dict[str, Any] = {sc.state: sc.db(PhaseState.FAILED), sc.failure_reason: reason}
         if self.has_updated_at and sc.updated_at:
             values[sc.updated_at] = func.current_timestamp()
-        stmt = update(self._table).where(self._run == run_id, self._phase == phase_id,
-                                         self._state.in_(self.schema.non_final_db))
-        if unless_leased_in is not None:
-            leases = table(unless_leased_in, column("run_id"))
-            stmt = stmt.where(~exists().where(leases.c.run_id == run_id))
-        result = await conn.execute(stmt.values(**values))
-        return bool(result.rowcount)
+        result = await conn.execute(update(self._table).where(*where).values(**values))
+        return reason if result.rowcount else None
 
 
 def _inspect_schema(conn: Connection, phases: str) -> tuple[set[str], dict[str, Any] | None]:
