@@ -380,3 +380,36 @@ def test_lane_worktrees_need_a_git_workspace(env: Env) -> None:
                        "--lane-workspaces", "git-worktree")
     assert proc.returncode == 2 and "is not a git working tree" in proc.stderr
     assert not env.sessions.exists()
+
+
+@pytest.mark.slow
+def test_lane_worktrees_left_by_a_kill_9_are_made_anew_by_resume_and_removed(
+    env: Env, repo: Path
+) -> None:
+    (repo / "hang_once.py").write_text(
+        "import os, sys, time\n"
+        "flag = os.path.join(os.environ['TEST_OUT'], 'started')\n"
+        "if not os.path.exists(flag):\n"
+        "    open(flag, 'w').close()\n"
+        "    time.sleep(600)\n"
+        "exec(open('lane_worker.py').read())\n")
+    _git(repo, "add", "hang_once.py")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "h")
+    create_backlog(env.db, [(f"run-{r}", "P", 0, "FAILED", None) for r in range(3)])
+    args = [*env.base_args("{python} hang_once.py {run_id} {phase_id} {workspace}"),
+            "--workspace", str(repo), "--lanes", "2", "--lane-workspaces", "git-worktree"]
+    worker_env = env.worker_env(SPANS=str(env.tmp / "spans.jsonl"))
+    drainer = subprocess.Popen([sys.executable, "-m", "drainer", "run", *args], text=True,
+                               stdout=subprocess.DEVNULL, cwd=env.tmp, env=worker_env)
+    from conftest import wait_for_worker_file
+
+    wait_for_worker_file(env.out, "started", drainer)
+    drainer.kill()
+    drainer.wait(timeout=30)
+    [root] = [j.parent for j in env.sessions.glob("*/journal.jsonl")]
+    assert (root / "worktrees" / "lane-1").is_dir()  # the crash left them
+    proc = env.run_cli("run", *args, "--resume", env=worker_env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    assert {s for s, _ in phase_states(env.db).values()} == {"COMPLETE"}
+    assert not (root / "worktrees").exists()
+    assert _git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
