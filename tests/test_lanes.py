@@ -230,3 +230,22 @@ def test_status_lists_the_live_lease_of_a_running_drainer(env: Env) -> None:
         (env.out / "release").write_text("")
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def test_every_result_line_of_a_three_lane_plain_run_names_its_attempt(env: Env) -> None:
+    import re
+
+    phases = [(f"run-{r}", f"P{r}", 0, "FAILED", None) for r in range(9)]
+    create_backlog(env.db, phases)
+    kinds = ",".join(f"P{r}={'fail' if r % 3 == 0 else 'ok'}" for r in range(9))
+    proc = env.run_cli("run", *env.base_args(), "--lanes", "3", "--plain",
+                       "--max-attempts-per-phase", "1",
+                       env=env.worker_env(WORKER_KIND_BY_PHASE=kinds, WORKER_SLEEP="0.1"))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr
+    result = re.compile(r"  \[(OK|FAIL)\] (\S+) / (\S+) \[lane (\d)\] ")
+    seen = {(m[2], m[3]): (m[1] == "OK", int(m[4]))
+            for m in map(result.match, proc.stdout.splitlines()) if m}
+    records = journal_results(only_session(env.sessions)[1])
+    assert len(records) == 9
+    assert seen == {(r["run_id"], r["phase_id"]): (r["success"], r["lane"]) for r in records}
+    assert len({lane for _, lane in seen.values()}) == 3

@@ -110,7 +110,7 @@ class Recorder:
         event = AttemptFinished(session_id=self.session_id, attempt=attempt)
         self.journal(event)
         self.totals.add(attempt)
-        for line in attempt_lines(attempt):
+        for line in attempt_lines(attempt, self.config.lanes):
             self.echo(line)
         self.emit(event)
 

@@ -58,18 +58,23 @@ def started_line(a: Attempt, number: int, batch_size: int, lanes: int) -> str:
     return f"[{number}/{batch_size}]{lane} Draining: {a.run_id} / {a.phase_id}"
 
 
-def attempt_lines(a: Attempt) -> list[str]:
+def attempt_lines(a: Attempt, lanes: int = 1) -> list[str]:
+    """The result lines of an attempt, echoed together (no other attempt's line comes in
+    between); the first names the attempt, so a plain log of several lanes stays readable:
+    ``[OK] run / phase [lane 3] COMPLETE in 0.5s``."""
     took = f"{a.subprocess_duration_seconds:.1f}s"
+    who = f"{a.run_id} / {a.phase_id}" + (f" [lane {a.lane}]" if lanes > 1 else "")
     lines: list[str] = []
     if a.success:
-        lines.append(f"  [OK] {a.final_state} in {took}")
+        lines.append(f"  [OK] {who} {a.final_state} in {took}")
     elif a.cancelled:
-        lines.append(f"  [CANCELLED] after {took}: {_one_line(a.error_message)}")
+        lines.append(f"  [CANCELLED] {who} after {took}: {_one_line(a.error_message)}")
     elif a.timed_out:
-        lines.append(f"  [TIMEOUT] after {took}: {_one_line(a.error_message)}")
+        lines.append(f"  [TIMEOUT] {who} after {took}: {_one_line(a.error_message)}")
     else:
         rc = a.subprocess_returncode
-        lines.append(f"  [FAIL] {a.final_state} in {took} (rc={rc}): {_one_line(a.error_message)}")
+        lines.append(f"  [FAIL] {who} {a.final_state} in {took} (rc={rc}): "
+                     f"{_one_line(a.error_message)}")
     if a.worker_error and not a.success:  # whole, however long the message is
         lines.append(f"  [ERROR] {a.worker_error}")
     if a.state_restored:
