@@ -61,6 +61,9 @@ CASES = {
     "failure share over 100%": (["--halt-on-failures", "150%"], "--halt-on-failures"),
     "failure limit not a number": (["--halt-on-failures", "many"], "--halt-on-failures"),
     "bad leak policy": (["--leak-policy", "ignore"], "--leak-policy"),
+    "run id naming no run": (["--run-id", "run-b"], "did you mean run-a?"),
+    "empty skip prefix": (["--skip-run-prefix", ""], "--skip-run-prefix is empty"),
+    "bad lane workspaces": (["--lane-workspaces", "copy"], "--lane-workspaces"),
 }
 
 
@@ -231,3 +234,22 @@ def test_integer_id_columns_are_rejected_before_anything_is_written(env: Env) ->
 def test_doubled_braces_in_a_command_are_literal_braces() -> None:
     tokens = split_command("echo {{run_id}} {run_id}")
     assert render_command(tokens, {"run_id": "r-1"}) == ["echo", "{run_id}", "r-1"]
+
+
+def test_a_postgresql_url_without_its_driver_names_the_extra(env: Env) -> None:
+    """As after the quick-start install, which has no asyncpg (its import is blocked here)."""
+    import subprocess
+
+    code = ("import sys; sys.modules['asyncpg'] = None; from drainer.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "plan", "--database-url",
+         "postgresql://u:secret@127.0.0.1:5432/x"],
+        capture_output=True, text=True, cwd=env.tmp, env=env.worker_env(), timeout=60)
+    line = _assert_one_line_error(proc, "asyncpg", "pip install 'drainer[postgres]'")
+    assert "secret" not in line
+
+
+def test_plan_with_a_run_id_naming_no_run_is_exit_2(good_db: Env) -> None:
+    proc = good_db.run_cli("plan", "--database-url", good_db.url, "--run-id", "run-x")
+    _assert_one_line_error(proc, "--run-id 'run-x' names no run with FAILED phases")

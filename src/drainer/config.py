@@ -354,6 +354,8 @@ class DrainConfig:
         setattr_(self, "workspace", Path(self.workspace))
         setattr_(self, "session_dir", Path(self.session_dir))
         setattr_(self, "skip_run_prefixes", tuple(self.skip_run_prefixes))
+        if "" in self.skip_run_prefixes:
+            raise UsageError("--skip-run-prefix is empty: it would skip every run")
         setattr_(self, "telemetry_tables", tuple(self.telemetry_tables))
         for name, opt in OPTIONS.items():
             value = getattr(self, name)

@@ -16,7 +16,7 @@ from .config import DrainConfig
 from .errors import UsageError
 from .models import Attempt, PhaseRef, PhaseState
 from .report import autopack_note
-from .selection import CATEGORY_NAMES, Selector, failure_category
+from .selection import CATEGORY_NAMES, Selector, check_run_id, failure_category
 
 SKIPPED_SHOWN = 50
 
@@ -45,6 +45,8 @@ async def make_plan(config: DrainConfig) -> Plan:
                 f"{config.db.redacted} has no phases at all; is it the right database? "
                 "Pass --allow-empty-db to plan against it anyway"
             )
+        await check_run_id(config.run_id, backlog.phases.runs_in,
+                           skip_queued=config.skip_runs_with_queued)
         selector = Selector(
             functools.partial(backlog.phases.load_candidates, run_id=config.run_id),
             max_attempts_per_phase=config.max_attempts_per_phase,

@@ -9,6 +9,7 @@ counters beside each), never per attempt.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import heapq
 import math
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable, Set
 
 import anyio
 
+from .errors import UsageError
 from .models import (
     TIER_DEPRIORITISED,
     TIER_PROMISING,
@@ -49,6 +51,7 @@ _RULES: tuple[tuple[int, re.Pattern[str]], ...] = (
     (CATEGORY_PATCH, re.compile(r"patch|no[- ]?op|manifest", re.I)),
 )
 
+RunsIn = Callable[[tuple[PhaseState, ...]], Awaitable[list[str]]]
 INDEX_REFRESH_INTERVAL = 300.0  #: reload candidates this often, to find newly FAILED phases
 DRY_RELOAD_INTERVAL = 1.0  #: with runs in flight, an index out of untried phases reloads at
 #: most this often; and reloads never take more than 1/DRY_RELOAD_COST of the time
@@ -558,3 +561,19 @@ class Selector:
             if queue is not None:
                 index.rerank(queue, tier)
         self._index = index
+
+
+async def check_run_id(run_id: str | None, runs_in: RunsIn, *, skip_queued: bool) -> None:
+    """``--run-id`` must name a run with a phase to drain: a typo is exit 2 with the nearest
+    run ids, not an empty session that exits 0."""
+    if run_id is None:
+        return
+    states = (PhaseState.FAILED,) if skip_queued else (PhaseState.FAILED, PhaseState.QUEUED)
+    runs = await runs_in(states)
+    if run_id in runs:
+        return
+    near = difflib.get_close_matches(run_id, runs, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    what = " or QUEUED" if not skip_queued else ""
+    raise UsageError(f"--run-id {run_id!r} names no run with FAILED{what} phases "
+                     f"({len(runs)} run(s) have some){hint}")

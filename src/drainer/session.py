@@ -39,7 +39,7 @@ from .policy import Policy, Sensors
 from .recorder import Echo, Recorder, make_echo
 from .report import header_lines
 from .scheduler import Scheduler, sweep_leases
-from .selection import Selector
+from .selection import Selector, check_run_id
 from .signals import watch_signals
 from .worktrees import LaneWorkspaces, is_git_workspace, open_lane_workspaces
 
@@ -115,6 +115,9 @@ class DrainSession:
                 )
             check_writable_dir(cfg.session_dir)
             check_worker_program(cfg)
+            if cfg.resume is None:  # a resumed session may have drained its run already
+                await check_run_id(cfg.run_id, backlog.phases.runs_in,
+                                   skip_queued=cfg.skip_runs_with_queued)
             if cfg.lanes > 1 and cfg.lane_workspaces == "none" and \
                     await anyio.to_thread.run_sync(is_git_workspace, cfg.workspace):
                 self._say(f"[WARN] {cfg.lanes} lanes share one git workspace "

@@ -221,9 +221,14 @@ def _make_engine(db: DatabaseURL) -> AsyncEngine:
                                      connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
         _sqlite_transactions(engine)
         return engine
-    return create_async_engine(
-        db.async_url, pool_size=4, max_overflow=8, connect_args={"timeout": 10}
-    )
+    try:
+        return create_async_engine(
+            db.async_url, pool_size=4, max_overflow=8, connect_args={"timeout": 10}
+        )
+    except ModuleNotFoundError as exc:  # the quick start installs no PostgreSQL driver
+        raise DatabaseError(
+            f"{db.redacted} needs the {exc.name} driver, which is not installed: "
+            "pip install 'drainer[postgres]'") from None
 
 
 def _sqlite_transactions(engine: AsyncEngine) -> None:

@@ -125,6 +125,12 @@ class Phases:
             counts[key] = counts.get(key, 0) + int(n)
         return out
 
+    async def runs_in(self, states: tuple[PhaseState, ...]) -> list[str]:
+        """The ids of the runs with a phase in one of ``states``."""
+        stmt = select(self._run).where(
+            self._state.in_([self.schema.db(st) for st in states])).distinct()
+        return [str(r[0]) for r in await self._all("listing runs in", stmt)]
+
     async def non_final(self) -> tuple[list[tuple[str, str, str, Any]], Any]:
         """Phases in a non-final state with their ``updated_at``, and the database's now."""
         cols = [self._run, self._phase, self._state]
