@@ -53,3 +53,9 @@ def test_long_session_benchmark(tmp_path: Path) -> None:
     assert [r["reader"] for r in report["readers"]] == [
         "analyze", "analyze --json", "status", "run --resume"]
     assert all(r["exit_code"] == 0 for r in report["readers"])
+
+
+def test_startup_benchmark(tmp_path: Path) -> None:
+    report = _bench(tmp_path, "startup.py", "--runs", "1")
+    assert [r["command"] for r in report["results"]] == ["--help", "run --help", "config"]
+    assert all(r["median_s"] > 0 and r["peak_rss_mib"] > 0 for r in report["results"])

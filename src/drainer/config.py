@@ -18,13 +18,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .dburl import DatabaseURL, parse_database_url
 from .errors import UsageError
 from .models import FAILURE_SHARE_MIN_ATTEMPTS, FailureLimit
 from .schema import Schema
+
+if TYPE_CHECKING:
+    from .dburl import DatabaseURL
 
 DEFAULT_COMMAND = (
     "{python} scripts/drain_one_phase.py --run-id {run_id} --phase-id {phase_id} --force"
@@ -405,7 +407,10 @@ class DrainConfig:
 
     @cached_property
     def db(self) -> DatabaseURL:
-        """The parsed database URL (validated at construction)."""
+        """The parsed database URL (validated at construction). SQLAlchemy is imported here,
+        not with the options, so ``--help`` and ``drainer config`` start fast."""
+        from .dburl import parse_database_url
+
         return parse_database_url(self.database_url)
 
     @property
