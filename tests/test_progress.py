@@ -29,7 +29,7 @@ def _started(attempt_id: str, run_id: str, phase_id: str, lane: int) -> AttemptS
 
 
 def test_render_shows_counts_eta_and_one_row_per_lane() -> None:
-    state = LiveState(total=10, lanes=2)
+    state = LiveState(total=10, lanes=2, started=100.0)
     state.apply(_started("1", "run-1", "P", 1), now=100.0)
     state.apply(AttemptFinished("s", _attempt(1, success=True, events=6)), now=130.0)
     state.apply(_started("2", "run-2", "P", 2), now=130.0)
@@ -37,18 +37,47 @@ def test_render_shows_counts_eta_and_one_row_per_lane() -> None:
     state.apply(_started("3", "run-big", "P9", 1), now=160.0)
     lines = render(state, now=225.0)
     # 2 done, 8 left, mean 30 s over 2 lanes: 120 s. Telemetry 6 events in 1 minute.
-    assert lines[0] == ("[2/10] ok 1  fail 0  timeout 1  telemetry 6 (6.0/min)  "
-                        "ETA 0:02:00")
+    # The summary's words: "failed" counts the timeout too.
+    assert lines[0] == ("[2/10] ok 1  failed 1  timed out 1  telemetry 6 (6.0/min)  "
+                        "elapsed 0:02:05  ETA 0:02:00")
     assert lines[1] == "  lane 1: run-big / P9  0:01:05"
     assert lines[2] == "  lane 2: idle"
     state.apply(SessionStopped("s", StopReason.BATCH_SIZE_REACHED), now=230.0)
     assert render(state, now=230.0)[0].endswith("stopped: batch_size_reached")
 
 
-def _under_a_terminal(argv: list[str], env: Env) -> tuple[int, str]:
+def test_eta_is_bounded_by_the_deadline_and_spread_over_lanes_still_busy() -> None:
+    state = LiveState(total=10, lanes=4, started=0.0, deadline=25.0)
+    state.apply(_started("1", "run-1", "P", 1), now=0.0)
+    state.apply(AttemptFinished("s", _attempt(1, success=True, duration=10.0)), now=10.0)
+    # 9 left at 10 s each over 4 lanes: 22.5 s, but picking stops at 25 s: 15 s from now.
+    assert render(state, now=10.0)[0].endswith("ETA 0:00:15 (deadline)")
+    state.deadline = None
+    assert render(state, now=10.0)[0].endswith("ETA 0:00:22")
+    state = LiveState(total=2, lanes=4, started=0.0)  # one left: one lane can work on it
+    state.apply(AttemptFinished("s", _attempt(1, success=True, duration=10.0)), now=10.0)
+    assert render(state, now=10.0)[0].endswith("ETA 0:00:10")
+
+
+def test_colour_only_on_a_terminal_without_no_color() -> None:
+    import io
+
+    from drainer.live import wants_colour
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert wants_colour(Tty(), {"TERM": "xterm"})
+    assert not wants_colour(Tty(), {"TERM": "xterm", "NO_COLOR": "1"})
+    assert not wants_colour(Tty(), {"TERM": "dumb"})
+    assert not wants_colour(io.StringIO(), {"TERM": "xterm"})
+
+
+def _under_a_terminal(argv: list[str], env: Env, **extra: str) -> tuple[int, str]:
     controller, terminal = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "drainer", *argv], stdout=terminal,
-                            stderr=terminal, env=env.worker_env(), cwd=env.tmp)
+                            stderr=terminal, env=env.worker_env(**extra), cwd=env.tmp)
     os.close(terminal)
     chunks = []
     while True:
@@ -70,8 +99,17 @@ def test_live_view_under_a_pseudo_terminal(env: Env) -> None:
     assert code == 0, screen
     assert "\x1b[" in screen  # the footer was redrawn in place
     assert "lane 1:" in screen and "lane 2:" in screen
-    assert "[3/10] ok 3  fail 0  timeout 0" in screen
+    assert "[3/10] ok 3  failed 0  timed out 0" in screen and "elapsed 0:00:0" in screen
     assert "Stop reason: no_candidates" in screen  # the summary still prints
+    assert "\x1b[32m[OK]\x1b[0m run-" in screen  # coloured on a terminal
+
+
+def test_no_color_turns_the_live_views_colour_off(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    code, screen = _under_a_terminal(["run", *env.base_args()], env, NO_COLOR="1",
+                                     TERM="xterm")
+    assert code == 0, screen
+    assert "[OK] run-0 / P COMPLETE" in screen and "\x1b[32m" not in screen
 
 
 def test_bad_input_under_a_terminal_is_one_line_and_exit_2(env: Env) -> None:

@@ -250,7 +250,8 @@ def _run(args: argparse.Namespace) -> int:
     if sys.stdout.isatty() and not getattr(args, "plain", False):
         from .live import REFRESH_INTERVAL, LiveView
 
-        view = LiveView(sys.stdout, total=config.batch_size, lanes=config.lanes)
+        view = LiveView(sys.stdout, total=config.batch_size, lanes=config.lanes,
+                        deadline=config.session_timeout)
 
         async def go_live() -> int:
             async with anyio.create_task_group() as tg:

@@ -1,8 +1,10 @@
 """The live view on a terminal: progress lines scroll, a footer shows the session at a glance.
 
-The footer is redrawn in place with ANSI escapes (no dependency): one summary line (done of
-total, ok/fail/timeout, telemetry, ETA from completed durations) and one row per lane (run,
-phase, elapsed). :func:`render` is pure, so it is tested without a terminal.
+The footer is redrawn in place with ANSI escapes (no dependency: the hand-made view costs
+no import time): one summary line (done of total, ok / failed / timed out, telemetry,
+elapsed, ETA) and one row per lane (run, phase, elapsed). Result tags are coloured on a
+terminal unless ``NO_COLOR`` is set or ``TERM`` is ``dumb``. :func:`render` is pure, so it
+is tested without a terminal.
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ from .models import Totals
 
 REFRESH_INTERVAL = 0.5
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: SGR colours of the result tags at a line's start
+_COLOURS = {"OK": "32", "FAIL": "31", "TIMEOUT": "33", "CANCELLED": "33", "ERROR": "31",
+            "LEAK": "35", "STOP": "36", "WARN": "33"}
+_TAG = re.compile(r"^(\s*)\[(" + "|".join(_COLOURS) + r")\]")
+
+
+def wants_colour(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
+    """Colour on a terminal, unless ``NO_COLOR`` is set (non-empty) or ``TERM=dumb``."""
+    env = os.environ if environ is None else environ
+    try:
+        tty = stream.isatty()
+    except (OSError, ValueError):
+        return False
+    return tty and not env.get("NO_COLOR") and env.get("TERM") != "dumb"
 
 
 def point_at_devnull(stream: TextIO) -> None:
@@ -44,6 +60,8 @@ class LaneState:
 class LiveState:
     total: int
     lanes: int
+    started: float = 0.0  #: monotonic time of the session's start
+    deadline: float | None = None  #: seconds after the start at which picking stops
     totals: Totals = field(default_factory=Totals)
     active: dict[int, LaneState] = field(default_factory=dict)
     stopped: str | None = None
@@ -63,22 +81,43 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _eta(state: LiveState, now: float, remaining: int) -> str:
+    """Time left: the mean completed duration times the attempts left, spread over the lanes
+    that can still be busy, or the deadline, whichever ends first."""
+    t = state.totals
+    if not remaining:
+        return "0:00:00"
+    left: float | None = None
+    if t.processed:
+        lanes = max(1, min(state.lanes, remaining))
+        left = t.duration_seconds / t.processed * remaining / lanes
+    if state.deadline is not None:
+        until = max(0.0, state.deadline - (now - state.started))
+        if left is None or until < left:
+            return f"{_clock(until)} (deadline)"
+    return "--:--:--" if left is None else _clock(left)
+
+
 def render(state: LiveState, now: float, *, width: int = 100, height: int = 40) -> list[str]:
     """The footer lines for ``state`` at time ``now``, each at most ``width - 1`` characters
     (a full-width line would wrap and break the redraw), at most ``height // 2`` lines."""
     t = state.totals
     remaining = max(0, state.total - t.processed)
-    if t.processed and remaining:
-        mean = t.duration_seconds / t.processed
-        eta = _clock(mean * remaining / max(1, state.lanes))
-    else:
-        eta = "--:--:--" if remaining else "0:00:00"
+    eta = _eta(state, now, remaining)
     minutes = t.duration_seconds / 60
     rate = f"{t.telemetry_events / minutes:.1f}/min" if minutes > 0 else "-"
-    head = (f"[{t.processed}/{state.total}] ok {t.succeeded}  fail {t.failed - t.timed_out}  "
-            f"timeout {t.timed_out}  telemetry {t.telemetry_events} ({rate})  ETA {eta}")
+    parts = [f"[{t.processed}/{state.total}] ok {t.succeeded}", f"failed {t.failed}",
+             f"timed out {t.timed_out}"]
+    parts += [f"{word} {n}" for word, n in (("cancelled", t.cancelled),
+                                            ("interrupted", t.interrupted)) if n]
+    parts += [f"telemetry {t.telemetry_events} ({rate})",
+              f"elapsed {_clock(now - state.started)}", f"ETA {eta}"]
     if state.stopped:
-        head += f"  stopped: {state.stopped}"
+        parts.append(f"stopped: {state.stopped}")
+    # On a narrow terminal the telemetry goes first, so the counts, time and stop still show.
+    if len("  ".join(parts)) > width - 1:
+        parts = [x for x in parts if not x.startswith("telemetry ")]
+    head = "  ".join(parts)
     lines = [head]
     rows = max(1, height // 2 - 1)
     lanes = range(1, state.lanes + 1)
@@ -101,9 +140,12 @@ def render(state: LiveState, now: float, *, width: int = 100, height: int = 40) 
 class LiveView:
     """Prints progress lines above a footer that it keeps redrawn."""
 
-    def __init__(self, stream: TextIO, *, total: int, lanes: int) -> None:
+    def __init__(self, stream: TextIO, *, total: int, lanes: int,
+                 deadline: float | None = None, colour: bool | None = None) -> None:
         self._stream = stream
-        self.state = LiveState(total=total, lanes=lanes)
+        self.state = LiveState(total=total, lanes=lanes, started=time.monotonic(),
+                               deadline=deadline)
+        self._colour = wants_colour(stream) if colour is None else colour
         self._drawn = 0
         self._gone = False
 
@@ -113,7 +155,10 @@ class LiveView:
 
     def line(self, text: str) -> None:
         self._erase()
-        self._write(_CONTROL.sub("?", text) + "\n")  # ids are data, not escapes
+        text = _CONTROL.sub("?", text)  # ids are data, not escapes
+        if self._colour:
+            text = _TAG.sub(lambda m: f"{m[1]}\x1b[{_COLOURS[m[2]]}m[{m[2]}]\x1b[0m", text, 1)
+        self._write(text + "\n")
         self._draw()
 
     def redraw(self) -> None:
