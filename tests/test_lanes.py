@@ -249,3 +249,58 @@ def test_every_result_line_of_a_three_lane_plain_run_names_its_attempt(env: Env)
     assert len(records) == 9
     assert seen == {(r["run_id"], r["phase_id"]): (r["success"], r["lane"]) for r in records}
     assert len({lane for _, lane in seen.values()}) == 3
+
+
+def test_the_leak_gauge_counts_only_this_sessions_processes_and_names_their_attempt(
+    tmp_path: Path,
+) -> None:
+    import os
+    import re
+    import signal
+
+    from drainer.proctree import find_matching
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DRAINER_")}
+
+    def orphan(label: str, **env: str) -> int:
+        """A uvicorn-named sleeper whose parent has exited: nobody's descendant here."""
+        launcher = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+                    "'import time; time.sleep(60)', 'uvicorn', sys.argv[1]], "
+                    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid)")
+        out = subprocess.run([sys.executable, "-c", launcher, label], env={**base, **env},
+                             capture_output=True, text=True, check=True).stdout
+        return int(out)
+
+    pids = [orphan("ours", DRAINER_SESSION_ID="s-1", DRAINER_RUN_ID="run-7",
+                   DRAINER_PHASE_ID="P2"),
+            orphan("other", DRAINER_SESSION_ID="s-2"), orphan("by-hand")]
+    try:
+        found = find_matching(re.compile("uvicorn"), set(), session_id="s-1")
+        # Only the session's id ties one of them to the session (none descends from us).
+        assert [(p.pid, label) for p, _, label in found] == [(pids[0], "run-7 / P2")]
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_uvicorn_started_by_hand_during_a_session_is_no_leak(env: Env) -> None:
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    drainer = subprocess.Popen(
+        [sys.executable, "-m", "drainer", "run", *env.base_args(), "--max-leaks", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.tmp,
+        env=env.worker_env(WORKER_KIND="gated"))
+    by_hand = None
+    try:
+        wait_for_worker_file(env.out, "started.*", drainer)
+        base = {k: v for k, v in env.worker_env().items() if not k.startswith("DRAINER_")}
+        by_hand = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                    "uvicorn", "by-hand"], env=base, start_new_session=True)
+        (env.out / "release").write_text("")
+        out, err = drainer.communicate(timeout=120)
+    finally:
+        if by_hand is not None:
+            by_hand.kill()
+            by_hand.wait()
+    assert drainer.returncode == 0, out[-2000:] + err
+    assert "Stop reason: no_candidates" in out and f"pid {by_hand.pid}" not in out

@@ -220,13 +220,18 @@ class LeakedProcess:
     pid: int
     name: str
     cmdline: tuple[str, ...]
+    attempt: str = ""  #: ``run / phase`` of the attempt it came from, when known
 
     def to_json(self) -> dict[str, Any]:
-        return {"pid": self.pid, "name": self.name, "cmdline": list(self.cmdline)}
+        out: dict[str, Any] = {"pid": self.pid, "name": self.name, "cmdline": list(self.cmdline)}
+        if self.attempt:
+            out["attempt"] = self.attempt
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LeakedProcess:
         return cls(pid=int(data["pid"]), name=str(data["name"]),
+                   attempt=str(data.get("attempt") or ""),
                    cmdline=tuple(str(p) for p in data["cmdline"]))
 
 

@@ -21,6 +21,7 @@ import psutil
 from .models import LeakedProcess
 
 MARKER_VAR = "DRAINER_ATTEMPT_ID"
+SESSION_VAR, RUN_VAR, PHASE_VAR = "DRAINER_SESSION_ID", "DRAINER_RUN_ID", "DRAINER_PHASE_ID"
 API_MARKER_VAR = "DRAINER_API_SERVER_OF"  #: marks the server (and children) of a session
 POLL_INTERVAL = 0.05
 
@@ -252,14 +253,20 @@ def kill_leftovers(
 
 
 def find_matching(
-    pattern: re.Pattern[str], exclude: set[int], *, skip_var: str = API_MARKER_VAR
-) -> list[tuple[psutil.Process, str]]:
-    """Live processes whose command line matches ``pattern``, with their attempt marker.
+    pattern: re.Pattern[str], exclude: set[int], *, session_id: str,
+    skip_var: str = API_MARKER_VAR,
+) -> list[tuple[psutil.Process, str, str]]:
+    """Live processes of this session whose command line matches ``pattern``, with their
+    attempt marker and their attempt's ``run / phase`` ("" when unknown).
 
-    Processes carrying ``skip_var`` (the session's own API server) are not listed.
+    A process is this session's when its environment carries the session's id (every
+    worker's descendants inherit ``DRAINER_SESSION_ID``) or when it descends from drainer
+    (an escapee re-parented to drainer, its subreaper). Other users' and other programs'
+    processes never count. Processes carrying ``skip_var`` (the session's own API server)
+    are not listed.
     """
     me = os.getpid()
-    found: list[tuple[psutil.Process, str]] = []
+    found: list[tuple[psutil.Process, str, str]] = []
     for proc in psutil.process_iter():
         if proc.pid == me or proc.pid in exclude:
             continue
@@ -271,10 +278,19 @@ def find_matching(
                 env = proc.environ()
             if skip_var in env:
                 continue
-            found.append((proc, env.get(MARKER_VAR, "")))
+            if env.get(SESSION_VAR) != session_id and not _descends_from(proc, me):
+                continue
+            run, phase = env.get(RUN_VAR, ""), env.get(PHASE_VAR, "")
+            found.append((proc, env.get(MARKER_VAR, ""), f"{run} / {phase}" if run else ""))
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def _descends_from(proc: psutil.Process, ancestor: int) -> bool:
+    with contextlib.suppress(psutil.Error, OSError):
+        return any(parent.pid == ancestor for parent in proc.parents())
+    return False
 
 
 def tree_rss(pid: int) -> int:

@@ -141,8 +141,9 @@ class Recorder:
         self.echo(f"  [SKIP] {ref.run_id!r} / {ref.phase_id!r}: {why}")
 
     def leak_found(self, proc: LeakedProcess) -> None:
+        of = f" ({proc.attempt})" if proc.attempt else ""
         self.echo(f"  [LEAK] --leak-pattern: pid {proc.pid} "
-                  f"{' '.join(proc.cmdline)[:120]} outlived its attempt")
+                  f"{' '.join(proc.cmdline)[:120]} outlived its attempt{of}")
 
     def escapee_found(self, proc: LeakedProcess, *, killed: bool) -> None:
         self.echo(f"  [LEAK] pid {proc.pid} {' '.join(proc.cmdline)[:120]} left its attempt's "

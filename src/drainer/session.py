@@ -208,7 +208,7 @@ class DrainSession:
                     selector.invalidate()  # the phases it restored are candidates again
             await backlog.leases.release_session(self.session_id)
             await sweep_leases(attempts, selector)
-            await self._gauge.start()
+            await self._gauge.start(self.session_id)
             spaces = await self._lane_workspaces(attempts)
             try:
                 async with anyio.create_task_group() as tg:
