@@ -360,6 +360,11 @@ def test_three_lanes_each_work_in_their_own_git_worktree_gone_at_the_end(
     assert _git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
     assert _git(repo, "status", "--porcelain") == ""
     assert "[WORKTREE] 3 lane worktree(s)" in proc.stdout
+    # What the workers left uncommitted is stashed, one entry per lane; no branch is left.
+    stashes = _git(repo, "stash", "list").splitlines()
+    assert len(stashes) == 3 and all(root.name in line for line in stashes)
+    assert _git(repo, "branch", "--list", "drainer/*") == ""
+    assert proc.stdout.count("[WORKTREE] kept lane-") == 3
 
 
 def test_lanes_sharing_a_git_workspace_get_a_warning_naming_the_option(
@@ -378,7 +383,7 @@ def test_lane_worktrees_need_a_git_workspace(env: Env) -> None:
     create_backlog(env.db, [("run-a", "P1", 0, "FAILED", None)])
     proc = env.run_cli("run", *env.base_args(), "--lanes", "2",
                        "--lane-workspaces", "git-worktree")
-    assert proc.returncode == 2 and "is not a git working tree" in proc.stderr
+    assert proc.returncode == 2 and "is not in a git working tree" in proc.stderr
     assert not env.sessions.exists()
 
 
@@ -413,3 +418,70 @@ def test_lane_worktrees_left_by_a_kill_9_are_made_anew_by_resume_and_removed(
     assert {s for s, _ in phase_states(env.db).values()} == {"COMPLETE"}
     assert not (root / "worktrees").exists()
     assert _git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+
+
+def test_an_api_server_that_cannot_start_raises_usage_error_to_an_embedder(
+    env: Env, autopack: Path
+) -> None:
+    """Review finding: the pump's task group wrapped it in an ExceptionGroup."""
+    import anyio
+
+    import drainer
+    from drainer.errors import UsageError
+
+    create_backlog(env.db, [("run-a", "P1", 0, "FAILED", None)])
+    server = env.tmp / "api.py"
+    server.write_text(AUTOPACK_API_SERVER)
+    config = drainer.DrainConfig(
+        database_url=env.url, command=autopack_command(autopack),
+        session_dir=env.sessions, workspace=env.tmp,
+        api_command=f"{sys.executable} {server} {{port}}", env=(("API_FAIL", "1"),
+                                                                 ("API_SEEN", "x")))
+    with pytest.raises(UsageError, match="address already in use"):
+        anyio.run(drainer.drain, config)
+
+
+SUBDIR_WORKER = """\
+import os, sqlite3, subprocess, sys
+run_id, phase_id = sys.argv[1], sys.argv[2]
+if run_id == "run-0":  # a worker that commits its change: the commit must outlive the lane
+    with open("made-by-run-0.txt", "w") as fh:
+        fh.write("x")
+    subprocess.run(["git", "add", "made-by-run-0.txt"], check=True)
+    subprocess.run(["git", "-c", "user.name=w", "-c", "user.email=w@example.com", "commit",
+                    "-qm", "run-0's work"], check=True)
+db = sqlite3.connect(os.environ["DATABASE_URL"][len("sqlite:///"):], timeout=30)
+db.execute("UPDATE phases SET state='COMPLETE' WHERE run_id=? AND phase_id=?", (run_id, phase_id))
+db.commit()
+"""
+
+
+def test_lane_worktrees_of_a_repository_subdirectory_with_relative_paths(
+    env: Env, repo: Path
+) -> None:
+    """Review findings: a relative --session-dir put the worktrees where git ran; a
+    --workspace below the repository's root ran workers at the worktree's root."""
+    (repo / "sub").mkdir()
+    (repo / "sub" / "w.py").write_text(SUBDIR_WORKER)
+    _git(repo, "add", "sub")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "sub")
+    create_backlog(env.db, [(f"run-{r}", "P", 0, "FAILED", None) for r in range(4)])
+    args = ["--database-url", env.url, "--command", "{python} w.py {run_id} {phase_id}",
+            "--session-dir", "sessions", "--workspace", "checkout/sub", "--lanes", "2",
+            "--lane-workspaces", "git-worktree"]
+    proc = env.run_cli("run", *args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    assert {s for s, _ in phase_states(env.db).values()} == {"COMPLETE"}
+    assert _git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    [branch] = _git(repo, "branch", "--list", "drainer/*").split()
+    assert "run-0's work" in _git(repo, "log", "-1", "--format=%s", branch)
+    assert "[WORKTREE] kept lane-" in proc.stdout and branch in proc.stdout
+
+
+def test_lane_worktrees_need_the_worker_script_committed(env: Env, repo: Path) -> None:
+    (repo / "untracked.py").write_text("print('hi')\n")
+    create_backlog(env.db, [("run-a", "P1", 0, "FAILED", None)])
+    proc = env.run_cli("run", "--database-url", env.url, "--command", "{python} untracked.py",
+                       "--session-dir", str(env.sessions), "--workspace", str(repo),
+                       "--lanes", "2", "--lane-workspaces", "git-worktree")
+    assert proc.returncode == 2 and "is not committed" in proc.stderr, proc.stderr

@@ -341,3 +341,41 @@ def test_error_excerpt() -> None:
     text = "p" * 100 + "\nshort"
     assert error_excerpt(text, limit=20) == "p" * 14 + "\nshort"
     assert len(error_excerpt("line\n" * 1000, limit=500)) <= 500
+
+
+# --- messages and fingerprints of whole attempts (attempt.error_message) --------------------
+
+
+def _message(reason: str | None, previous: str | None, *, rc: int = 1, stderr: str = "",
+             restored: bool = False) -> tuple[str, str]:
+    from drainer.attempt import error_message
+    from drainer.models import Attempt
+    from drainer.supervisor import ProcessResult
+
+    started = Attempt(run_id="r", phase_id="p", phase_index=0, initial_state="FAILED",
+                      attempt_id="a", attempt_number=1, lane=1, started_at="",
+                      subprocess_stderr_path="/s/logs/r__p__1.stderr.txt")
+    return error_message(started, ProcessResult(returncode=rc, stderr_tail=stderr),
+                         row=("FAILED", reason), restored=restored, previous_reason=previous,
+                         timeout_label="60s")
+
+
+def test_unchanged_reasons_without_an_error_line_keep_their_own_fingerprints() -> None:
+    """Review finding: the basis fell to the generic 'unchanged by this attempt?' text, so
+    unrelated stale reasons shared one fingerprint and stopped each other's runs."""
+    bases = {_message(why, why, stderr="FATAL: worker aborted\n")[1]
+             for why in ("Deliverable missing: a.py", "patch rejected", "ImportError: x")}
+    assert len(bases) == 3
+    assert _message("", "", rc=0)[1] != ""  # never an empty basis
+
+
+def test_an_error_line_that_holds_the_reason_is_not_repeated() -> None:
+    text, _ = _message("ValueError: bad thing", None, stderr="ValueError: bad thing at step 3")
+    assert text == "ValueError: bad thing at step 3 | (log: /s/logs/r__p__1.stderr.txt)"
+
+
+def test_an_empty_api_url_port_is_made_explicit() -> None:
+    from drainer.config import normalize_api_url
+
+    assert normalize_api_url("http://h:") == "http://h:80"
+    assert normalize_api_url("https://u:p@h:/") == "https://u:p@h:443"

@@ -21,7 +21,7 @@ from anyio.abc import Process
 from . import proctree, reaper
 from .config import DrainConfig, render_command, strip_userinfo
 from .dburl import redact_text
-from .errors import UsageError
+from .errors import SessionError, UsageError
 from .proctree import API_MARKER_VAR
 from .sinks import TAIL_BYTES, LogSink
 
@@ -87,23 +87,40 @@ class ServerLog:
         self._max_bytes = max_bytes
         self._secrets = secrets
         self._tail = bytearray()
+        self._lock = anyio.Lock()  #: a write never slips in while the log is attached
         self.path: Path | None = None
+        self.failed: str | None = None  #: why the log stopped being written, if it did
 
     async def write(self, data: bytes) -> None:
+        """Take a chunk of the server's output. A log that cannot be written (a full disk)
+        is given up, never the session: the output is still read, so the server never
+        blocks on a full pipe."""
         self._tail += data
         del self._tail[:-TAIL_BYTES]
-        if self._sink is not None:
-            await self._sink.write(data)
-        elif len(self._early) < self._max_bytes:
-            self._early += data[: self._max_bytes - len(self._early)]
+        async with self._lock:
+            if self.failed is not None:
+                return
+            if self._sink is None:
+                if len(self._early) < self._max_bytes:
+                    self._early += data[: self._max_bytes - len(self._early)]
+                return
+            try:
+                await self._sink.write(data)
+            except OSError as exc:
+                self.failed = f"writing {self.path} failed: {exc.strerror or exc}"
 
     async def attach(self, path: Path) -> None:
         """From now on the log is ``path`` (what came before is written first)."""
-        sink = LogSink(path, max_bytes=self._max_bytes, secrets=self._secrets)
-        await sink.__aenter__()
-        early, self._early = bytes(self._early), bytearray()
-        await sink.write(early)
-        self._sink, self.path = sink, path
+        async with self._lock:
+            sink = LogSink(path, max_bytes=self._max_bytes, secrets=self._secrets)
+            try:
+                await sink.__aenter__()
+                await sink.write(bytes(self._early))
+            except OSError as exc:
+                raise SessionError(f"cannot write the API server's log {path}: "
+                                   f"{exc.strerror or exc}") from exc
+            self._early = bytearray()
+            self._sink, self.path = sink, path
 
     def last_line(self) -> str:
         """The server's last non-blank output line (its error, when it exits at start)."""
@@ -113,7 +130,8 @@ class ServerLog:
 
     async def aclose(self) -> None:
         if self._sink is not None:
-            await self._sink.aclose()
+            with contextlib.suppress(OSError):
+                await self._sink.aclose()
 
 
 @dataclass
@@ -170,7 +188,7 @@ async def open_api_server(config: DrainConfig, session_id: str) -> AsyncIterator
                 await log.write(chunk)
 
     try:
-        async with anyio.create_task_group() as tg:
+        async with _unwrapped(), anyio.create_task_group() as tg:
             tg.start_soon(pump)
             try:
                 await _wait_until_it_answers(process, url, log)
@@ -190,6 +208,18 @@ async def open_api_server(config: DrainConfig, session_id: str) -> AsyncIterator
             await process.aclose()
             reaper.forget(process.pid)
             await log.aclose()
+
+
+@asynccontextmanager
+async def _unwrapped() -> AsyncIterator[None]:
+    """What the session raises through the pump's task group comes out as itself, not
+    inside an ExceptionGroup (the pump never fails): embedders catch ``UsageError``."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _wait_until_it_answers(process: Process, url: str, log: ServerLog) -> None:

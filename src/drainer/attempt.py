@@ -91,7 +91,7 @@ def check_worker_program(config: DrainConfig) -> None:
     if not config.workspace.is_dir():
         raise UsageError(f"--workspace {config.workspace} is not a directory")
     if config.lane_workspaces == "git-worktree":
-        check_git_workspace(config.workspace)
+        check_git_workspace(config.workspace, interpreter_script(config.command_tokens))
     argv = render_command(config.command_tokens, placeholder_values(
         config, run_id="", phase_id="", phase_index=0, attempt_id="", session_id=""))
     first = argv[0]
@@ -213,20 +213,23 @@ def error_message(
         parts.append(f"worker exited with status {result.returncode}, phase {state}")
     elif not cause and not written and result.returncode != 0:
         parts.append(f"unchanged by this attempt? worker exited with status {result.returncode}")
+    excerpt = ""
+    if line and worker and worker in line:  # the line says it all, and more
+        parts[1] = ""
     if line and line not in worker:
         parts.append(line)
     elif not line and not (written and not is_code(worker)):
-        parts.append(error_excerpt(result.stderr_tail, 300)
-                     or error_excerpt(result.stdout_tail, 300))
+        excerpt = (error_excerpt(result.stderr_tail, 300)
+                   or error_excerpt(result.stdout_tail, 300))
+        parts.append(excerpt)
     parts.append(f"(log: {started.subprocess_stderr_path})")
     if result.timed_out or result.cancelled or lease_lost:
         basis = cause
     elif line:
         basis = f"{worker}: {line}" if written and is_code(worker) else line
-    elif written:
-        basis = worker
-    else:
-        basis = cause or parts[0] or parts[2]
+    else:  # the worker's reason (even an old one: it tells phases apart), else what is left
+        basis = (worker or cause or excerpt
+                 or f"worker exited with status {result.returncode}, phase {state}")
     return " | ".join(p for p in parts if p), basis
 
 

@@ -500,7 +500,7 @@ def normalize_api_url(url: str) -> str:
         port = 443 if parts.scheme == "https" else 80
     host = parts.netloc.rsplit("@", 1)[-1]
     if parts.port is None:
-        host = f"{host}:{port}"
+        host = f"{host.rstrip(':')}:{port}"  # an empty port (``http://h:``) too
     userinfo = parts.netloc[: -len(parts.netloc.rsplit("@", 1)[-1])]
     return f"{parts.scheme}://{userinfo}{host}"
 

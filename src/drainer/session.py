@@ -41,7 +41,7 @@ from .report import header_lines
 from .scheduler import Scheduler, sweep_leases
 from .selection import Selector, check_run_id
 from .signals import watch_signals
-from .worktrees import LaneWorkspaces, is_git_workspace, open_lane_workspaces
+from .worktrees import LaneWorkspaces, is_git_workspace
 
 log = logging.getLogger("drainer")
 
@@ -146,6 +146,8 @@ class DrainSession:
             # session ends with exit 2 and nothing changed.
             async with open_api_server(cfg, self.session_id) as api:
                 await self._drain(backlog, replay, api)
+                if api.log is not None and api.log.failed:
+                    self._say(f"[WARN] the API server's log was given up: {api.log.failed}")
         return self.summary()
 
     def _find_replay(self) -> Replay | None:
@@ -209,17 +211,18 @@ class DrainSession:
             await backlog.leases.release_session(self.session_id)
             await sweep_leases(attempts, selector)
             await self._gauge.start(self.session_id)
-            spaces = await self._lane_workspaces(attempts)
+            spaces: list[LaneWorkspaces] = []
             try:
+                await self._lane_workspaces(attempts, spaces)
                 async with anyio.create_task_group() as tg:
                     if self._handle_signals:
                         await tg.start(watch_signals, self._on_signal)
                     await scheduler.run()
                     tg.cancel_scope.cancel()  # the lanes are done: stop watching signals
             finally:
-                if spaces is not None:
+                for made in spaces:
                     with anyio.CancelScope(shield=True):
-                        await self._remove_lane_workspaces(spaces)
+                        await self._remove_lane_workspaces(made)
             for proc in await self._gauge.sample((), force=True):  # the last attempts' leaks
                 recorder.leak_found(proc)
             await self._end_escapees(recorder)
@@ -240,23 +243,30 @@ class DrainSession:
             raise
         self._finish()
 
-    async def _lane_workspaces(self, attempts: AttemptRunner) -> LaneWorkspaces | None:
-        """Each lane's own git worktree, with ``--lane-workspaces git-worktree``."""
+    async def _lane_workspaces(
+        self, attempts: AttemptRunner, made: list[LaneWorkspaces]
+    ) -> None:
+        """Each lane's own git worktree, with ``--lane-workspaces git-worktree``; added to
+        ``made`` before they are created, so that a failure half-way still cleans up."""
         cfg = self.config
         if cfg.lane_workspaces != "git-worktree":
-            return None
-        spaces = await open_lane_workspaces(cfg.workspace, self._files.root / "worktrees",
-                                            cfg.lanes)
-        attempts.use_lane_workspaces(spaces.paths)
+            return
+        spaces = LaneWorkspaces(cfg.workspace, self._files.root / "worktrees", cfg.lanes,
+                                self.session_id)
+        made.append(spaces)
+        await anyio.to_thread.run_sync(spaces.create)
+        attempts.use_lane_workspaces(spaces.dirs)
         self._say(f"[WORKTREE] {cfg.lanes} lane worktree(s) of {spaces.workspace} at HEAD, "
                   f"under {spaces.root}")
-        return spaces
 
     async def _remove_lane_workspaces(self, spaces: LaneWorkspaces) -> None:
         try:
-            await anyio.to_thread.run_sync(spaces.remove)
-        except DrainerError as exc:  # the drain's outcome stands; say what is left
+            kept = await anyio.to_thread.run_sync(spaces.remove)
+        except (DrainerError, OSError) as exc:  # the drain's outcome stands; say what is left
             self._say(f"[WARN] removing the lane worktrees under {spaces.root}: {exc}")
+            return
+        for what in kept:
+            self._say(f"[WORKTREE] kept {what}")
 
     async def _end_escapees(self, recorder: Recorder) -> None:
         """Escapees re-parented to drainer after their attempt had ended (see reaper.py)."""
