@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import anyio
@@ -59,6 +60,41 @@ def _worker_argv(argv: Sequence[str]) -> list[str]:
     if os.path.isabs(program) and not os.access(program, os.X_OK):
         return list(argv)
     return [*death_prefix(), *argv]
+
+
+def _anyio_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(x) for x in metadata.version("anyio").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return True
+    return found >= (major, minor)
+
+
+#: anyio 4.15 and newer: ``Process.wait()`` waits for the exit alone, and ``aclose()`` closes
+#: our ends of the pipes. Before, ``wait()`` also waited for every pipe to close (a grandchild
+#: holding stdout held it up) and the pipe transports stayed open.
+_WAIT_IS_EXIT_ONLY = _anyio_at_least(4, 15)
+EXIT_POLL_INTERVAL = 0.01  #: before anyio 4.15: seconds between looks at the return code
+
+
+async def _exited(process: Process) -> int:
+    """Wait for the worker itself to exit, not for every holder of its pipes."""
+    if _WAIT_IS_EXIT_ONLY:
+        return await process.wait()
+    # Older anyio: the return code the event loop's child watcher sets is the exit.
+    while (rc := process.returncode) is None:  # noqa: ASYNC110 - no exit-only wait there
+        await anyio.sleep(EXIT_POLL_INTERVAL)
+    return rc
+
+
+def _close_pipes(process: Process) -> None:
+    """Before anyio 4.15, close our ends of the worker's pipes that ``aclose()`` leaves open
+    while a leak kept by ``--leak-policy report`` holds theirs (asyncio backend only)."""
+    if _WAIT_IS_EXIT_ONLY:
+        return
+    transport = getattr(getattr(process, "_process", None), "_transport", None)
+    if transport is not None and not transport.is_closing():
+        transport.close()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,7 +196,7 @@ class Supervisor:
                               pumps_done)
                 tg.start_soon(self._sample_rss, process.pid)
                 with anyio.move_on_after(spec.timeout) as timeout_scope:
-                    await process.wait()
+                    await _exited(process)
                 if timeout_scope.cancelled_caught:
                     result.timed_out = True
                     await self._kill_tree()
@@ -184,6 +220,7 @@ class Supervisor:
             # Closes our ends of the pipes and reaps; the process has exited by now.
             with anyio.CancelScope(shield=True):
                 await process.aclose()
+            _close_pipes(process)
             reaper.forget(process.pid)
 
     async def _pump_both(
@@ -221,10 +258,10 @@ class Supervisor:
             self.result.killed_pids.extend(p.pid for p in killed)
             if process.returncode is None:
                 with anyio.move_on_after(spec.kill_grace_period + 5):
-                    await process.wait()
+                    await _exited(process)
             if process.returncode is None:  # pragma: no cover - unkillable (D state)
                 process.kill()
-                await process.wait()
+                await _exited(process)
 
     async def _sweep(self) -> None:
         """Record (and kill, by policy) what still carries the attempt's marker."""
