@@ -126,9 +126,21 @@ def test_other_charts_show_their_data() -> None:
     fps = svg_of(doc, "chart-fingerprints")
     assert fps.count('class="fp"') == 3
     yields = svg_of(doc, "chart-yield")
-    assert yields.count('class="yield"') == 7  # events known for 7 attempts
+    # Events known for 7 attempts: 4 yielded some, 3 none (a mark at zero, not blank space).
+    assert yields.count('class="yield"') == 4 and yields.count('class="zero"') == 3
     assert yields.count('class="unknown"') == 2
     assert "unknown telemetry" in doc
+
+
+def test_every_chart_has_axis_labels_and_a_legend() -> None:
+    doc = render(sample_session())
+    labels = {"chart-timeline": "seconds since the session start",
+              "chart-durations": "subprocess duration (seconds)",
+              "chart-fingerprints": "failed attempts",
+              "chart-yield": "attempts in start order"}
+    for chart_id, label in labels.items():
+        svg = svg_of(doc, chart_id)
+        assert label in svg and '<g class="legend">' in svg, chart_id
 
 
 def test_fingerprint_labels_are_cut_with_the_full_text_in_a_tooltip() -> None:

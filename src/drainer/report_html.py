@@ -29,6 +29,7 @@ LEGEND = {"success": "success", "failed": "failed", "timeout": "timed out",
           "stopped": "cancelled / interrupted"}
 BAR_COLOUR = "#4a72b0"
 UNKNOWN_COLOUR = "#bbbbbb"
+ZERO_COLOUR = "#d62728"  #: the mark of an attempt that yielded no telemetry
 WIDTH = 1000  #: width of every chart in SVG units
 LEFT = 110  #: room for row and axis labels left of a plot
 PLOT = WIDTH - LEFT - 30
@@ -131,6 +132,15 @@ def _y_axis(hi: float, top: float, bottom: float, label: str, whole: bool) -> li
     return parts
 
 
+def _legend(items: Sequence[tuple[str, str]], x: float, y: float) -> list[str]:
+    """A row of (colour, label) keys at ``(x, y)``, in one ``legend`` group."""
+    out = ['<g class="legend">']
+    for colour, label in items:
+        out += [_rect(x, y, 14, 14, colour), _text(x + 20, y + 11, label)]
+        x += 40 + 7 * len(label)
+    return [*out, "</g>"]
+
+
 def _svg(chart_id: str, title: str, height: float, parts: list[str]) -> str:
     return (f'<svg id="{chart_id}" role="img" width="{WIDTH}" height="{height:.0f}" '
             f'viewBox="0 0 {WIDTH} {height:.0f}"><title>{_e(title)}</title>'
@@ -162,10 +172,8 @@ def _timeline(session: LoadedSession, attempts: Sequence[Attempt]) -> str:
         x1 = max(x0, (f - origin).total_seconds())
         parts.append(_rect(LEFT + PLOT * x0 / hi, 22 + row * lanes.index(a.lane),
                            PLOT * (x1 - x0) / hi, row - 6, COLOURS[outcome(a)], _tip(a), "attempt"))
-    x = float(LEFT)
-    for key, label in LEGEND.items():
-        parts += [_rect(x, bottom + 46, 14, 14, COLOURS[key]), _text(x + 20, bottom + 57, label)]
-        x += 40 + 7 * len(label)
+    parts += _legend([(COLOURS[key], label) for key, label in LEGEND.items()], LEFT,
+                     bottom + 46)
     skipped = len(attempts) - len(spans)
     note = (f'<p class="note">{skipped} attempt(s) without start and finish times are not shown.'
             "</p>" if skipped else "")
@@ -195,7 +203,9 @@ def _histogram(attempts: Sequence[Attempt]) -> str:
             left, right = lo + (hi - lo) * i / bins, lo + (hi - lo) * (i + 1) / bins
             parts.append(_rect(LEFT + width * i + 1, bottom - h, width - 2, h, BAR_COLOUR,
                                f"{_num(left)}-{_num(right)} s: {n} attempt(s)", "bin"))
-    return _svg("chart-durations", f"Attempt durations ({bins} bins)", bottom + 40, parts)
+    parts += _legend([(BAR_COLOUR, "attempts that ended on their own, per duration bin")],
+                     LEFT, bottom + 40)
+    return _svg("chart-durations", f"Attempt durations ({bins} bins)", bottom + 62, parts)
 
 
 def _fingerprints(report: dict[str, Any]) -> str:
@@ -214,8 +224,14 @@ def _fingerprints(report: dict[str, Any]) -> str:
         w = (WIDTH - left - 60) * int(n) / most
         parts += [_rect(left, y + 2, w, row - 6, COLOURS["failed"], f"{n}x {fp}", "fp"),
                   _text(left + w + 6, y + 15, str(n))]
+    bottom = 8 + row * len(top)
+    parts.append(_line(left, bottom, WIDTH - 60, bottom))
+    parts.append(_text((left + WIDTH - 60) / 2, bottom + 18, "failed attempts", "middle"))
+    parts.append(_text(left - 8, bottom + 18, "fingerprint", "end"))
+    parts += _legend([(COLOURS["failed"], "failed attempts with this fingerprint")], left,
+                     bottom + 28)
     return _svg("chart-fingerprints", "Top failure fingerprints (failed attempts)",
-                16 + row * len(top), parts)
+                bottom + 50, parts)
 
 
 def _yield(attempts: Sequence[Attempt]) -> str:
@@ -243,14 +259,18 @@ def _yield(attempts: Sequence[Attempt]) -> str:
                                "unknown"))
             continue
         value = a.telemetry_yield_per_minute or 0.0
+        tip = f"{_tip(a)}; {a.telemetry_events_collected} events, {value:g}/min"
+        if not value:  # a zero-height bar would be blank space: a mark at zero instead
+            parts.append(_rect(x, bottom - 4, w, 4, ZERO_COLOUR, tip, "zero"))
+            continue
         h = (bottom - top) * value / hi
-        parts.append(_rect(x, bottom - h, w, h, BAR_COLOUR,
-                           f"{_tip(a)}; {a.telemetry_events_collected} events, {value:g}/min",
-                           "yield"))
+        parts.append(_rect(x, bottom - h, w, h, BAR_COLOUR, tip, "yield"))
     parts.append(_text(LEFT + PLOT / 2, bottom + 30, "attempts in start order", "middle"))
+    parts += _legend([(BAR_COLOUR, "events / minute"), (ZERO_COLOUR, "no telemetry (zero)"),
+                      (UNKNOWN_COLOUR, "telemetry unknown")], LEFT, bottom + 40)
     note = (f'<p class="note">{unknown} attempt(s) with unknown telemetry are drawn as grey marks '
             "under the axis.</p>" if unknown else "")
-    return _svg("chart-yield", "Telemetry yield per attempt", bottom + 40, parts) + note
+    return _svg("chart-yield", "Telemetry yield per attempt", bottom + 62, parts) + note
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[object]], classes: str = "") -> str:
