@@ -243,13 +243,20 @@ def _sqlite_transactions(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        # drainer reads phases by key and streams the candidate load once: a small page
-        # cache per connection (SQLite's default is 2 MiB) keeps the process within its
-        # memory budget at 100,000 phases.
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-        cursor.close()
+        try:
+            dbapi_connection.isolation_level = None
+            # drainer reads phases by key and streams the candidate load once: a small page
+            # cache per connection (SQLite's default is 2 MiB) keeps the process within its
+            # memory budget at 100,000 phases.
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+            cursor.close()
+        except BaseException:
+            # A damaged file fails here, and the pool drops the connection unclosed; with
+            # SQLAlchemy before 2.0.46 (Autopack pins 2.0.45) and aiosqlite 0.22+, its
+            # worker thread then keeps the process from ever exiting. Close it ourselves.
+            dbapi_connection.close()
+            raise
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Connection) -> None:
