@@ -181,6 +181,7 @@ def error_message(
     previous_reason: str | None,
     timeout_label: str,
     lease_lost: bool = False,
+    line: str | None = None,
 ) -> tuple[str, str]:
     """An actionable failure message, and the part of it the fingerprint is built from.
 
@@ -199,7 +200,8 @@ def error_message(
     state, reason = row
     worker = _capped(worker_part(reason))
     written = bool(worker) and worker != _capped(worker_part(previous_reason))
-    line = worker_error_line(result.stderr_tail) or worker_error_line(result.stdout_tail)
+    if line is None:  # the worker's error line (judge passes the one it found)
+        line = _error_line(result)
     if lease_lost:
         cause = "drainer: lease lost (not renewed in time); attempt stopped, process tree killed"
     elif result.cancelled:
@@ -254,12 +256,13 @@ def judge(
     events = None if telemetry_before is None or telemetry_after is None else max(
         0, telemetry_after - telemetry_before)
     output = result.stdout_tail + "\n" + result.stderr_tail
-    line = worker_error_line(result.stderr_tail) or worker_error_line(result.stdout_tail)
+    line = "" if success else _error_line(result)  # read once, only for a failure
     message = fingerprint = None
     if not success:
         text, basis = error_message(started, result, row=row, restored=restored,
                                     previous_reason=previous_reason,
-                                    timeout_label=timeout_label, lease_lost=lease_lost)
+                                    timeout_label=timeout_label, lease_lost=lease_lost,
+                                    line=line)
         message = redact_text(text, secrets)
         fingerprint = failure_fingerprint(state, result.returncode, timed_out=result.timed_out,
                                           error=redact_text(basis, secrets))
@@ -292,6 +295,10 @@ def judge(
                                             telemetry_events=events, output=output,
                                             returncode=result.returncode),
     )
+
+
+def _error_line(result: ProcessResult) -> str:
+    return worker_error_line(result.stderr_tail) or worker_error_line(result.stdout_tail)
 
 
 def _capped(reason: str) -> str:
