@@ -51,7 +51,7 @@ async def main(directory: Path) -> int:
                     d.stop("executor has enough for now")
             elif isinstance(event, drainer.SessionStopped):
                 print(f"drainer stopped: {event.stop_reason} ({event.stop_detail}); "
-                      f"{event.succeeded}/{event.processed} succeeded")
+                      f"{event.totals.ok} of {event.processed} attempts ok")
         tg.cancel_scope.cancel()  # drainer is done: stop the executor's other work too
     stats = d.statistics()
     print(f"heartbeats while draining: {len(beats)}; in flight at the end: {stats.in_flight}")

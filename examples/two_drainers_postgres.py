@@ -86,7 +86,7 @@ def main(admin_url: str) -> int:
                     status = 1
                     continue
                 last = json.loads(out.splitlines()[-1])
-                print(f"drainer {n}: {last['succeeded']} phases drained "
+                print(f"drainer {n}: {last['ok']} phases drained "
                       f"(stop: {last['stop_reason']}, exit {proc.returncode})")
     finally:
         asyncio.run(drop(admin_url, name))

@@ -262,3 +262,25 @@ def drainer_view(snapshot: Path) -> dict[str, Any]:
     root = snapshot.parent / snapshot.stem
     return {**json.loads(snapshot.read_text()), **session_info(root),
             "results": journal_results(root)}
+
+
+def under_a_terminal(argv: list[str], env: Env, **extra: str) -> tuple[int, str]:
+    """Run drainer with a pseudo-terminal as stdout and stderr: (exit code, all it wrote)."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "drainer", *argv], stdout=terminal,
+                            stderr=terminal, env=env.worker_env(**extra), cwd=env.tmp)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the program ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(controller)
+    return proc.returncode, b"".join(chunks).decode()

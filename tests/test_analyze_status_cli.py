@@ -28,7 +28,7 @@ def test_analyze_json_matches_the_session(env: Env) -> None:
     totals = report["totals"]
     lines = {line.split()[0]: line.split()[-1] for line in text.stdout.splitlines()
              if line.strip() and line.startswith("  ") and len(line.split()) == 2}
-    assert lines["processed"] == str(totals["processed"])
+    assert lines["attempts"] == str(totals["processed"])
     assert lines["failed"] == str(totals["failed"])
     by_path = env.run_cli("analyze", str(snapshot), "--json")
     assert json.loads(by_path.stdout)["totals"] == report["totals"]

@@ -85,7 +85,7 @@ async def test_events_statistics_and_a_graceful_stop(env: Env) -> None:
                 d.stop("enough for today")
     assert seen == ["AttemptStarted", "AttemptFinished", "SessionStopped"]
     stats = d.statistics()
-    assert (stats.processed, stats.succeeded, stats.in_flight) == (1, 1, 0)
+    assert (stats.processed, stats.ok, stats.in_flight) == (1, 1, 0)
     # The caller's stop is recorded as `cancelled` (resumable), its reason as the detail.
     assert stats.stop_reason == "cancelled"
     assert stats.stop_detail == "stop requested: enough for today"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import pty
-import subprocess
-import sys
 
-from conftest import Env, create_backlog
+from conftest import Env, create_backlog, under_a_terminal
 from drainer.events import AttemptFinished, AttemptStarted, SessionStopped
 from drainer.live import LiveState, render
 from drainer.models import Attempt, StopReason
@@ -28,17 +25,23 @@ def _started(attempt_id: str, run_id: str, phase_id: str, lane: int) -> AttemptS
                                        attempt_number=1, lane=lane, started_at=""))
 
 
+def _finish(state: LiveState, attempt: Attempt, now: float) -> None:
+    """What the session does: its totals count the attempt, the view follows its lane."""
+    state.totals.add(attempt)
+    state.apply(AttemptFinished("s", attempt), now=now)
+
+
 def test_render_shows_counts_eta_and_one_row_per_lane() -> None:
     state = LiveState(total=10, lanes=2, started=100.0)
     state.apply(_started("1", "run-1", "P", 1), now=100.0)
-    state.apply(AttemptFinished("s", _attempt(1, success=True, events=6)), now=130.0)
+    _finish(state, _attempt(1, success=True, events=6), now=130.0)
     state.apply(_started("2", "run-2", "P", 2), now=130.0)
-    state.apply(AttemptFinished("s", _attempt(2, success=False, timed_out=True)), now=160.0)
+    _finish(state, _attempt(2, success=False, timed_out=True), now=160.0)
     state.apply(_started("3", "run-big", "P9", 1), now=160.0)
     lines = render(state, now=225.0)
     # 2 done, 8 left, mean 30 s over 2 lanes: 120 s. Telemetry 6 events in 1 minute.
-    # The summary's words: "failed" counts the timeout too.
-    assert lines[0] == ("[2/10] ok 1  failed 1  timed out 1  telemetry 6 (6.0/min)  "
+    # The summary's words, one outcome per attempt: the timeout is not also "failed".
+    assert lines[0] == ("[2/10] ok 1  failed 0  timed out 1  telemetry 6 (6.0/min)  "
                         "elapsed 0:02:05  ETA 0:02:00")
     assert lines[1] == "  lane 1: run-big / P9  0:01:05"
     assert lines[2] == "  lane 2: idle"
@@ -49,13 +52,13 @@ def test_render_shows_counts_eta_and_one_row_per_lane() -> None:
 def test_eta_is_bounded_by_the_deadline_and_spread_over_lanes_still_busy() -> None:
     state = LiveState(total=10, lanes=4, started=0.0, deadline=25.0)
     state.apply(_started("1", "run-1", "P", 1), now=0.0)
-    state.apply(AttemptFinished("s", _attempt(1, success=True, duration=10.0)), now=10.0)
+    _finish(state, _attempt(1, success=True, duration=10.0), now=10.0)
     # 9 left at 10 s each over 4 lanes: 22.5 s, but picking stops at 25 s: 15 s from now.
     assert render(state, now=10.0)[0].endswith("ETA 0:00:15 (deadline)")
     state.deadline = None
     assert render(state, now=10.0)[0].endswith("ETA 0:00:22")
     state = LiveState(total=2, lanes=4, started=0.0)  # one left: one lane can work on it
-    state.apply(AttemptFinished("s", _attempt(1, success=True, duration=10.0)), now=10.0)
+    _finish(state, _attempt(1, success=True, duration=10.0), now=10.0)
     assert render(state, now=10.0)[0].endswith("ETA 0:00:10")
 
 
@@ -74,28 +77,9 @@ def test_colour_only_on_a_terminal_without_no_color() -> None:
     assert not wants_colour(io.StringIO(), {"TERM": "xterm"})
 
 
-def _under_a_terminal(argv: list[str], env: Env, **extra: str) -> tuple[int, str]:
-    controller, terminal = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "drainer", *argv], stdout=terminal,
-                            stderr=terminal, env=env.worker_env(**extra), cwd=env.tmp)
-    os.close(terminal)
-    chunks = []
-    while True:
-        try:
-            data = os.read(controller, 65536)
-        except OSError:  # the terminal closed: the program ended
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=60)
-    os.close(controller)
-    return proc.returncode, b"".join(chunks).decode()
-
-
 def test_live_view_under_a_pseudo_terminal(env: Env) -> None:
     create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(3)])
-    code, screen = _under_a_terminal(["run", *env.base_args(), "--lanes", "2"], env)
+    code, screen = under_a_terminal(["run", *env.base_args(), "--lanes", "2"], env)
     assert code == 0, screen
     assert "\x1b[" in screen  # the footer was redrawn in place
     assert "lane 1:" in screen and "lane 2:" in screen
@@ -106,7 +90,7 @@ def test_live_view_under_a_pseudo_terminal(env: Env) -> None:
 
 def test_no_color_turns_the_live_views_colour_off(env: Env) -> None:
     create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
-    code, screen = _under_a_terminal(["run", *env.base_args()], env, NO_COLOR="1",
+    code, screen = under_a_terminal(["run", *env.base_args()], env, NO_COLOR="1",
                                      TERM="xterm")
     assert code == 0, screen
     assert "[OK] run-0 / P COMPLETE" in screen and "\x1b[32m" not in screen
@@ -115,7 +99,7 @@ def test_no_color_turns_the_live_views_colour_off(env: Env) -> None:
 def test_bad_input_under_a_terminal_is_one_line_and_exit_2(env: Env) -> None:
     # The live view runs the drain in a task group, which wraps what it raises.
     missing = env.tmp / "nowhere" / "backlog.db"
-    code, screen = _under_a_terminal(
+    code, screen = under_a_terminal(
         ["run", "--database-url", f"sqlite:///{missing}", "--command", "true"], env)
     assert code == 2, screen
     assert "Traceback" not in screen and "ExceptionGroup" not in screen, screen
@@ -149,3 +133,20 @@ def test_live_footer_fits_the_terminal_and_strips_control_characters() -> None:
     assert all(len(line) <= 39 for line in lines)
     assert "\x1b" not in "".join(lines)
     assert len(lines) <= 6 and lines[-1].startswith("  ... ")
+
+
+def test_on_80_columns_the_times_and_the_stop_get_a_line_of_their_own() -> None:
+    state = LiveState(total=20, lanes=1, started=0.0)
+    for n, flags in enumerate([{"success": True}, {"success": False},
+                               {"success": False, "timed_out": True}]):
+        _finish(state, _attempt(1, duration=1.0, **flags), now=float(n))
+    state.totals.add(dataclasses.replace(_attempt(1, success=False), cancelled=True))
+    state.totals.add(dataclasses.replace(_attempt(1, success=False), interrupted=True))
+    state.apply(SessionStopped("s", StopReason.NO_CANDIDATES), now=5.0)
+    wide = render(state, now=5.0, width=200)
+    assert wide[0] == ("[5/20] ok 1  failed 1  timed out 1  cancelled 1  interrupted 1  "
+                       "telemetry 0 (0.0/min)  elapsed 0:00:05  stopped: no_candidates")
+    narrow = render(state, now=5.0, width=80)
+    assert narrow[:2] == ["[5/20] ok 1  failed 1  timed out 1  cancelled 1  interrupted 1",
+                          "  elapsed 0:00:05  stopped: no_candidates"]
+    assert narrow[2] == "  lane 1: idle"

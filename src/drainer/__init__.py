@@ -32,6 +32,8 @@ _EXPORTS = {
     "UsageError": "drainer.errors",
     "drain": "drainer.api",
     "iter_attempts": "drainer.journal",
+    "OUTCOMES": "drainer.models",
+    "Outcomes": "drainer.models",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -52,7 +54,9 @@ if TYPE_CHECKING:
     from .events import RunStopped as RunStopped
     from .events import SessionStopped as SessionStopped
     from .journal import iter_attempts as iter_attempts
+    from .models import OUTCOMES as OUTCOMES
     from .models import Attempt as Attempt
+    from .models import Outcomes as Outcomes
     from .models import PhaseRef as PhaseRef
     from .models import PhaseState as PhaseState
     from .models import SessionSummary as SessionSummary

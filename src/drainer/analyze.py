@@ -27,24 +27,16 @@ from typing import Any
 
 import orjson
 
+from .advice import Evidence, advise, ranked, short
 from .errors import SessionError
 from .journal import JOURNAL_NAME, Damage, iter_attempts, replay
-from .models import Attempt, Totals, stop_reason_of
+from .models import OUTCOME_KEYS, OUTCOMES, Attempt, Totals, format_rate, stop_reason_of
 
 LATEST = "latest"
 TOP_FINGERPRINTS = 10  #: how many fingerprints the report lists
-FINGERPRINT_WIDTH = 100  #: fingerprints are cut to this many characters in text and advice
 #: Autopack records carry no ``timed_out``; its controller treats these return codes as timeouts.
 AUTOPACK_TIMEOUT_RETURNCODES = frozenset({-1, 143})
 
-# Thresholds of the recommendations (module constants so tests and docs can name them).
-LOW_MEDIAN_YIELD = 0.5  #: events/min under which telemetry looks broken (with mostly zeros)
-GOOD_MEDIAN_YIELD = 2.0  #: events/min from which a bigger batch is worth it
-# Shares are whole percentages, compared in integers so 3 of 15 is exactly 20%.
-BLOCKER_PCT = 50  #: % of failures one or two fingerprints must reach to be a blocker
-BLOCKER_MIN_FAILURES = 3  #: fewer failures than this prove nothing systemic
-DIVERSE_TOP_PCT = 30  #: the top fingerprint stays under this % of failures when they are diverse
-TIMEOUT_PCT = 20  #: % of attempts timing out that calls for a longer phase timeout
 DURATION_KEYS = ("min", "median", "p90", "max")
 TEXT_WIDTH = 100  #: recommendations are wrapped to this width in text
 
@@ -69,6 +61,7 @@ class LoadedSession:
     stopped_runs: dict[str, str] = field(default_factory=dict)
     unfinished: int = 0  #: attempts the journal shows started but never finished
     damage: Damage | None = None  #: corrupt journal lines that were skipped
+    config: dict[str, Any] = field(default_factory=dict)  #: the session's options, if known
 
     def attempts(self) -> Iterator[Attempt]:
         return iter(self.read())
@@ -154,6 +147,7 @@ def _load_journal(path: Path) -> LoadedSession:
         stopped_runs=dict(state.stopped_runs),
         unfinished=len(state.dangling),
         damage=state.damage if state.damage is not None and state.damage.count else None,
+        config=state.config if isinstance(state.config, dict) else {},
     )
 
 
@@ -321,11 +315,6 @@ def _round(value: float | None, places: int) -> float | None:
     return None if value is None else round(value, places)
 
 
-def _ranked(counts: Counter[str]) -> list[tuple[str, int]]:
-    """Most frequent first, ties by name: a stable order for reports and tests."""
-    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-
-
 @dataclass
 class _Figures:
     """What one streaming pass over a session's attempts gathers: counts, sums, and the
@@ -333,35 +322,56 @@ class _Figures:
 
     totals: Totals = field(default_factory=Totals)
     with_events: int = 0
-    zero: int = 0  #: attempts with known telemetry and no events
-    zero_reasons: Counter[str] = field(default_factory=Counter)  #: among those
     yields: array[float] = field(default_factory=lambda: array("d"))
     durations: array[float] = field(default_factory=lambda: array("d"))
     fingerprints: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
-    longest_timeout: float = 0.0
     leaks: list[dict[str, Any]] = field(default_factory=list)
+    evidence: Evidence = field(default_factory=lambda: Evidence("", None, False, 0, 0))
+    ended_yields: array[float] = field(default_factory=lambda: array("d"))
 
     def add(self, a: Attempt) -> None:
         self.totals.add(a)
-        if a.telemetry_events_collected is not None:
+        known = a.telemetry_events_collected is not None
+        if known:
             self.yields.append(a.telemetry_yield_per_minute or 0.0)
-            if a.telemetry_events_collected > 0:
-                self.with_events += 1
-            else:
-                self.zero += 1
-                self.zero_reasons[a.zero_yield_reason or "unknown"] += 1
+            self.with_events += (a.telemetry_events_collected or 0) > 0
         if a.failed and a.failure_fingerprint:
             self.fingerprints[a.failure_fingerprint] += 1
         if a.zero_yield_reason:
             self.reasons[a.zero_yield_reason] += 1
         if not a.interrupted and a.subprocess_duration_seconds > 0:
             self.durations.append(a.subprocess_duration_seconds)
-        if a.timed_out:
-            self.longest_timeout = max(self.longest_timeout, a.subprocess_duration_seconds)
         self.leaks += [{"run_id": a.run_id, "phase_id": a.phase_id, "pid": p.pid,
                         "name": p.name, "cmdline": list(p.cmdline)}
                        for p in a.leaked_processes]
+        self._gather(a, known)
+
+    def _gather(self, a: Attempt, known: bool) -> None:
+        """The evidence of the advice rules (:mod:`drainer.advice`)."""
+        e = self.evidence
+        if a.interrupted:  # drainer's leftover: only its own rule reads it
+            e.interrupted += 1
+            e.interrupted_restored += a.state_restored
+            e.interrupted_killed += len(a.leaked_processes)
+            return
+        e.ended += 1
+        outcome = a.outcome
+        if outcome == "failed":
+            e.worker_failures += 1
+            if a.failure_fingerprint:
+                e.worker_fingerprints[a.failure_fingerprint] += 1
+        elif outcome == "timed out":
+            e.timed_out += 1
+            e.longest_timeout = max(e.longest_timeout, a.subprocess_duration_seconds)
+        if known:
+            e.telemetry_known += 1
+            self.ended_yields.append(a.telemetry_yield_per_minute or 0.0)
+            if a.telemetry_events_collected:
+                e.telemetry_yielding += 1
+            else:
+                e.zero_reasons[a.zero_yield_reason or "unknown"] += 1
+        e.leaks += [(a.run_id, a.phase_id, p.name) for p in a.leaked_processes]
 
 
 def analyze(session: LoadedSession) -> dict[str, Any]:
@@ -393,12 +403,8 @@ def analyze(session: LoadedSession) -> dict[str, Any]:
         "stop_reason": session.stop_reason,
         "totals": {
             "processed": t.processed,
-            "succeeded": t.succeeded,
-            "failed": t.failed,
-            "timeouts": t.timed_out,
-            "cancelled": t.cancelled,
-            "interrupted": t.interrupted,
-            "success_rate": round(t.succeeded / t.processed, 4) if t.processed else None,
+            **t.to_json(),
+            "success_rate": _round(t.success_rate, 4),
         },
         "unfinished_attempts": session.unfinished,
         "telemetry": {
@@ -414,8 +420,8 @@ def analyze(session: LoadedSession) -> dict[str, Any]:
             "median_yield": _round(percentile(f.yields, 50), 3),
             "p90_yield": _round(percentile(f.yields, 90), 3),
         },
-        "zero_yield_reasons": dict(_ranked(f.reasons)),
-        "top_fingerprints": [[fp, n] for fp, n in _ranked(f.fingerprints)[:TOP_FINGERPRINTS]],
+        "zero_yield_reasons": dict(ranked(f.reasons)),
+        "top_fingerprints": [[fp, n] for fp, n in ranked(f.fingerprints)[:TOP_FINGERPRINTS]],
         "durations": {
             "min": _round(min(durations), 3) if durations else None,
             "median": _round(percentile(durations, 50), 3),
@@ -423,166 +429,35 @@ def analyze(session: LoadedSession) -> dict[str, Any]:
             "max": _round(max(durations), 3) if durations else None,
         },
         "by_run": {
-            run: {"attempts": c.attempts, "succeeded": c.succeeded, "failed": c.failed,
-                  "timeouts": c.timed_out}
+            run: {"attempts": c.attempts, **c.to_json()}
             for run, c in sorted(t.runs.items())
         },
         "leaks": {"total": len(f.leaks), "processes": f.leaks},
         "stopped_runs": dict(sorted(session.stopped_runs.items())),
     }
-    report["recommendations"] = _recommendations(session, report, f)
+    advice = advise(_evidence(session, f))
+    report["recommendations"] = [text for _, text in advice]
+    report["recommendation_rules"] = [name for name, _ in advice]
     return report
 
 
-# -- recommendations -------------------------------------------------------------------------
-
-
-def _pct(part: float, whole: float) -> str:
-    return f"{100 * part / whole:.1f}%"
-
-
-def _short(text: str, width: int = FINGERPRINT_WIDTH) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def run_prefix(run_id: str) -> str:
-    """The run-id prefix a run belongs to: the text before its last ``-`` segment."""
-    head, sep, _ = run_id.rpartition("-")
-    return head if sep and head else run_id
-
-
-def _common_run_prefix(runs: Iterable[str], weights: Counter[str]) -> str:
-    """The prefix shared by ``runs``; without one, the heaviest of their own prefixes."""
-    ordered = sorted(runs)
-    if len(ordered) == 1:
-        return run_prefix(ordered[0])
-    first, last = ordered[0], ordered[-1]  # sorted: their shared start is everyone's
-    size = 0
-    while size < min(len(first), len(last)) and first[size] == last[size]:
-        size += 1
-    common = first[:size].rstrip("-")
-    if common:
-        return common
-    by_prefix: Counter[str] = Counter()
-    for run in ordered:
-        by_prefix[run_prefix(run)] += weights[run]
-    return _ranked(by_prefix)[0][0]
-
-
-def _recommendations(session: LoadedSession, report: dict[str, Any], f: _Figures) -> list[str]:
-    """Advice in a fixed order: nothing drained, unfinished attempts, systemic blocker,
-    telemetry, timeouts, leaks, batch size."""
-    totals = report["totals"]
-    telemetry = report["telemetry"]
-    processed: int = totals["processed"]
-    advice: list[str] = []
-
-    # (f) nothing drained
-    if processed == 0:
-        advice.append(
-            f"Nothing was drained (stop reason: {session.stop_reason or 'unknown'}, 0 attempts): "
-            "run `drainer plan` to see which FAILED phases are eligible and why others are skipped."
-        )
-
+def _evidence(session: LoadedSession, f: _Figures) -> Evidence:
+    e = f.evidence
     reason = stop_reason_of(session.stop_reason)
-    resumable = session.stop_reason is None or (reason is not None and reason.resumable)
-    if session.unfinished and resumable:
-        advice.append(
-            f"{session.unfinished} attempt(s) started but never finished (drainer stopped while "
-            f"they ran): `drainer run --resume {session.session_id}` (same --session-dir and "
-            "database) kills what they left running and restores their phases."
-        )
+    timeout = session.config.get("phase_timeout")
+    e.session_id, e.stop_reason = session.session_id, session.stop_reason
+    e.resumable = session.stop_reason is None or (reason is not None and reason.resumable)
+    e.processed, e.unfinished = f.totals.processed, session.unfinished
+    e.runs = sorted(f.totals.runs)
+    e.phase_timeout = float(timeout) if isinstance(timeout, int | float) else None
+    e.median_yield = _round(percentile(f.ended_yields, 50), 3)
 
-    # (b) one or two fingerprints behind most failures
-    n_failed: int = totals["failed"]
-    ranked = _ranked(f.fingerprints)
-    repeated = [(fp, n) for fp, n in ranked[:2] if n >= 2]
-    blocker_count = sum(n for _, n in repeated)
-    if (
-        n_failed >= BLOCKER_MIN_FAILURES
-        and repeated
-        and 100 * blocker_count >= BLOCKER_PCT * n_failed
-    ):
-        top_fp, top_n = repeated[0]
-        hit = Counter(a.run_id for a in session.attempts()  # a second pass, failures only
-                      if a.failed and a.failure_fingerprint == top_fp)
-        prefix = _common_run_prefix(hit, hit)
-        matching = sum(1 for run in report["by_run"] if run.startswith(prefix))
-        which = (
-            f"fingerprint '{_short(top_fp)}' accounts for {top_n}"
-            if len(repeated) == 1
-            else f"2 fingerprints account for {blocker_count} (top: '{_short(top_fp)}', {top_n})"
-        )
-        advice.append(
-            f"Systemic blocker: {which} of {n_failed} failures "
-            f"({_pct(blocker_count, n_failed)}); fix it first, retrying only repeats it. "
-            f"The top fingerprint hit {len(hit)} run(s); if they cannot be fixed now, leave them "
-            f"out with --skip-run-prefix {shlex.quote(prefix)} (matches {matching} of the "
-            f"{len(report['by_run'])} run(s) in this session)."
-        )
+    def runs_hit(fingerprint: str) -> Counter[str]:  # a second pass, worker failures only
+        return Counter(a.run_id for a in session.attempts()
+                       if a.outcome == "failed" and a.failure_fingerprint == fingerprint)
 
-    # (a) telemetry broken, or workers die before the LLM
-    known: int = telemetry["attempts_with_known_telemetry"]
-    zero = f.zero
-    median_yield: float | None = telemetry["median_yield"]
-    if median_yield is not None and median_yield < LOW_MEDIAN_YIELD and 2 * zero > known:
-        top_reason, reason_n = _ranked(f.zero_reasons)[0]
-        advice.append(
-            f"Telemetry collection looks broken or workers fail before the LLM: median yield "
-            f"{median_yield:g} events/min (< {LOW_MEDIAN_YIELD:g}) and {zero} of "
-            f"{known} attempts with known telemetry ({_pct(zero, known)}) "
-            "collected no events. Check that workers run with TELEMETRY_DB_ENABLED=1 and write "
-            f"the telemetry tables, then look at the top zero-yield reason '{top_reason}' "
-            f"({reason_n} attempt(s))."
-        )
-    elif processed and not known:
-        advice.append(
-            f"Telemetry was not counted for any of the {processed} attempts: the telemetry "
-            "tables (token_estimation_v2_events, token_budget_escalation_events) are missing or "
-            "unreadable in the backlog database; create them so yield can guide the drain."
-        )
-
-    # (d) timeouts
-    timeouts: int = totals["timeouts"]
-    if processed and 100 * timeouts >= TIMEOUT_PCT * processed:
-        advice.append(
-            f"{timeouts} of {processed} attempts ({_pct(timeouts, processed)}) timed out "
-            f"(longest ran {f.longest_timeout:.1f}s): raise --phase-timeout-seconds or "
-            "investigate hangs in the timed-out attempts' stderr logs."
-        )
-
-    # (e) leaks
-    leaked = report["leaks"]["processes"]
-    if leaked:
-        names = Counter(str(p["name"]) for p in leaked)
-        name, name_n = _ranked(names)[0]
-        attempts = len({(p["run_id"], p["phase_id"]) for p in leaked})
-        advice.append(
-            f"Workers leave processes behind: {len(leaked)} leaked process(es) from {attempts} "
-            f"phase(s), most often '{name}' ({name_n}); make the worker stop what it starts "
-            "(for an API server, share one with --api-url)."
-        )
-
-    # (c) good yield, diverse failures: drain more per session
-    top_count = ranked[0][1] if ranked else 0
-    diverse = n_failed == 0 or 100 * top_count < DIVERSE_TOP_PCT * n_failed
-    if (
-        median_yield is not None
-        and median_yield >= GOOD_MEDIAN_YIELD
-        and diverse
-        and session.stop_reason != "no_candidates"
-    ):
-        diversity = (
-            f"the top fingerprint is {_pct(ranked[0][1], n_failed)} of {n_failed} failures"
-            if ranked and n_failed
-            else "no failure has a fingerprint"
-        )
-        advice.append(
-            f"Yield is good (median {median_yield:g} events/min >= {GOOD_MEDIAN_YIELD:g}) and "
-            f"failures are diverse ({diversity}, under {DIVERSE_TOP_PCT}%): drain more per "
-            f"session, e.g. --batch-size {2 * processed} (this session processed {processed})."
-        )
-    return advice
+    e.runs_hit = runs_hit
+    return e
 
 
 # -- text -------------------------------------------------------------------------------------
@@ -629,13 +504,9 @@ def render_text(report: dict[str, Any]) -> list[str]:
         "Totals",
         *_table(
             [
-                ["processed", str(totals["processed"])],
-                ["succeeded", str(totals["succeeded"])],
-                ["failed", str(totals["failed"])],
-                ["timeouts", str(totals["timeouts"])],
-                ["cancelled", str(totals["cancelled"])],
-                ["interrupted (not failures)", str(totals["interrupted"])],
-                ["success rate", "n/a" if rate is None else f"{100 * rate:.2f}%"],
+                ["attempts", str(totals["processed"])],
+                *[[word, str(totals[key])] for word, key in OUTCOME_KEYS],
+                ["success rate (of the attempts that ended)", format_rate(rate)],
             ]
         ),
     ]
@@ -665,7 +536,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
     lines += ["", f"Top failure fingerprints (top {TOP_FINGERPRINTS})"]
     fps = report["top_fingerprints"]
     if fps:
-        lines += _table([[str(n), _short(" ".join(fp.split()))] for fp, n in fps], align="rl")
+        lines += _table([[str(n), short(" ".join(fp.split()))] for fp, n in fps], align="rl")
     else:
         lines.append("  none")
 
@@ -679,11 +550,11 @@ def render_text(report: dict[str, Any]) -> list[str]:
     ]
     runs = report["by_run"]
     if runs:
-        rows = [["run", "attempts", "succeeded", "failed", "timeouts", "stopped"]]
+        rows = [["run", "attempts", *OUTCOMES, "stopped"]]
         for run, c in runs.items():
-            rows.append([run, str(c["attempts"]), str(c["succeeded"]), str(c["failed"]),
-                         str(c["timeouts"]), report["stopped_runs"].get(run, "")])
-        lines += _table(rows, align="lrrrrl")
+            rows.append([run, str(c["attempts"]), *[str(c[key]) for _, key in OUTCOME_KEYS],
+                         report["stopped_runs"].get(run, "")])
+        lines += _table(rows, align="lrrrrrrl")
     else:
         lines.append("  none")
     other_stops = {r: why for r, why in report["stopped_runs"].items() if r not in runs}
@@ -694,7 +565,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
     lines += _table(
         [
             [f"{p['run_id']} / {p['phase_id']}", f"pid {p['pid']}", p["name"],
-             _short(shlex.join(p["cmdline"]))]
+             short(shlex.join(p["cmdline"]))]
             for p in leaks["processes"]
         ],
         align="lrll",

@@ -36,10 +36,12 @@ class DrainStatistics:
     """A point-in-time view of a running (or finished) session."""
 
     session_id: str
-    processed: int
-    succeeded: int
-    failed: int
-    timeouts: int
+    processed: int  #: attempts, each counted under one outcome (``drainer.OUTCOMES``)
+    ok: int
+    failed: int  #: failed on their own: neither timed out, cancelled nor interrupted
+    timed_out: int
+    cancelled: int
+    interrupted: int
     in_flight: int
     stop_reason: str | None  #: a :class:`~drainer.models.StopReason` value
     stop_detail: str | None = None  #: what the [STOP] line said (a caller's reason, say)
@@ -119,9 +121,11 @@ class Drainer:
         return DrainStatistics(
             session_id=s.session_id,
             processed=t.processed,
-            succeeded=t.succeeded,
+            ok=t.ok,
             failed=t.failed,
-            timeouts=t.timed_out,
+            timed_out=t.timed_out,
+            cancelled=t.cancelled,
+            interrupted=t.interrupted,
             in_flight=s.in_flight,
             stop_reason=s.stop_reason,
             stop_detail=s.stop_detail,

@@ -249,9 +249,12 @@ def _run(args: argparse.Namespace) -> int:
         return anyio.run(go_json)
     if sys.stdout.isatty() and not getattr(args, "plain", False):
         from .live import REFRESH_INTERVAL, LiveView
+        from .session import DrainSession
 
         view = LiveView(sys.stdout, total=config.batch_size, lanes=config.lanes,
-                        deadline=config.session_timeout)
+                        deadline=config.session_timeout, totals=lambda: session.totals)
+        session = DrainSession(config, echo=view.line, handle_signals=True,
+                               on_event=view.on_event)
 
         async def go_live() -> int:
             async with anyio.create_task_group() as tg:
@@ -263,8 +266,7 @@ def _run(args: argparse.Namespace) -> int:
 
                 tg.start_soon(tick)
                 try:
-                    summary = await drain(config, view.on_event, echo=view.line,
-                                          handle_signals=True)
+                    summary = await session.run()
                 finally:
                     tg.cancel_scope.cancel()
                     view.close()

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import quote, unquote
-
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 _SQLITE = {"sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"}
 _POSTGRES = {
@@ -29,24 +30,91 @@ _POSTGRES = {
 _ASYNC_DRIVERS = {"sqlite+aiosqlite", "postgresql+asyncpg"}
 EXAMPLES = "e.g. sqlite:///autopack.db or postgresql://user:password@host:5432/dbname"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# RFC 3986's shape as SQLAlchemy's ``make_url`` reads it: scheme://[user[:password]@]
+# [host | [ipv6]][:port][/database][?query]. Parsed here, not by SQLAlchemy, so that commands
+# that never open the database (``drainer config``, usage errors) do not import it.
+_URL = re.compile(
+    r"""(?P<scheme>[\w+]+)://
+        (?:(?P<user>[^:/]*)(?::(?P<password>[^@]*))?@)?
+        (?:\[(?P<ipv6>[^/?]+)\]|(?P<host>[^/:?]+))?
+        (?::(?P<port>[^/?]*))?
+        (?:/(?P<database>[^?]*))?
+        (?:\?(?P<query>.*))?\Z""",
+    re.X | re.S,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """A URL's parts, unquoted: what SQLAlchemy's ``URL`` holds."""
+
+    drivername: str
+    username: str | None
+    password: str | None
+    host: str | None
+    port: int | None
+    database: str | None
+    query: tuple[tuple[str, str], ...]
+
+    def render(self, *, hide_password: bool) -> str:
+        out = f"{self.drivername}://"
+        if self.username is not None:
+            out += quote(self.username, safe="")
+            if self.password is not None:
+                out += ":" + ("***" if hide_password else quote(self.password, safe=""))
+            out += "@"
+        if self.host is not None:
+            out += f"[{self.host}]" if ":" in self.host else self.host
+        if self.port is not None:
+            out += f":{self.port}"
+        if self.database is not None:
+            out += f"/{self.database}"
+        if self.query:
+            out += "?" + urlencode(self.query)
+        return out
+
+
+def _parse(raw: str) -> _Parts:
+    m = _URL.match(raw)
+    if m is None:
+        raise ValueError("not a URL")
+    port = m["port"]
+    return _Parts(
+        drivername=m["scheme"],
+        username=unquote(m["user"]) if m["user"] is not None else None,
+        password=unquote(m["password"]) if m["password"] is not None else None,
+        host=m["ipv6"] or m["host"] or None,
+        port=int(port) if port else None,
+        database=m["database"] or None,
+        query=tuple(parse_qsl(m["query"] or "", keep_blank_values=True)),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class DatabaseURL:
     """A validated backlog URL in its three forms."""
 
-    async_url: URL  #: what drainer opens (sqlite+aiosqlite / postgresql+asyncpg)
+    parts: _Parts  #: what drainer opens (sqlite+aiosqlite / postgresql+asyncpg)
     sync_url: str  #: what workers get in DATABASE_URL (password intact)
     redacted: str  #: what drainer prints and writes (password replaced by ***)
     password: str | None
 
     @property
+    def async_url(self) -> URL:
+        """The URL drainer opens, as SQLAlchemy's ``URL`` (imports SQLAlchemy)."""
+        from sqlalchemy.engine import URL
+
+        p = self.parts
+        return URL.create(p.drivername, username=p.username, password=p.password,
+                          host=p.host, port=p.port, database=p.database, query=dict(p.query))
+
+    @property
     def is_sqlite(self) -> bool:
-        return self.async_url.get_backend_name() == "sqlite"
+        return self.parts.drivername.startswith("sqlite")
 
     @property
     def sqlite_path(self) -> Path | None:
-        return Path(self.async_url.database) if self.is_sqlite and self.async_url.database else None
+        return Path(self.parts.database) if self.is_sqlite and self.parts.database else None
 
 
 def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL:
@@ -58,8 +126,8 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
     if not raw or not raw.strip():
         raise UsageError(f"empty database URL; give one, {EXAMPLES}")
     try:
-        url = make_url(_quote_password(raw.strip()))
-    except (ArgumentError, ValueError) as exc:
+        url = _parse(_quote_password(raw.strip()))
+    except ValueError as exc:
         raise UsageError(f"bad database URL {_redact_raw(raw)!r}: {EXAMPLES}") from exc
     name = url.drivername
     if name in _SQLITE:
@@ -71,23 +139,23 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
         path = Path(db)
         if not path.is_absolute():
             path = (base_dir or Path(os.getcwd())) / path
-        url = url.set(drivername="sqlite+aiosqlite", database=str(path))
-        sync = url.set(drivername="sqlite" if name == "sqlite+aiosqlite" else name)
+        url = replace(url, drivername="sqlite+aiosqlite", database=str(path))
+        sync = replace(url, drivername="sqlite" if name == "sqlite+aiosqlite" else name)
     elif name in _POSTGRES:
         if not url.database:
             raise UsageError(f"PostgreSQL URL names no database: {EXAMPLES}")
         sync_name = "postgresql" if name in _ASYNC_DRIVERS or name == "postgres" else name
-        sync = url.set(drivername=sync_name)
-        url = url.set(drivername="postgresql+asyncpg")
+        sync = replace(url, drivername=sync_name)
+        url = replace(url, drivername="postgresql+asyncpg")
     else:
         raise UsageError(
             f"unsupported database URL scheme {name!r}: drainer supports SQLite and PostgreSQL, "
             f"{EXAMPLES}"
         )
     return DatabaseURL(
-        async_url=url,
-        sync_url=sync.render_as_string(hide_password=False),
-        redacted=sync.render_as_string(hide_password=True),
+        parts=url,
+        sync_url=sync.render(hide_password=False),
+        redacted=sync.render(hide_password=True),
         password=url.password if url.password else None,
     )
 

@@ -191,19 +191,11 @@ class SessionStopped:
     def processed(self) -> int:
         return self.totals.processed
 
-    @property
-    def succeeded(self) -> int:
-        return self.totals.succeeded
-
-    @property
-    def failed(self) -> int:
-        return self.totals.failed
-
     def to_json(self) -> dict[str, Any]:
         return {"event": self.kind, "session_id": self.session_id,
                 "stop_reason": self.stop_reason, "stop_detail": self.stop_detail,
-                "processed": self.processed, "succeeded": self.succeeded,
-                "failed": self.failed, "snapshot_path": self.snapshot_path}
+                "processed": self.processed, **self.totals.to_json(),
+                "snapshot_path": self.snapshot_path}
 
     def to_journal(self) -> dict[str, Any]:
         return {"type": self.kind, "stop_reason": self.stop_reason,

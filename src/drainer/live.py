@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -62,16 +63,18 @@ class LiveState:
     lanes: int
     started: float = 0.0  #: monotonic time of the session's start
     deadline: float | None = None  #: seconds after the start at which picking stops
+    #: the session's own totals (the summary's and the session files'), not a second count:
+    #: after ``--resume`` they hold the session's earlier attempts too
     totals: Totals = field(default_factory=Totals)
     active: dict[int, LaneState] = field(default_factory=dict)
     stopped: str | None = None
 
     def apply(self, event: DrainEvent, now: float) -> None:
+        """Follow the lanes and the stop; the counts are read from :attr:`totals`."""
         if isinstance(event, AttemptStarted):
             self.active[event.lane] = LaneState(event.run_id, event.phase_id, now)
         elif isinstance(event, AttemptFinished):
             self.active.pop(event.attempt.lane, None)
-            self.totals.add(event.attempt)
         elif isinstance(event, SessionStopped):
             self.stopped = event.stop_reason
 
@@ -106,20 +109,17 @@ def render(state: LiveState, now: float, *, width: int = 100, height: int = 40) 
     eta = _eta(state, now, remaining)
     minutes = t.duration_seconds / 60
     rate = f"{t.telemetry_events / minutes:.1f}/min" if minutes > 0 else "-"
-    parts = [f"[{t.processed}/{state.total}] ok {t.succeeded}", f"failed {t.failed}",
-             f"timed out {t.timed_out}"]
-    parts += [f"{word} {n}" for word, n in (("cancelled", t.cancelled),
-                                            ("interrupted", t.interrupted)) if n]
-    parts += [f"telemetry {t.telemetry_events} ({rate})",
-              f"elapsed {_clock(now - state.started)}", f"ETA {eta}"]
-    if state.stopped:
-        parts.append(f"stopped: {state.stopped}")
-    # On a narrow terminal the telemetry goes first, so the counts, time and stop still show.
-    if len("  ".join(parts)) > width - 1:
-        parts = [x for x in parts if not x.startswith("telemetry ")]
-    head = "  ".join(parts)
-    lines = [head]
-    rows = max(1, height // 2 - 1)
+    counts = f"[{t.processed}/{state.total}] {t.text(brief=True)}"
+    times = [f"elapsed {_clock(now - state.started)}"]
+    times.append(f"stopped: {state.stopped}" if state.stopped else f"ETA {eta}")
+    lines = ["  ".join([counts, f"telemetry {t.telemetry_events} ({rate})", *times])]
+    # On a narrow terminal the telemetry goes first, then the times and the stop move to a
+    # line of their own, so the counts, times and stop still show whole.
+    if len(lines[0]) > width - 1:
+        lines = ["  ".join([counts, *times])]
+    if len(lines[0]) > width - 1:
+        lines = [counts, "  " + "  ".join(times)]
+    rows = max(1, height // 2 - len(lines))
     lanes = range(1, state.lanes + 1)
     shown = lanes if state.lanes <= rows else lanes[: rows - 1]
     for lane in shown:
@@ -141,10 +141,13 @@ class LiveView:
     """Prints progress lines above a footer that it keeps redrawn."""
 
     def __init__(self, stream: TextIO, *, total: int, lanes: int,
-                 deadline: float | None = None, colour: bool | None = None) -> None:
+                 deadline: float | None = None, colour: bool | None = None,
+                 totals: Callable[[], Totals] = Totals) -> None:
+        """``totals`` gives the session's totals (``DrainSession.totals``) at each redraw."""
         self._stream = stream
         self.state = LiveState(total=total, lanes=lanes, started=time.monotonic(),
                                deadline=deadline)
+        self._totals = totals
         self._colour = wants_colour(stream) if colour is None else colour
         self._drawn = 0
         self._gone = False
@@ -188,6 +191,7 @@ class LiveView:
             self._drawn = 0
 
     def _draw(self) -> None:
+        self.state.totals = self._totals()
         size = shutil.get_terminal_size()
         lines = render(self.state, time.monotonic(), width=size.columns, height=size.lines)
         self._write("\n".join(lines) + "\n")

@@ -285,8 +285,21 @@ class Attempt:
 
     @property
     def failed(self) -> bool:
-        """Counts toward exit code 1: a real attempt that did not succeed."""
+        """A real attempt that did not succeed (timed out and cancelled ones included)."""
         return not self.success and not self.interrupted
+
+    @property
+    def outcome(self) -> str:
+        """One of :data:`OUTCOMES`, the first that holds: interrupted (drainer did not see
+        it end), ok (its phase is COMPLETE, even if the worker then hung past its limit),
+        cancelled (by a stop), timed out, failed."""
+        if self.interrupted:
+            return "interrupted"
+        if self.success:
+            return "ok"
+        if self.cancelled:
+            return "cancelled"
+        return "timed out" if self.timed_out else "failed"
 
     def to_json(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in _ATTEMPT_FIELDS}
@@ -363,29 +376,79 @@ def _check_numbers(record: dict[str, Any]) -> None:
             raise ValueError(f"{name} is {value!r}, not {wanted}")
 
 
-@dataclass(slots=True)
-class RunTotals:
-    """Counts of one run's attempts in a session."""
-
-    attempts: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    timed_out: int = 0
+#: An attempt's outcome in the words every output uses (footer, summary, session files,
+#: ``analyze``, the HTML report), in this order. Each attempt has exactly one, so the five
+#: counts add up to the attempts: see :attr:`Attempt.outcome`.
+OUTCOMES = ("ok", "failed", "timed out", "cancelled", "interrupted")
+#: ``(word, JSON key)`` of each outcome
+OUTCOME_KEYS = tuple((word, word.replace(" ", "_")) for word in OUTCOMES)
 
 
 @dataclass(slots=True)
-class Totals:
-    """The counts of a session, fed one attempt at a time: the same figures for the footer,
-    the summary, the snapshot, the embedding API and ``analyze``. Memory is per run, never
-    per attempt."""
+class Outcomes:
+    """How many attempts ended each way (:data:`OUTCOMES`)."""
 
-    processed: int = 0
-    succeeded: int = 0
-    failed: int = 0  #: :attr:`Attempt.failed`: timeouts included, interrupted attempts not
+    ok: int = 0
+    failed: int = 0  #: failed on their own: neither timed out, cancelled nor interrupted
     timed_out: int = 0
     cancelled: int = 0
     interrupted: int = 0
-    interrupted_succeeded: int = 0  #: interrupted attempts whose phase was found COMPLETE
+
+    def count(self, a: Attempt) -> None:
+        outcome = a.outcome
+        if outcome == "ok":
+            self.ok += 1
+        elif outcome == "failed":
+            self.failed += 1
+        elif outcome == "timed out":
+            self.timed_out += 1
+        elif outcome == "cancelled":
+            self.cancelled += 1
+        else:
+            self.interrupted += 1
+
+    @property
+    def attempts(self) -> int:
+        return self.ok + self.failed + self.timed_out + self.cancelled + self.interrupted
+
+    @property
+    def ended(self) -> int:
+        """Attempts drainer saw end (the interrupted ones it did not)."""
+        return self.attempts - self.interrupted
+
+    @property
+    def success_rate(self) -> float | None:
+        """``ok`` of the attempts that ended (as Autopack's analyzer computes it from the
+        session file, which leaves interrupted attempts out)."""
+        return self.ok / self.ended if self.ended else None
+
+    def pairs(self) -> list[tuple[str, int]]:
+        """``(word, count)`` in :data:`OUTCOMES` order."""
+        return list(zip(OUTCOMES, (self.ok, self.failed, self.timed_out, self.cancelled,
+                                   self.interrupted), strict=True))
+
+    def text(self, *, brief: bool = False) -> str:
+        """``ok 3  failed 1  timed out 0  cancelled 0  interrupted 0``; ``brief`` leaves out
+        cancelled and interrupted when they are zero."""
+        return "  ".join(f"{word} {n}" for i, (word, n) in enumerate(self.pairs())
+                         if n or i < 3 or not brief)
+
+    def to_json(self) -> dict[str, int]:
+        """The counts under the words' JSON keys (``timed_out`` for "timed out")."""
+        return {key: n for (_, key), (_, n) in zip(OUTCOME_KEYS, self.pairs(), strict=True)}
+
+
+def format_rate(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.1f}%"
+
+
+@dataclass(slots=True)
+class Totals(Outcomes):
+    """The counts of a session, fed one attempt at a time: the one source of the figures of
+    the footer, the summary, the session files, the embedding API, ``analyze`` and the HTML
+    report. Memory is per run, never per attempt."""
+
+    timeouts: int = 0  #: attempts that hit their limit, a success that then hung included
     interrupted_events: int = 0  #: telemetry events counted for interrupted attempts
     restored: int = 0
     leaked: int = 0  #: processes listed in the attempts' ``leaked_processes``
@@ -393,26 +456,18 @@ class Totals:
     telemetry_known: int = 0  #: attempts whose telemetry count is known
     telemetry_seconds: float = 0.0  #: duration of those attempts
     duration_seconds: float = 0.0  #: duration of every attempt
-    runs: dict[str, RunTotals] = field(default_factory=dict)
-    #: attempts that failed on their own (not cancelled by a stop): they make exit code 1
-    failed_by_worker: int = 0
+    runs: dict[str, Outcomes] = field(default_factory=dict)
     #: phases whose latest attempt was cancelled by a stop and that have not been drained
     #: since (a later success clears one); they too make exit code 1. At most one entry per
     #: attempt in flight at each stop: it does not grow with the session.
     cancelled_open: set[tuple[str, str]] = field(default_factory=set)
 
     def add(self, a: Attempt) -> None:
-        self.processed += 1
-        self.succeeded += a.success
-        self.failed += a.failed
-        self.failed_by_worker += a.failed and not a.cancelled
-        self.timed_out += a.timed_out
-        self.cancelled += a.cancelled
-        self.interrupted += a.interrupted
+        self.count(a)
+        self.timeouts += a.timed_out and not a.interrupted
         if a.interrupted:
-            self.interrupted_succeeded += a.success
             self.interrupted_events += a.telemetry_events_collected or 0
-        if a.failed and a.cancelled:
+        if a.outcome == "cancelled":
             self.cancelled_open.add(a.key)
         elif a.success:
             self.cancelled_open.discard(a.key)
@@ -425,15 +480,29 @@ class Totals:
             self.telemetry_seconds += a.subprocess_duration_seconds
         run = self.runs.get(a.run_id)
         if run is None:
-            run = self.runs[a.run_id] = RunTotals()
-        run.attempts += 1
-        run.succeeded += a.success
-        run.failed += a.failed
-        run.timed_out += a.timed_out
+            run = self.runs[a.run_id] = Outcomes()
+        run.count(a)
 
     @property
-    def success_rate(self) -> float | None:
-        return self.succeeded / self.processed if self.processed else None
+    def processed(self) -> int:
+        return self.attempts
+
+    @property
+    def failed_by_worker(self) -> int:
+        """Attempts that failed on their own (not cancelled by a stop): exit code 1."""
+        return self.failed + self.timed_out
+
+    def autopack_totals(self) -> dict[str, int]:
+        """The header counts of Autopack's session file, by its controller's rules: its
+        results leave interrupted attempts out, ``total_failed`` is every other attempt that
+        did not succeed, ``total_timeouts`` every attempt that hit its limit."""
+        return {
+            "total_processed": self.ended,
+            "total_success": self.ok,
+            "total_failed": self.failed + self.timed_out + self.cancelled,
+            "total_timeouts": self.timeouts,
+            "total_telemetry_events": self.telemetry_events - self.interrupted_events,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,25 +529,27 @@ class SessionSummary:
     def interrupted(self) -> bool:
         return self.stop_reason is not None and self.stop_reason.resumable
 
+    # The figures of the Autopack session file's header (Totals.autopack_totals), under its
+    # names; ``totals`` has drainer's five outcomes.
     @property
     def total_processed(self) -> int:
-        return self.totals.processed
+        return self.totals.ended
 
     @property
     def total_success(self) -> int:
-        return self.totals.succeeded
+        return self.totals.ok
 
     @property
     def total_failed(self) -> int:
-        return self.totals.failed
+        return self.totals.autopack_totals()["total_failed"]
 
     @property
     def total_timeouts(self) -> int:
-        return self.totals.timed_out
+        return self.totals.timeouts
 
     @property
     def total_telemetry_events(self) -> int:
-        return self.totals.telemetry_events
+        return self.totals.autopack_totals()["total_telemetry_events"]
 
     @property
     def exit_code(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shlex
 
 from .config import DrainConfig
-from .models import Attempt, SessionSummary
+from .models import Attempt, SessionSummary, format_rate
 from .settings import AUTOPACK_SESSION_DIR, looks_like_autopack
 
 STATE_ORDER = ("FAILED", "QUEUED", "EXECUTING", "GATE", "CI_RUNNING", "COMPLETE", "SKIPPED")
@@ -94,7 +94,6 @@ def attempt_lines(a: Attempt, lanes: int = 1) -> list[str]:
 def summary_lines(s: SessionSummary, leak_pattern: str) -> list[str]:
     t = s.totals
     n = t.processed
-    rate = f"{100 * t.succeeded / n:.1f}%" if n else "n/a"
     minutes = t.telemetry_seconds / 60
     if t.telemetry_known:
         per_min = t.telemetry_events / minutes if minutes > 0 else 0.0
@@ -106,20 +105,17 @@ def summary_lines(s: SessionSummary, leak_pattern: str) -> list[str]:
         "",
         f"==== Session {s.session_id} ====",
         f"Stop reason: {s.stop_reason or 'unknown'}",
-        f"Processed: {n}  succeeded: {t.succeeded}  failed: {t.failed}  success rate: {rate}",
-        f"Timeouts: {t.timed_out}  cancelled: {t.cancelled}  phases restored: {t.restored}  "
-        f"leaked processes: {t.leaked}",
+        f"Attempts: {n}  {t.text()}",
+        f"Success rate: {format_rate(t.success_rate)} of {t.ended} ended  "
+        f"phases restored: {t.restored}  leaked processes: {t.leaked}",
         f"Telemetry: {telemetry}",
     ]
     if t.runs:
         lines.append("Results by run:")
         width = min(max(len(run) for run in t.runs), 48)
         for run, counts in sorted(t.runs.items()):
-            ok = counts.succeeded
-            extra = f", {counts.timed_out} timed out" if counts.timed_out else ""
             stopped = f"  [stopped: {s.stopped_runs[run]}]" if run in s.stopped_runs else ""
-            lines.append(f"  {run:<{width}}  {ok} ok / {counts.attempts - ok} failed"
-                         f"{extra}{stopped}")
+            lines.append(f"  {run:<{width}}  {counts.text(brief=True)}{stopped}")
     if s.pattern_leaks:
         lines.append(f"Leak gauge (--leak-pattern {leak_pattern}): "
                      f"{len(s.pattern_leaks)} process(es) appeared and outlived their attempt:")

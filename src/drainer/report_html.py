@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .analyze import DURATION_KEYS, TOP_FINGERPRINTS, LoadedSession, _fmt
-from .models import Attempt
+from .models import OUTCOME_KEYS, OUTCOMES, Attempt, format_rate
 
 #: Fill colour of each outcome in the timeline (tests look for these pixels in a screenshot).
 COLOURS = {"success": "#2ca02c", "failed": "#d62728", "timeout": "#ff7f0e", "stopped": "#999999"}
@@ -292,10 +292,9 @@ def _totals(report: dict[str, Any]) -> str:
     totals = report["totals"]
     rate = totals["success_rate"]
     return _table(["figure", "value"], [
-        ["processed", totals["processed"]], ["succeeded", totals["succeeded"]],
-        ["failed", totals["failed"]], ["timeouts", totals["timeouts"]],
-        ["cancelled", totals["cancelled"]], ["interrupted (not failures)", totals["interrupted"]],
-        ["success rate", "n/a" if rate is None else f"{100 * rate:.2f}%"],
+        ["attempts", totals["processed"]],
+        *[[word, totals[key]] for word, key in OUTCOME_KEYS],
+        ["success rate (of the attempts that ended)", format_rate(rate)],
         ["started but never finished", report.get("unfinished_attempts", 0)]])
 
 
@@ -323,9 +322,9 @@ def _details(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("Durations (seconds, nearest-rank percentiles)",
          _table(list(DURATION_KEYS), [[report["durations"][k] for k in DURATION_KEYS]], "nnnn")),
         ("Results by run", _table(
-            ["run", "attempts", "succeeded", "failed", "timeouts", "stopped"],
-            [[run, c["attempts"], c["succeeded"], c["failed"], c["timeouts"], stops.get(run, "")]
-             for run, c in report["by_run"].items()], "tnnnnt")),
+            ["run", "attempts", *OUTCOMES, "stopped"],
+            [[run, c["attempts"], *[c[key] for _, key in OUTCOME_KEYS], stops.get(run, "")]
+             for run, c in report["by_run"].items()], "tnnnnnnt")),
         *([("Runs stopped without attempts", _table(["run", "reason"], other, "tt"))]
           if other else []),
         (f"Leaked processes: {len(leaks)}", _table(
