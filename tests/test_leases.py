@@ -223,3 +223,31 @@ async def test_the_switch_to_wal_waits_for_a_writer_instead_of_failing(tmp_path:
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+async def test_the_lease_records_its_worker_and_an_older_table_gets_the_columns(
+        url: str) -> None:
+    # A lease table as an older drainer made it: no worker columns.
+    async with open_backlog(parse_database_url(url), DEFAULT_TELEMETRY_TABLES) as old, \
+            old.engine.write() as conn:
+        await conn.execute(text(
+            "CREATE TABLE drainer_leases (run_id TEXT PRIMARY KEY, session_id VARCHAR(64) "
+            "NOT NULL, attempt_id VARCHAR(64) NOT NULL, phase_id TEXT NOT NULL, host "
+            "VARCHAR(255) NOT NULL, pid INTEGER NOT NULL, acquired_at DOUBLE PRECISION "
+            "NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE "
+            "PRECISION NOT NULL)"))
+    async with store(url) as backlog:
+        dead = _lease("run-a", "P1", "dead")
+        assert (await backlog.leases.claim(dead, ttl=60)).holder is None
+        # The attempt's first heartbeat names its worker: pid and create time.
+        assert await backlog.leases.renew("run-a", "a-dead", -1, (4242, 1234567.25))
+        seen = await backlog.leases.claim(_lease("run-a", "P2", "me"), ttl=60)
+        assert seen.expired and seen.holder is not None
+        assert (seen.holder.worker_pid, seen.holder.worker_created) == (4242, 1234567.25)
+        (swept,) = await backlog.leases.expired(other_than="s-me")
+        assert swept.worker_pid == 4242
+        # Taken over, the lease names no worker until the new attempt's heartbeat.
+        assert (await backlog.leases.take_over(_lease("run-a", "P2", "me"), 60,
+                                               seen.holder)).holder is None
+        [(held, _age)] = await backlog.leases.live()
+        assert held.attempt_id == "a-me" and held.worker_pid is None

@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from conftest import Env, create_backlog, drainer_view, phase_states, wait_for_worker_file
 
 # The first worker to start takes the "long" token: it runs until killed, with a setsid
-# grandchild (keeping drainer's marker). Every other worker completes its phase at once.
+# grandchild (keeping drainer's marker) and, given CLEAN_GRANDCHILD, a child whose
+# environment is cleared (no marker). Every other worker completes its phase at once.
 SPAN_WORKER = textwrap.dedent(
     """
     import json, os, signal, sqlite3, subprocess, sys, time
@@ -52,6 +54,11 @@ SPAN_WORKER = textwrap.dedent(
                                "import os, time; os.setsid(); time.sleep(600)"])
         with open(os.path.join(out, "grandchild"), "w") as fh:
             fh.write(str(gc.pid))
+        if os.environ.get("CLEAN_GRANDCHILD"):  # no marker: found only as the worker's child
+            bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                    env={"PATH": os.environ.get("PATH", "")})
+            with open(os.path.join(out, "clean_grandchild"), "w") as fh:
+                fh.write(str(bare.pid))
         open(os.path.join(out, "running.%d" % os.getpid()), "w").close()
         time.sleep(600)
     db.execute("UPDATE phases SET state='COMPLETE' WHERE run_id=? AND phase_id=?",
@@ -96,10 +103,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _start_drainer(env: Env, args: list[str]) -> subprocess.Popen[str]:
+def _start_drainer(env: Env, args: list[str], **extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "drainer", "run", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env.worker_env(), cwd=env.tmp)
+                            env=env.worker_env(**extra), cwd=env.tmp)
+
+
+def _wait_worker_recorded(db: Path, worker_pid: int, proc: subprocess.Popen[str]) -> None:
+    """Until the lease names the worker (its first heartbeat), or the drainer exits."""
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        while conn.execute("SELECT count(*) FROM drainer_leases WHERE worker_pid = ?",
+                           (worker_pid,)).fetchone()[0] == 0:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+    finally:
+        conn.close()
 
 
 def _results(env: Env) -> list[dict[str, object]]:
@@ -107,15 +126,22 @@ def _results(env: Env) -> list[dict[str, object]]:
             for r in drainer_view(snap)["results"]]
 
 
-def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(env: Env) -> None:
+@pytest.mark.parametrize("clean", [False, True], ids=["marked", "unmarked-child"])
+def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(
+        env: Env, clean: bool) -> None:
     args = _setup(env)
-    frozen = _start_drainer(env, args)
+    frozen = _start_drainer(env, args, **({"CLEAN_GRANDCHILD": "1"} if clean else {}))
     try:
-        wait_for_worker_file(env.out, "running.*", frozen)
+        running = wait_for_worker_file(env.out, "running.*", frozen)
+        if clean:
+            # The child without a marker is found through the worker's pid and create time,
+            # which the lease holds from the attempt's first heartbeat.
+            _wait_worker_recorded(env.db, int(running.name.split(".")[1]), frozen)
         os.kill(frozen.pid, signal.SIGSTOP)  # frozen: its lease stops being renewed
         other = env.run_cli("run", *args)
         assert other.returncode == 0, other.stdout + other.stderr
-        assert "killed 2 process(es) of its attempt before taking the run over" in other.stdout
+        assert (f"killed {3 if clean else 2} process(es) of its attempt before taking the run "
+                "over") in other.stdout
     finally:
         os.kill(frozen.pid, signal.SIGCONT)
     out, _err = frozen.communicate(timeout=60)
@@ -131,6 +157,8 @@ def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(env: En
     assert "lease lost" in str(lost["error_message"])
     grandchild = int((env.out / "grandchild").read_text())
     assert not any(_alive(pid) for pid in [*spans, grandchild])
+    if clean:
+        assert not _alive(int((env.out / "clean_grandchild").read_text()))
     assert _no_drainer_leases(env.db)
 
 

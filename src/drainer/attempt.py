@@ -47,6 +47,8 @@ from .worktrees import check_git_workspace
 DB_CLEANUP_TIMEOUT = 90.0  #: settling an attempt gives up after this long (resume mends it)
 #: while its lease cannot be renewed (database unreachable), an attempt goes on this long
 DB_OUTAGE_LIMIT = 300.0
+#: the first heartbeat of an attempt (recording its worker in the lease) comes this soon
+WORKER_RECORD_DELAY = 1.0
 #: an attempt's error message is cut here: a worker's reason can be megabytes, and every
 #: attempt's message goes to the journal and the snapshot (the database keeps it whole)
 MAX_ERROR_CHARS = 4000
@@ -368,7 +370,7 @@ class AttemptRunner:
         if lease.host != self._host:
             return
         killed = await anyio.to_thread.run_sync(functools.partial(
-            proctree.kill_leftovers, lease.attempt_id, None, None,
+            proctree.kill_leftovers, lease.attempt_id, lease.worker_pid, lease.worker_created,
             grace=self.config.kill_grace_period))
         if killed:
             self._recorder.echo(
@@ -439,7 +441,10 @@ class AttemptRunner:
                 number)
             crash_point("before_spawn")
 
+            worker: list[tuple[int, float | None]] = []  # (pid, create time) once spawned
+
             def spawned(pid: int, create_time: float | None) -> None:
+                worker.append((pid, create_time))
                 self._recorder.attempt_spawned(AttemptSpawned(claimed.attempt_id, pid,
                                                               create_time))
                 crash_point("worker_running")
@@ -449,7 +454,7 @@ class AttemptRunner:
             try:
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._heartbeat, claimed, scope, lease_lost)
+                        tg.start_soon(self._heartbeat, claimed, scope, lease_lost, worker)
                         await supervisor.run()
                         tg.cancel_scope.cancel()
             finally:
@@ -508,11 +513,17 @@ class AttemptRunner:
         return attempt
 
     async def _heartbeat(
-        self, claimed: Claimed, scope: anyio.CancelScope, lost: anyio.Event
+        self, claimed: Claimed, scope: anyio.CancelScope, lost: anyio.Event,
+        worker: list[tuple[int, float | None]],
     ) -> None:
         """Renew the lease every TTL/3. A lease found no longer ours (swept or taken over
         after it expired: the drainer was frozen, or cut off) is lost: the attempt is
         cancelled at once, since another drainer may be draining the run now.
+
+        The first renewal comes sooner (``WORKER_RECORD_DELAY``) and records the worker's
+        pid and create time in the lease, so that a drainer on this host that takes the
+        run over after it expired can kill the worker's tree by ancestry as well as by
+        marker. An attempt shorter than that costs no extra statement.
 
         While the database does not answer, the attempt goes on: renewal is retried (each
         call retries transient faults itself) for up to ``DB_OUTAGE_LIMIT``. A lease that
@@ -522,10 +533,14 @@ class AttemptRunner:
         run_id = claimed.ref.run_id
         renewed = anyio.current_time()
         failing = False
+        recorded = False
         while True:
-            await anyio.sleep(min(ttl / 3, 1.0) if failing else ttl / 3)
+            await anyio.sleep(min(ttl / 3, 1.0) if failing else
+                              min(ttl / 3, WORKER_RECORD_DELAY) if not recorded else ttl / 3)
+            record = worker[0] if worker and not recorded else None
             try:
-                held = await self._store.leases.renew(run_id, claimed.attempt_id, ttl)
+                held = await self._store.leases.renew(run_id, claimed.attempt_id, ttl,
+                                                      record)
             except DrainerError as exc:
                 down = anyio.current_time() - renewed
                 if down < max(DB_OUTAGE_LIMIT, ttl):
@@ -538,6 +553,7 @@ class AttemptRunner:
                                     f"giving the attempt on {run_id} up")
                 held = False
             if held:
+                recorded = recorded or record is not None
                 if failing:
                     self._recorder.echo(f"[LEASE] renewed the lease of {run_id} after "
                                         f"{anyio.current_time() - renewed:.0f}s")

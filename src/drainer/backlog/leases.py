@@ -25,6 +25,10 @@ LEASE_TABLE = "drainer_leases"
 _LEASE_DDL_LOCK = 0x647261696E6572
 _COLUMNS = "run_id, session_id, attempt_id, phase_id, host, pid, acquired_at, heartbeat_at, " \
            "expires_at"
+#: the holder's worker, so that a drainer taking an expired lease over on the same host kills
+#: the worker's tree by pid and create time as well as by marker (a descendant that cleared
+#: its environment carries no marker); NULL until the first heartbeat after the spawn
+_WORKER_COLUMNS = {"worker_pid": "INTEGER", "worker_created": "DOUBLE PRECISION"}
 RELEASE_TIMEOUT = 5.0  #: a best-effort release gives up after this long (the lease expires)
 
 
@@ -40,6 +44,8 @@ class Lease:
     pid: int
     expires_at: float | None = None
     expired: bool = False  #: by the database's clock, when it was read
+    worker_pid: int | None = None  #: the attempt's worker, once a heartbeat recorded it
+    worker_created: float | None = None  #: its create time (psutil's), to tell a reused pid
 
     def params(self, ttl: float) -> dict[str, Any]:
         return {"run_id": self.run_id, "session_id": self.session_id,
@@ -52,7 +58,9 @@ class Lease:
                    attempt_id=str(row.attempt_id), phase_id=str(row.phase_id),
                    host=str(row.host), pid=int(row.pid),
                    expires_at=float(row.expires_at) if row.expires_at is not None else None,
-                   expired=bool(getattr(row, "expired", False)))
+                   expired=bool(getattr(row, "expired", False)),
+                   worker_pid=_maybe(int, getattr(row, "worker_pid", None)),
+                   worker_created=_maybe(float, getattr(row, "worker_created", None)))
 
 
 UNKNOWN_HOLDER = Lease(run_id="?", session_id="?", attempt_id="?", phase_id="?", host="?", pid=0)
@@ -92,7 +100,8 @@ class Leases:
             "attempt_id VARCHAR(64) NOT NULL, phase_id TEXT NOT NULL, "
             "host VARCHAR(255) NOT NULL, pid INTEGER NOT NULL, "
             "acquired_at DOUBLE PRECISION NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL, "
-            "expires_at DOUBLE PRECISION NOT NULL)"
+            "expires_at DOUBLE PRECISION NOT NULL, "
+            + ", ".join(f"{name} {kind}" for name, kind in _WORKER_COLUMNS.items()) + ")"
         )
         with self._engine.errors(f"creating {LEASE_TABLE} in"):
             try:
@@ -107,6 +116,7 @@ class Leases:
                     await conn.execute(text(ddl))
                     if not self._sqlite:
                         await self._widen_ids(conn)
+                    await self._add_worker_columns(conn)
             except (IntegrityError, ProgrammingError):
                 # Something that does not take the lock (an older drainer, a migration tool)
                 # created it at the same moment: fine if the table is there now.
@@ -122,6 +132,14 @@ class Leases:
             "AND column_name IN ('run_id', 'phase_id')"), {"table": LEASE_TABLE})).scalars()
         for column in sorted(narrow):
             await conn.execute(text(f"ALTER TABLE {LEASE_TABLE} ALTER COLUMN {column} TYPE TEXT"))
+
+    async def _add_worker_columns(self, conn: AsyncConnection) -> None:
+        """A table from an older drainer has no worker columns: add them (NULL)."""
+        have = set(await conn.run_sync(
+            lambda c: {col["name"] for col in inspect(c).get_columns(LEASE_TABLE)}))
+        for name, kind in _WORKER_COLUMNS.items():
+            if name not in have:
+                await conn.execute(text(f"ALTER TABLE {LEASE_TABLE} ADD COLUMN {name} {kind}"))
 
     async def _has_table(self) -> bool:
         try:
@@ -184,7 +202,8 @@ class Leases:
                         f"UPDATE {LEASE_TABLE} SET session_id = :session_id, "
                         f"attempt_id = :attempt_id, phase_id = :phase_id, host = :host, "
                         f"pid = :pid, acquired_at = {now}, heartbeat_at = {now}, "
-                        f"expires_at = {now} + :ttl WHERE run_id = :run_id"
+                        f"expires_at = {now} + :ttl, worker_pid = NULL, "
+                        "worker_created = NULL WHERE run_id = :run_id"
                     ), params)
                     return None
             except IntegrityError:
@@ -208,7 +227,7 @@ class Leases:
         """The lease of ``params["run_id"]`` (``expired`` by the database's clock), if any."""
         suffix = " FOR UPDATE" if lock and not self._sqlite else ""
         row = (await conn.execute(text(
-            f"SELECT {_COLUMNS}, expires_at < {self._now} AS expired "
+            f"SELECT {_COLUMNS}, {_WORKER}, expires_at < {self._now} AS expired "
             f"FROM {LEASE_TABLE} WHERE run_id = :run_id{suffix}"
         ), params)).first()
         return None if row is None else Lease.from_row(row)
@@ -251,16 +270,22 @@ class Leases:
         ), {"run_id": run_id, "attempt_id": attempt_id})
         return bool(result.rowcount)
 
-    async def renew(self, run_id: str, attempt_id: str, ttl: float) -> bool:
-        """Extend our lease by ``ttl``; False when it is no longer ours."""
+    async def renew(self, run_id: str, attempt_id: str, ttl: float,
+                    worker: tuple[int, float | None] | None = None) -> bool:
+        """Extend our lease by ``ttl``, recording the attempt's ``worker`` (pid, create
+        time) when given; False when the lease is no longer ours."""
         now = self._now
+        record = ", worker_pid = :wpid, worker_created = :wcreated" if worker else ""
+        params = {"ttl": ttl, "run_id": run_id, "attempt_id": attempt_id}
+        if worker:
+            params.update(wpid=worker[0], wcreated=worker[1])
 
         async def update() -> bool:
             async with self._engine.write(single=True) as conn:
                 result = await conn.execute(text(
-                    f"UPDATE {LEASE_TABLE} SET heartbeat_at = {now}, expires_at = {now} + :ttl "
-                    "WHERE run_id = :run_id AND attempt_id = :attempt_id"
-                ), {"ttl": ttl, "run_id": run_id, "attempt_id": attempt_id})
+                    f"UPDATE {LEASE_TABLE} SET heartbeat_at = {now}, expires_at = {now} + :ttl"
+                    f"{record} WHERE run_id = :run_id AND attempt_id = :attempt_id"
+                ), params)
             return bool(result.rowcount)
 
         return await self._engine.retry("renewing a lease in", update)
@@ -296,7 +321,7 @@ class Leases:
         async def select() -> list[Lease]:
             async with self._engine.read() as conn:
                 rows = (await conn.execute(text(
-                    f"SELECT {_COLUMNS}, 1 AS expired FROM {LEASE_TABLE} "
+                    f"SELECT {_COLUMNS}, {_WORKER}, 1 AS expired FROM {LEASE_TABLE} "
                     f"WHERE expires_at < {self._now} AND session_id <> :session_id"
                 ), {"session_id": other_than})).all()
             return [Lease.from_row(r) for r in rows]
@@ -332,6 +357,13 @@ class Leases:
         except SQLAlchemyError:
             return []  # no lease table yet: no leases
         return [(Lease.from_row(r), float(r.age)) for r in rows]
+
+
+_WORKER = ", ".join(_WORKER_COLUMNS)
+
+
+def _maybe(kind: type[int] | type[float], value: Any) -> Any:
+    return None if value is None else kind(value)
 
 
 def _expired_reason(lease: Lease) -> str:
