@@ -198,9 +198,11 @@ def test_sigterm_is_handled_like_sigint(env: Env) -> None:
     proc.send_signal(signal.SIGTERM)
     _read_until(proc.stdout, "[STOP] SIGTERM received")
     (env.out / "release").write_text("")
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert os.path.exists(only_session(env.sessions)[0])
+    # The summary names the signal (the [STOP] line may be long gone from the screen).
+    assert "Stop reason: signal (SIGTERM received" in out, out
 
 
 def test_resume_keeps_the_session_options_unless_given_again(env: Env) -> None:

@@ -57,3 +57,14 @@ def test_an_unreachable_server_with_a_raw_password_shows_none_of_it(env: Env) ->
     assert proc.returncode == 2
     assert "cret" not in proc.stderr + proc.stdout
     assert proc.stderr.startswith("drainer: error: ") and "127.0.0.1" in proc.stderr
+
+
+def test_a_lone_user_in_the_url_is_hidden_too(env: Env) -> None:
+    # Some services take a token as the user name, with no password.
+    db = parse_database_url("postgresql://tok-SECRET-789@127.0.0.1:1/test")
+    assert db.redacted == "postgresql://***@127.0.0.1:1/test"
+    assert make_url(db.sync_url).username == "tok-SECRET-789"  # workers get it whole
+    proc = env.run_cli("run", "--database-url", "postgresql://tok-SECRET-789@127.0.0.1:1/test",
+                       "--command", "true")
+    assert proc.returncode == 2
+    assert "SECRET" not in proc.stderr + proc.stdout, proc.stderr

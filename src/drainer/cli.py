@@ -171,7 +171,7 @@ def make_config(
                     fields[name] = saved_value(name, value)
             config = DrainConfig(**fields, resume=replay.session_id)
             saved_db = replay.config.get("database_url")
-            if saved_db and saved_db != config.db.redacted:
+            if saved_db and _redacted(saved_db) != config.db.redacted:
                 raise UsageError(
                     f"session {replay.session_id} drained {saved_db}, not "
                     f"{config.db.redacted}; resume it with the same database"
@@ -354,6 +354,17 @@ def _status(args: argparse.Namespace, values: dict[str, Any], schema: Any) -> in
     for line in status_lines(status, db, session_dir, args.stale_minutes):
         _echo(line)
     return EXIT_OK
+
+
+def _redacted(saved_url: str) -> str:
+    """A session's saved (redacted) URL as this drainer redacts it (older drainers showed a
+    lone user), so that ``--resume`` compares like with like."""
+    from .dburl import parse_database_url
+
+    try:
+        return parse_database_url(saved_url).redacted
+    except UsageError:
+        return saved_url
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,7 +58,9 @@ class _Parts:
 
     def render(self, *, hide_password: bool) -> str:
         out = f"{self.drivername}://"
-        if self.username is not None:
+        if self.username is not None and hide_password and self.password is None:
+            out += "***@"  # a user alone may be a token: any userinfo is hidden
+        elif self.username is not None:
             out += quote(self.username, safe="")
             if self.password is not None:
                 out += ":" + ("***" if hide_password else quote(self.password, safe=""))
@@ -96,7 +98,7 @@ class DatabaseURL:
 
     parts: _Parts  #: what drainer opens (sqlite+aiosqlite / postgresql+asyncpg)
     sync_url: str  #: what workers get in DATABASE_URL (password intact)
-    redacted: str  #: what drainer prints and writes (password replaced by ***)
+    redacted: str  #: what drainer prints and writes (password, or a lone user, as ***)
     password: str | None
 
     @property

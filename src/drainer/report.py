@@ -104,7 +104,8 @@ def summary_lines(s: SessionSummary, leak_pattern: str) -> list[str]:
     lines = [
         "",
         f"==== Session {s.session_id} ====",
-        f"Stop reason: {s.stop_reason or 'unknown'}",
+        f"Stop reason: {s.stop_reason or 'unknown'}"
+        + (f" ({s.stop_detail})" if s.stop_detail else ""),
         f"Attempts: {n}  {t.text()}",
         f"Success rate: {format_rate(t.success_rate)} of {t.ended} ended  "
         f"phases restored: {t.restored}  leaked processes: {t.leaked}",
