@@ -95,6 +95,13 @@ CONTRACT_WORKER = textwrap.dedent(
         with open(os.path.join(out_dir, "hung.%d" % os.getpid()), "w") as fh:
             fh.write(str(gc.pid))
         time.sleep(600)
+    if kind == "events_then_hang":  # write WORKER_EVENTS telemetry rows, say so, then hang
+        for _ in range(int(os.environ.get("WORKER_EVENTS", "3"))):
+            db.execute("INSERT INTO token_budget_escalation_events (run_id, phase_id, "
+                       "trigger_type) VALUES (?, ?, 't')", (run_id, phase_id))
+            db.commit()
+        open(os.path.join(out_dir, "wrote." + phase_id), "w").close()
+        time.sleep(600)
     if kind == "gated":  # say we started, then wait for the test to release us
         open(os.path.join(out_dir, "started." + phase_id), "w").close()
         while not os.path.exists(os.path.join(out_dir, "release")):

@@ -488,6 +488,36 @@ def test_an_interrupted_attempt_is_not_credited_with_another_sessions_work(env: 
     assert _processes_with(f"DRAINER_SESSION_ID={a_id}") == []
 
 
+def test_an_interrupted_attempt_that_kept_its_lease_gets_exactly_its_own_telemetry(
+        env: Env) -> None:
+    # Rows from before the attempt (2 of the phase, 4 of another phase of its run) are not
+    # its own; the 5 its worker wrote before drainer was killed are.
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-0", "Q", 1, "FAILED", None)])
+    with sqlite3.connect(env.db) as conn:
+        conn.executemany("INSERT INTO token_budget_escalation_events (run_id, phase_id, "
+                         "trigger_type) VALUES ('run-0', ?, 'old')", [("P",)] * 2 + [("Q",)] * 4)
+    drainer = subprocess.Popen([sys.executable, "-m", "drainer", "run", *env.base_args(),
+                                "--run-id", "run-0"], text=True, stdout=subprocess.DEVNULL,
+                               cwd=env.tmp, env=env.worker_env(WORKER_KIND="events_then_hang",
+                                                               WORKER_EVENTS="5"))
+    wait_for_worker_file(env.out, "wrote.P", drainer)
+    drainer.kill()
+    assert drainer.wait(timeout=30) == -signal.SIGKILL
+    # Resumed within the lease's TTL (60 s): the lease is still the attempt's own.
+    resumed = env.run_cli("run", *env.base_args(), "--resume",
+                          env=env.worker_env(WORKER_KIND="ok", WORKER_EVENTS="3"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    records = [r for r in drainer_view(only_session(env.sessions)[0])["results"]]
+    [interrupted] = [r for r in records if r["interrupted"]]
+    assert interrupted["phase_id"] == "P" and interrupted["success"] is False
+    assert interrupted["telemetry_events_collected"] == 5
+    assert interrupted["state_restored"] is True
+    drained = {r["phase_id"]: r["telemetry_events_collected"] for r in records
+               if not r["interrupted"]}
+    assert drained == {"P": 3, "Q": 3}
+    assert {state for state, _ in phase_states(env.db).values()} == {"COMPLETE"}
+
+
 def test_a_worker_dies_with_its_drainer(env: Env) -> None:
     create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
     # The worker keeps its phase EXECUTING, starts a setsid grandchild and would hang.
