@@ -162,6 +162,38 @@ def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(
     assert _no_drainer_leases(env.db)
 
 
+def test_a_frozen_drainer_on_another_host_stops_its_own_worker_on_waking(env: Env) -> None:
+    """Where the guarantee ends (README, "Reliability"): a drainer on another host cannot
+    kill a frozen holder's worker, so it takes the run over beside it. The frozen drainer,
+    on waking, finds its lease gone at its next heartbeat: it kills its worker's tree,
+    records ``lease_lost`` and leaves the phase to the new holder."""
+    args = _setup(env)
+    frozen = _start_drainer(env, [*args, "--host-name", "host-a"])
+    try:
+        running = wait_for_worker_file(env.out, "running.*", frozen)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        other = env.run_cli("run", *args, "--host-name", "host-b")
+        assert other.returncode == 0, other.stdout + other.stderr
+        assert "before taking the run over" not in other.stdout  # out of its reach
+        assert {state for state, _ in phase_states(env.db).values()} == {"COMPLETE"}
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    out, _err = frozen.communicate(timeout=60)
+    assert frozen.returncode == 1, out
+    assert "[LEASE] lost the lease of run-0" in out
+    long_worker = int(running.name.split(".")[1])
+    spans = _spans(env)
+    assert "end" in spans[long_worker]  # stopped by its own drainer (SIGTERM), not by B
+    (lost,) = [r for r in _results(env) if r["lease_lost"]]
+    assert lost["success"] is False and lost["state_restored"] is False
+    assert {state for state, _ in phase_states(env.db).values()} == {"COMPLETE"}  # untouched
+    grandchild = int((env.out / "grandchild").read_text())
+    assert not any(_alive(pid) for pid in [*spans, grandchild])
+    assert _no_drainer_leases(env.db)
+    hosts = {json.loads(p.read_text())["host"] for p in env.sessions.glob("*/session.json")}
+    assert hosts == {"host-a", "host-b"}
+
+
 def test_a_killed_drainers_worker_is_killed_before_its_run_is_taken_over(env: Env) -> None:
     args = _setup(env)
     killed = _start_drainer(env, args)

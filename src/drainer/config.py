@@ -227,6 +227,11 @@ def _seconds(*, positive: bool) -> Callable[[str, Any], None]:
     return check
 
 
+def _non_empty(flag: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{flag} must not be empty")
+
+
 BACKLOG, WORKER, STOPS, SESSION = "backlog", "worker", "stop conditions", "session"
 
 
@@ -337,6 +342,11 @@ class DrainConfig:
         60.0, "--lease-ttl-seconds", "a run's lease expires S seconds after its last "
         "heartbeat (default: %(default)s)", SESSION, metavar="S", parse=float,
         check=_seconds(positive=True))
+    host_name: str | None = option(
+        None, "--host-name", "the host name drainer records in its leases and session files; "
+        "a drainer kills the attempts of expired leases only when they name its own host "
+        "(default: this machine's name)", SESSION, metavar="NAME", resumed=False,
+        check=_non_empty)
 
     # Not operator options: set by the CLI or an embedding application.
     resume: str | None = None  #: "latest" or a session id

@@ -58,8 +58,9 @@ def new_session_id(now: datetime | None = None) -> str:
     return f"batch-drain-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
-def hostname() -> str:
-    return socket.gethostname()
+def hostname(name: str | None = None) -> str:
+    """The host drainer records: ``--host-name`` when given, else the machine's name."""
+    return name or socket.gethostname()
 
 
 def safe_name(value: str) -> str:

@@ -202,7 +202,7 @@ class Recorder:
             "leak_gauge": fields.get("leak_gauge"),
             "lanes": self.config.lanes,
             "config": self.config.to_json(),
-            "host": hostname(),
+            "host": hostname(self.config.host_name),
             "drainer_version": __version__,
         }
         return autopack, info

@@ -65,7 +65,7 @@ class DrainSession:
         self.session_id = new_session_id()
         self.started_at = iso(utcnow())
         self.completed_at: str | None = None
-        self._host = hostname()
+        self._host = hostname(config.host_name)
         self._files = SessionFiles(config.session_dir, self.session_id, config.secrets)
         self._gauge = LeakGauge(config.leak_pattern, exact=config.max_leaks is not None)
         self._policy = Policy(config, Sensors(leak_count=lambda: self._gauge.total))
