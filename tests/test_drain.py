@@ -234,8 +234,11 @@ def test_a_megabyte_of_failure_reason_is_cut_in_the_session_files(env: Env) -> N
     for result in results:
         message = result["error_message"]
         assert message.startswith("RuntimeError: xxx")
-        assert "cut at 4,000 of 1,000,014 characters" in message
+        whole = Path(result["subprocess_stderr_path"].replace(".stderr.txt", ".reason.txt"))
+        assert f"cut at 4,000 of 1,000,014 characters; full text in {whole}]" in message
         assert len(message) < 5000
+        # The attempt's full reason is kept beside its logs.
+        assert whole.read_text() == "RuntimeError: " + "x" * 1_000_000
     # Each session file holds the cut message, not the megabyte (two attempts here).
     assert snapshot.stat().st_size < 100_000
     assert (session / "journal.jsonl").stat().st_size < 100_000

@@ -200,8 +200,9 @@ def error_message(
     if result.spawn_error:
         return result.spawn_error, result.spawn_error
     state, reason = row
-    worker = _capped(worker_part(reason))
-    written = bool(worker) and worker != _capped(worker_part(previous_reason))
+    whole = reason_path(started.subprocess_stderr_path)
+    worker = _capped(worker_part(reason), whole)
+    written = bool(worker) and worker != _capped(worker_part(previous_reason), whole)
     if line is None:  # the worker's error line (judge passes the one it found)
         line = _error_line(result)
     if lease_lost:
@@ -303,12 +304,28 @@ def _error_line(result: ProcessResult) -> str:
     return worker_error_line(result.stderr_tail) or worker_error_line(result.stdout_tail)
 
 
-def _capped(reason: str) -> str:
-    """A database reason as an error message takes it: cut at ``MAX_ERROR_CHARS``."""
+def _capped(reason: str, whole: str) -> str:
+    """A database reason as an error message takes it: cut at ``MAX_ERROR_CHARS``, naming
+    the file that holds it whole (``whole``, written by :func:`keep_whole_reason`)."""
     if len(reason) <= MAX_ERROR_CHARS:
         return reason
     return (f"{reason[:MAX_ERROR_CHARS]} ... [cut at {MAX_ERROR_CHARS:,} of {len(reason):,} "
-            "characters; the database keeps the phase's last_failure_reason whole]")
+            f"characters; full text in {whole}]")
+
+
+def reason_path(stderr_path: str | None) -> str:
+    """Where an attempt's cut reason is kept whole: beside its logs."""
+    return (stderr_path or "").removesuffix(".stderr.txt") + ".reason.txt"
+
+
+def keep_whole_reason(stderr_path: str | None, reason: str | None, *, secrets: tuple[str, ...],
+                      limit: int) -> None:
+    """Write a worker's reason that error messages cut (over ``MAX_ERROR_CHARS``) whole,
+    redacted and at most ``limit`` bytes, to :func:`reason_path`."""
+    worker = worker_part(reason)
+    if stderr_path and len(worker) > MAX_ERROR_CHARS:
+        data = redact_text(worker, secrets).encode("utf-8", "replace")[:limit]
+        Path(reason_path(stderr_path)).write_bytes(data)
 
 
 # -- running -------------------------------------------------------------------------------
@@ -502,6 +519,10 @@ class AttemptRunner:
                 f"the database did not answer within {DB_CLEANUP_TIMEOUT:g}s while finishing "
                 f"{ref.run_id} / {ref.phase_id}; resume the session to reconcile it"
             ) from None
+        if row is not None and row[1] is not None and len(row[1]) > MAX_ERROR_CHARS:
+            await anyio.to_thread.run_sync(functools.partial(
+                keep_whole_reason, started.subprocess_stderr_path, row[1],
+                secrets=cfg.secrets, limit=cfg.max_log_bytes))
         attempt = judge(
             started, result, row=row, restored=restored,
             telemetry_before=claimed.telemetry_before, telemetry_after=outcome.telemetry,
