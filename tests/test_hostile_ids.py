@@ -43,3 +43,27 @@ def test_plan_lists_a_phase_no_worker_can_be_given(env: Env) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "NUL byte" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_an_id_longer_than_the_kernel_passes_is_skipped_and_never_floods_the_screen(
+        env: Env) -> None:
+    # 140,000 characters: over the 128 KiB the kernel allows one argv or environment string
+    # (it was attempted, failed with "Argument list too long", and retried, printing the
+    # whole id on every line). 1,000 characters is long but fine: it drains.
+    huge, long = "r" * 140_000, "L" * 1_000
+    create_backlog(env.db, [(huge, "P", 0, "FAILED", None), ("run-c", "p" * 140_000, 0,
+                                                               "FAILED", None),
+                            (long, "P", 0, "FAILED", None), ("run-c", "Q", 1, "FAILED", None)])
+    proc = env.run_cli("run", *env.base_args(), "--max-attempts-per-phase", "1",
+                       env=env.worker_env(WORKER_KIND="ok"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    skips = [line.strip() for line in proc.stdout.splitlines() if "[SKIP]" in line]
+    assert len(skips) == 2 and all("longer than 131,054 bytes" in s for s in skips), skips
+    assert max(len(line) for line in proc.stdout.splitlines()) < 2_000
+    states = phase_states(env.db)
+    assert states[(huge, "P")] == ("FAILED", None)  # untouched
+    assert states[(long, "P")][0] == states[("run-c", "Q")][0] == "COMPLETE"
+    plan = env.run_cli("plan", *env.base_args())
+    assert plan.returncode == 0 and "longer than 131,054 bytes" in plan.stdout
+    assert max(len(line) for line in plan.stdout.splitlines()) < 2_000

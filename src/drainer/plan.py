@@ -15,7 +15,7 @@ from .backlog import open_backlog
 from .config import DrainConfig
 from .errors import UsageError
 from .models import Attempt, PhaseRef, PhaseState
-from .report import autopack_note
+from .report import autopack_note, shown_id
 from .selection import CATEGORY_NAMES, Selector, check_run_id, failure_category
 
 SKIPPED_SHOWN = 50
@@ -79,7 +79,7 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
         category = CATEGORY_NAMES[failure_category(ref.last_failure_reason)]
         retry = f", retry: attempt {attempt}" if attempt > 1 else ""
         lines.append(
-            f"  {n:>4}. {ref.run_id} / {ref.phase_id}  "
+            f"  {n:>4}. {shown_id(ref.run_id)} / {shown_id(ref.phase_id)}  "
             f"[{ref.state}, index {ref.phase_index}, {category}{retry}]"
         )
     if plan.remaining:
@@ -88,7 +88,8 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
     if not plan.skipped:
         lines.append("  (none)")
     for ref, why in plan.skipped[:SKIPPED_SHOWN]:
-        lines.append(f"  - {ref.run_id} / {ref.phase_id} [{ref.state}]: {why}")
+        lines.append(f"  - {shown_id(ref.run_id)!r} / {shown_id(ref.phase_id)!r} "
+                     f"[{ref.state}]: {why}")
     if len(plan.skipped) > SKIPPED_SHOWN:
         lines.append(f"  ... and {len(plan.skipped) - SKIPPED_SHOWN} more")
     lines.append(

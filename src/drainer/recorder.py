@@ -32,7 +32,7 @@ from .events import (
 )
 from .journal import SessionFiles, hostname, iso, utcnow
 from .models import Attempt, LeakedProcess, PhaseRef, RunStop, SessionSummary, Totals
-from .report import attempt_lines, resume_command, started_line, summary_lines
+from .report import attempt_lines, resume_command, shown_id, started_line, summary_lines
 from .snapshot import Snapshot
 
 log = logging.getLogger("drainer")
@@ -138,7 +138,7 @@ class Recorder:
 
     def phase_skipped(self, ref: PhaseRef, why: str) -> None:
         """A phase that is never a candidate, said once (its ids shown escaped)."""
-        self.echo(f"  [SKIP] {ref.run_id!r} / {ref.phase_id!r}: {why}")
+        self.echo(f"  [SKIP] {shown_id(ref.run_id)!r} / {shown_id(ref.phase_id)!r}: {why}")
 
     def leak_found(self, proc: LeakedProcess) -> None:
         of = f" ({proc.attempt})" if proc.attempt else ""

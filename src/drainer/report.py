@@ -48,6 +48,16 @@ def autopack_note(cfg: DrainConfig) -> str:
     return ""
 
 
+SHOWN_ID = 200  #: ids longer than this are cut on the console (the session files keep them)
+
+
+def shown_id(text: str) -> str:
+    """An id as console lines show it: an id of megabytes would flood the terminal."""
+    if len(text) <= SHOWN_ID:
+        return text
+    return f"{text[:SHOWN_ID]}...(+{len(text) - SHOWN_ID:,} characters)"
+
+
 def _one_line(text: str | None, limit: int = EXCERPT) -> str:
     flat = " ".join((text or "").split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -55,7 +65,7 @@ def _one_line(text: str | None, limit: int = EXCERPT) -> str:
 
 def started_line(a: Attempt, number: int, batch_size: int, lanes: int) -> str:
     lane = f" [lane {a.lane}]" if lanes > 1 else ""
-    return f"[{number}/{batch_size}]{lane} Draining: {a.run_id} / {a.phase_id}"
+    return f"[{number}/{batch_size}]{lane} Draining: {shown_id(a.run_id)} / {shown_id(a.phase_id)}"
 
 
 def attempt_lines(a: Attempt, lanes: int = 1) -> list[str]:
@@ -63,7 +73,8 @@ def attempt_lines(a: Attempt, lanes: int = 1) -> list[str]:
     between); the first names the attempt, so a plain log of several lanes stays readable:
     ``[OK] run / phase [lane 3] COMPLETE in 0.5s``."""
     took = f"{a.subprocess_duration_seconds:.1f}s"
-    who = f"{a.run_id} / {a.phase_id}" + (f" [lane {a.lane}]" if lanes > 1 else "")
+    who = f"{shown_id(a.run_id)} / {shown_id(a.phase_id)}" + (
+        f" [lane {a.lane}]" if lanes > 1 else "")
     lines: list[str] = []
     if a.success:
         lines.append(f"  [OK] {who} {a.final_state} in {took}")
@@ -116,7 +127,7 @@ def summary_lines(s: SessionSummary, leak_pattern: str) -> list[str]:
         width = min(max(len(run) for run in t.runs), 48)
         for run, counts in sorted(t.runs.items()):
             stopped = f"  [stopped: {s.stopped_runs[run]}]" if run in s.stopped_runs else ""
-            lines.append(f"  {run:<{width}}  {counts.text(brief=True)}{stopped}")
+            lines.append(f"  {shown_id(run):<{width}}  {counts.text(brief=True)}{stopped}")
     if s.pattern_leaks:
         lines.append(f"Leak gauge (--leak-pattern {leak_pattern}): "
                      f"{len(s.pattern_leaks)} process(es) appeared and outlived their attempt:")

@@ -58,6 +58,11 @@ DRY_RELOAD_INTERVAL = 1.0  #: with runs in flight, an index out of untried phase
 DRY_RELOAD_COST = 10
 QUEUED_SKIP = "QUEUED phase (left for its executor; --no-skip-runs-with-queued drains it)"
 NUL_SKIP = "its id holds a NUL byte, which no worker can be given (argv and environment)"
+#: Linux refuses any one argv or environment string over 128 KiB (MAX_ARG_STRLEN), and every
+#: worker gets its ids as ``DRAINER_RUN_ID=<id>`` / ``DRAINER_PHASE_ID=<id>``
+MAX_ID_BYTES = 128 * 1024 - len("DRAINER_PHASE_ID=") - 1
+LONG_SKIP = (f"its id is longer than {MAX_ID_BYTES:,} bytes, which no worker can be given "
+             "(the kernel's limit on one argv or environment string)")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -106,13 +111,23 @@ _LAST_FAILED = 2  #: its last attempt this session left it FAILED (a retry may f
 _SCAN = 32  #: runs with more phases than this get a phase-id map for lookups
 
 
-def _unpassable(c: Candidates, run_id: str, start: int, end: int) -> list[int]:
-    """Rows of a run whose run or phase id holds a NUL byte: argv and the environment are C
-    strings, so no worker can be given such an id."""
-    if "\x00" in run_id:
-        return list(range(start, end))
+def _why_unpassable(some_id: str) -> str | None:
+    """Why no worker can be given ``some_id``: a NUL byte (argv and the environment are C
+    strings), or a length over the kernel's limit; None when it can."""
+    if "\x00" in some_id:
+        return NUL_SKIP
+    if len(some_id) > MAX_ID_BYTES // 4 and len(some_id.encode("utf-8", "replace")) > MAX_ID_BYTES:
+        return LONG_SKIP
+    return None
+
+
+def _unpassable(c: Candidates, run_id: str, start: int, end: int) -> list[tuple[int, str]]:
+    """Rows of a run whose run or phase id no worker can be given, with the reason."""
+    why = _why_unpassable(run_id)
+    if why is not None:
+        return [(i, why) for i in range(start, end)]
     ids = c.phase_ids
-    return [i for i in range(start, end) if "\x00" in ids[i]]
+    return [(i, why) for i in range(start, end) if (why := _why_unpassable(ids[i]))]
 
 
 def _sort_rows(c: Candidates, run_id: str, start: int, end: int, failed: int) -> None:
@@ -230,11 +245,11 @@ class CandidateIndex:
                         if keep_skipped:
                             skipped.append((candidates.ref(run_id, i), QUEUED_SKIP))
             live = (end - start - sum(queued[start:end])) if skip_queued else end - start
-            for i in _unpassable(candidates, run_id, start, end):
+            for i, why in _unpassable(candidates, run_id, start, end):
                 if not index.flags[i] & _REMOVED:
                     index.flags[i] = _REMOVED
                     live -= 1
-                entry = (candidates.ref(run_id, i), NUL_SKIP)
+                entry = (candidates.ref(run_id, i), why)
                 index.unpassable.append(entry)
                 if keep_skipped:
                     skipped.append(entry)
