@@ -518,6 +518,36 @@ def test_an_interrupted_attempt_that_kept_its_lease_gets_exactly_its_own_telemet
     assert {state for state, _ in phase_states(env.db).values()} == {"COMPLETE"}
 
 
+def test_without_setpriv_a_worker_outlives_its_drainer_until_resume(env: Env) -> None:
+    # Where util-linux's setpriv is missing, workers start directly (README, "Reliability"):
+    # one outlives a drainer killed with kill -9, and --resume kills it and its grandchild
+    # (by marker, pid and create time) and mends the phase.
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    bare = env.tmp / "bare-path"
+    bare.mkdir()
+    drainer = subprocess.Popen([sys.executable, "-m", "drainer", "run", *env.base_args()],
+                               text=True, stdout=subprocess.DEVNULL, cwd=env.tmp,
+                               env=env.worker_env(WORKER_KIND="hang", PATH=str(bare)))
+    hung = wait_for_worker_file(env.out, "hung.*", drainer)
+    worker, grandchild = int(hung.name.split(".")[1]), int(hung.read_text())
+    try:
+        assert psutil.Process(worker).cmdline()[0] == sys.executable  # not behind setpriv
+        drainer.kill()
+        assert drainer.wait(timeout=30) == -signal.SIGKILL
+        assert psutil.Process(worker).status() != psutil.STATUS_ZOMBIE  # it lives on
+        resumed = env.run_cli("run", *env.base_args(), "--resume")
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "[RECONCILED]" in resumed.stdout
+        for pid in (worker, grandchild):
+            assert not psutil.pid_exists(pid) or \
+                psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert phase_states(env.db)[("run-0", "P")][0] == "COMPLETE"
+    finally:
+        for pid in (worker, grandchild):
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+
+
 def test_a_worker_dies_with_its_drainer(env: Env) -> None:
     create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
     # The worker keeps its phase EXECUTING, starts a setsid grandchild and would hang.
