@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -40,10 +41,22 @@ SPAN_WORKER = textwrap.dedent(
         os._exit(143)
     signal.signal(signal.SIGTERM, on_term)
     log("start")
-    db = sqlite3.connect(os.environ["DATABASE_URL"][len("sqlite:///"):], timeout=30)
-    db.execute("UPDATE phases SET state='EXECUTING' WHERE run_id=? AND phase_id=?",
-               (run_id, phase_id))
-    db.commit()
+    url = os.environ["DATABASE_URL"]
+    if url.startswith("sqlite"):
+        db = sqlite3.connect(url[len("sqlite:///"):], timeout=30)
+        def set_state(state):
+            db.execute("UPDATE phases SET state=? WHERE run_id=? AND phase_id=?",
+                       (state, run_id, phase_id))
+            db.commit()
+    else:
+        import asyncio, asyncpg
+        loop = asyncio.new_event_loop()
+        pg = loop.run_until_complete(asyncpg.connect(url))
+        def set_state(state):
+            loop.run_until_complete(pg.execute(
+                "UPDATE phases SET state=$1 WHERE run_id=$2 AND phase_id=$3",
+                state, run_id, phase_id))
+    set_state("EXECUTING")
     try:
         os.rename(os.path.join(out, "long"), os.path.join(out, "long.taken"))
         long = True
@@ -61,24 +74,27 @@ SPAN_WORKER = textwrap.dedent(
                 fh.write(str(bare.pid))
         open(os.path.join(out, "running.%d" % os.getpid()), "w").close()
         time.sleep(600)
-    db.execute("UPDATE phases SET state='COMPLETE' WHERE run_id=? AND phase_id=?",
-               (run_id, phase_id))
-    db.commit()
+    set_state("COMPLETE")
     log("end")
     """
 )
 
 TTL = "1.5"
+# The first drainer takes P0; the run's other phase brings the second one to its lease.
+PHASES = [("run-0", "P0", 0, "FAILED", None), ("run-0", "P1", 1, "FAILED", None)]
 
 
-def _setup(env: Env) -> list[str]:
-    # The first drainer takes P0; the run's other phase brings the second one to its lease.
-    create_backlog(env.db, [("run-0", "P0", 0, "FAILED", None), ("run-0", "P1", 1, "FAILED", None)])
+def _setup(env: Env, url: str | None = None) -> list[str]:
+    if url is None:
+        create_backlog(env.db, PHASES)
     worker = env.tmp / "span_worker.py"
     worker.write_text(SPAN_WORKER)
     (env.out / "long").touch()
-    return [*env.base_args(f"{sys.executable} {worker} {{run_id}} {{phase_id}}"),
+    args = [*env.base_args(f"{sys.executable} {worker} {{run_id}} {{phase_id}}"),
             "--lease-ttl-seconds", TTL, "--max-attempts-per-phase", "1"]
+    if url is not None:
+        args[args.index("--database-url") + 1] = url
+    return args
 
 
 def _spans(env: Env) -> dict[int, dict[str, float]]:
@@ -129,7 +145,49 @@ def _results(env: Env) -> list[dict[str, object]]:
 @pytest.mark.parametrize("clean", [False, True], ids=["marked", "unmarked-child"])
 def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(
         env: Env, clean: bool) -> None:
-    args = _setup(env)
+    _frozen_drainer_is_taken_over(env, _setup(env), clean=clean,
+                                  states=lambda: phase_states(env.db),
+                                  leases=lambda: not _no_drainer_leases(env.db))
+
+
+def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over_on_postgresql(
+        env: Env) -> None:
+    from pg import ADMIN_URL, create_database, drop_database, fetch_states, server_answers
+
+    why = server_answers()
+    if why is not None:
+        if os.environ.get("DRAINER_REQUIRE_PG"):
+            raise RuntimeError(why)
+        pytest.skip(why)
+    name = create_database(PHASES)
+    url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+
+    def leases() -> bool:
+        import asyncio
+
+        import asyncpg
+
+        async def count() -> int:
+            conn = await asyncpg.connect(url)
+            try:
+                return int(await conn.fetchval("SELECT count(*) FROM drainer_leases"))
+            finally:
+                await conn.close()
+
+        return asyncio.run(count()) > 0
+
+    try:
+        _frozen_drainer_is_taken_over(env, _setup(env, url), clean=False,
+                                      states=lambda: fetch_states(name), leases=leases)
+    finally:
+        drop_database(name)
+
+
+def _frozen_drainer_is_taken_over(
+    env: Env, args: list[str], *, clean: bool,
+    states: Callable[[], dict[tuple[str, str], tuple[str, str | None]]],
+    leases: Callable[[], bool],
+) -> None:
     frozen = _start_drainer(env, args, **({"CLEAN_GRANDCHILD": "1"} if clean else {}))
     try:
         running = wait_for_worker_file(env.out, "running.*", frozen)
@@ -151,7 +209,7 @@ def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(
     spans = _spans(env)
     assert len(spans) == 3
     _assert_no_overlap(spans)
-    assert {state for state, _ in phase_states(env.db).values()} == {"COMPLETE"}
+    assert {state for state, _ in states().values()} == {"COMPLETE"}
     (lost,) = [r for r in _results(env) if r["lease_lost"]]
     assert lost["success"] is False and lost["state_restored"] is False
     assert "lease lost" in str(lost["error_message"])
@@ -159,7 +217,7 @@ def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(
     assert not any(_alive(pid) for pid in [*spans, grandchild])
     if clean:
         assert not _alive(int((env.out / "clean_grandchild").read_text()))
-    assert _no_drainer_leases(env.db)
+    assert not leases()
 
 
 def test_a_frozen_drainer_on_another_host_stops_its_own_worker_on_waking(env: Env) -> None:
