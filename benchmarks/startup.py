@@ -6,6 +6,10 @@ range of the wall time, with the peak RSS of the slowest run: ``drainer --help``
 The target (issue 11): ``--help`` and ``config`` under 0.25 s; SQLAlchemy, the largest
 import, is loaded only by commands that open a database.
 
+It also prices the live view's import against a terminal library: ``import drainer.live``,
+and, where ``rich`` is installed in the same interpreter, the same with ``rich.console`` and
+``rich.live`` (the rows a library would add to ``drainer run`` on a terminal).
+
 Usage::
 
     python benchmarks/startup.py [--runs 10] [--json out.json]
@@ -16,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -30,16 +35,18 @@ from _common import machine_info, print_table, write_report
 DEFAULT_JSON = Path(tempfile.gettempdir()) / "drainer-bench-startup.json"
 TARGET_S = 0.25
 COMMANDS = {
-    "--help": ["--help"],
-    "run --help": ["run", "--help"],
-    "config": ["config", "--database-url", "sqlite:///backlog.db"],
+    "--help": ["-m", "drainer", "--help"],
+    "run --help": ["-m", "drainer", "run", "--help"],
+    "config": ["-m", "drainer", "config", "--database-url", "sqlite:///backlog.db"],
+    "import drainer.live": ["-c", "import drainer.live"],
 }
+WITH_RICH = {"import drainer.live + rich": ["-c", "import drainer.live, rich.console, rich.live"]}
 
 
 def _time(argv: list[str], cwd: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB, from wait4) of one ``python -m drainer`` run."""
+    """Wall seconds and peak RSS (MiB, from wait4) of one ``python ARGV`` run."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "drainer", *argv], cwd=cwd,
+    proc = subprocess.Popen([sys.executable, *argv], cwd=cwd,
                             stdout=subprocess.DEVNULL,
                             env={k: v for k, v in os.environ.items()
                                  if not k.startswith("DRAINER_")})
@@ -47,7 +54,7 @@ def _time(argv: list[str], cwd: Path) -> tuple[float, float]:
     took = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"drainer {' '.join(argv)} exited with {proc.returncode}")
+        raise SystemExit(f"python {' '.join(argv)} exited with {proc.returncode}")
     return took, usage.ru_maxrss / 1024
 
 
@@ -59,8 +66,11 @@ def main() -> int:
     if args.runs < 1:
         parser.error("--runs must be 1 or more")
     rows: list[dict[str, Any]] = []
+    commands = dict(COMMANDS)
+    if importlib.util.find_spec("rich") is not None:
+        commands.update(WITH_RICH)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, argv in COMMANDS.items():
+        for name, argv in commands.items():
             times, peaks = zip(*(_time(argv, Path(tmp)) for _ in range(args.runs)),
                                strict=True)
             rows.append({"command": name, "runs": args.runs,
