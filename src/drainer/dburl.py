@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, quote, unquote, urlencode
+from urllib.parse import parse_qsl, quote, quote_plus, unquote
 
 from .errors import UsageError
 
@@ -57,23 +57,45 @@ class _Parts:
     query: tuple[tuple[str, str], ...]
 
     def render(self, *, hide_password: bool) -> str:
+        """The URL as SQLAlchemy's ``render_as_string`` writes it (the same quoting, query
+        keys sorted), except that hiding also hides a lone user name and a ``password``
+        given in the query."""
         out = f"{self.drivername}://"
         if self.username is not None and hide_password and self.password is None:
             out += "***@"  # a user alone may be a token: any userinfo is hidden
         elif self.username is not None:
-            out += quote(self.username, safe="")
+            out += quote(self.username, safe=" +")
             if self.password is not None:
-                out += ":" + ("***" if hide_password else quote(self.password, safe=""))
+                out += ":" + ("***" if hide_password else quote(self.password, safe=" +"))
             out += "@"
         if self.host is not None:
             out += f"[{self.host}]" if ":" in self.host else self.host
         if self.port is not None:
             out += f":{self.port}"
         if self.database is not None:
-            out += f"/{self.database}"
+            out += "/" + quote(self.database, safe=" +/")
         if self.query:
-            out += "?" + urlencode(self.query)
+            out += "?" + "&".join(
+                f"{quote_plus(key)}="
+                + ("***" if hide_password and key.lower() == "password" else quote_plus(value))
+                for key, value in sorted(self.query, key=lambda kv: kv[0]))
         return out
+
+    def query_dict(self) -> dict[str, str | list[str]]:
+        """The query as SQLAlchemy's ``URL`` holds it: a repeated key's values in a list."""
+        out: dict[str, str | list[str]] = {}
+        for key, value in self.query:
+            had = out.get(key)
+            out[key] = value if had is None else [*([had] if isinstance(had, str) else had),
+                                                  value]
+        return out
+
+    @property
+    def secret(self) -> str | None:
+        """The password, from the credentials or from the query."""
+        if self.password:
+            return self.password
+        return next((v for k, v in self.query if k.lower() == "password" and v), None)
 
 
 def _parse(raw: str) -> _Parts:
@@ -87,8 +109,8 @@ def _parse(raw: str) -> _Parts:
         password=unquote(m["password"]) if m["password"] is not None else None,
         host=m["ipv6"] or m["host"] or None,
         port=int(port) if port else None,
-        database=m["database"] or None,
-        query=tuple(parse_qsl(m["query"] or "", keep_blank_values=True)),
+        database=unquote(m["database"]) if m["database"] else None,
+        query=tuple(parse_qsl(m["query"] or "")),
     )
 
 
@@ -108,7 +130,8 @@ class DatabaseURL:
 
         p = self.parts
         return URL.create(p.drivername, username=p.username, password=p.password,
-                          host=p.host, port=p.port, database=p.database, query=dict(p.query))
+                          host=p.host, port=p.port, database=p.database,
+                          query=p.query_dict())
 
     @property
     def is_sqlite(self) -> bool:
@@ -158,7 +181,7 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
         parts=url,
         sync_url=sync.render(hide_password=False),
         redacted=sync.render(hide_password=True),
-        password=url.password if url.password else None,
+        password=url.secret,
     )
 
 
@@ -181,7 +204,7 @@ def _redact_raw(raw: str) -> str:
         scheme, rest = raw.split("://", 1)
         creds, host = rest.rsplit("@", 1)
         user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else raw
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://***@{host}"
     return raw
 
 

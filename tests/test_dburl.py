@@ -1,0 +1,81 @@
+"""drainer parses database URLs itself (so that commands which open no database import no
+SQLAlchemy); SQLAlchemy's own ``make_url`` is the reference it must agree with."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from conftest import Env, create_backlog
+from drainer.cli import _redacted
+from drainer.dburl import parse_database_url
+
+URLS = [
+    "sqlite:////tmp/sp%20dir/a.db",  # percent-encoded path: the file is "sp dir/a.db"
+    "sqlite:////tmp/a%2541.db",
+    "sqlite:////tmp/données/b.db",
+    "sqlite:////abs/x.db?mode=ro",
+    "postgresql://u:pw@h/my%20db",
+    "postgresql://u:pw@h:5432/db?host=a:5432&host=b:5432",  # a repeated key (multi-host)
+    "postgresql://u:pw@h/db?sslmode=&application_name=x",  # a blank value is dropped
+    "postgresql://user%20x:p+w@[::1]:5432/db",
+    "postgresql://u:p%40ss@h/db",
+    "postgresql://u:pw@h/db?b=2&a=1",
+    "postgresql:///db",
+    "postgres://u:pw@h/db",
+    "postgresql+asyncpg://u:pw@h/db",
+]
+
+
+def _parts(url: object) -> tuple[object, ...]:
+    u = make_url(url) if isinstance(url, str) else url
+    return (u.username, u.password, u.host, u.port, u.database,  # type: ignore[attr-defined]
+            dict(u.query))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("raw", URLS)
+def test_drainer_and_its_workers_read_a_url_as_sqlalchemy_does(raw: str) -> None:
+    db = parse_database_url(raw)
+    reference = make_url(raw)
+    assert _parts(db.async_url) == _parts(reference)  # what drainer opens
+    assert _parts(db.sync_url) == _parts(reference)  # what workers open from DATABASE_URL
+    sync_name = "sqlite" if raw.startswith("sqlite") else "postgresql"
+    # and written the way SQLAlchemy writes it (so older session files compare equal)
+    assert db.sync_url == reference.set(drivername=sync_name).render_as_string(
+        hide_password=False)
+
+
+@pytest.mark.parametrize("raw", URLS)
+def test_a_redacted_url_read_back_is_redacted_the_same(raw: str) -> None:
+    # --resume compares the URL a session saved (redacted) with the one given now.
+    db = parse_database_url(raw)
+    assert _redacted(db.redacted) == db.redacted
+    older = make_url(db.sync_url).render_as_string(hide_password=True)  # as drainer <= 0.1
+    assert _redacted(older) == db.redacted
+
+
+@pytest.mark.parametrize("raw, hidden", [
+    ("postgresql://u:hunter2@h/db", "hunter2"),
+    ("postgresql://u@h/db?password=hunter2", "hunter2"),
+    ("postgresql://tok-SECRET@h/db", "SECRET"),
+])
+def test_any_secret_in_the_url_is_hidden(raw: str, hidden: str) -> None:
+    db = parse_database_url(raw)
+    assert hidden not in db.redacted
+    assert hidden in db.sync_url  # the worker still gets it
+
+
+def test_a_percent_encoded_sqlite_path_opens_the_decoded_file(env: Env) -> None:
+    spaced = env.tmp / "sp dir"
+    spaced.mkdir()
+    create_backlog(spaced / "a.db", [("run-0", "P", 0, "FAILED", None)])
+    proc = env.run_cli("status", "--database-url", f"sqlite:///{spaced}/a.db".replace(" ", "%20"))
+    assert proc.returncode == 0, proc.stderr
+    assert "run-0" in proc.stdout
+
+
+def test_an_unparsable_url_with_a_lone_user_shows_none_of_it(env: Env) -> None:
+    proc = env.run_cli("config", "--database-url",
+                       "postgresql://ghp_SECRETTOKEN@db.example:54x2/autopack")
+    assert proc.returncode == 2
+    assert "SECRET" not in proc.stdout + proc.stderr, proc.stderr
