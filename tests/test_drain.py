@@ -246,6 +246,32 @@ def test_a_megabyte_of_failure_reason_is_cut_in_the_session_files(env: Env) -> N
     assert len(phase_states(env.db)[("run-0", "P")][1] or "") == 1_000_014
 
 
+def test_a_long_reason_that_cannot_be_kept_whole_costs_nothing_else(env: Env) -> None:
+    # The file for the whole reason cannot be written (here a directory stands in its way,
+    # as a full disk would): the attempt is still recorded, the session goes on, and the
+    # message says where the whole text is instead.
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 0, "FAILED", None)])
+    blocker = env.tmp / "blocker.py"
+    blocker.write_text(
+        "import os, sqlite3, sys\n"
+        "logs = os.path.join(os.environ['SESSIONS'], os.environ['DRAINER_SESSION_ID'], 'logs')\n"
+        "os.makedirs(os.path.join(logs, os.environ['DRAINER_RUN_ID'] + '__P__1.reason.txt'))\n"
+        "db = sqlite3.connect(os.environ['DATABASE_URL'][10:], timeout=30)\n"
+        "db.execute('UPDATE phases SET state=\\'FAILED\\', last_failure_reason=? WHERE run_id=?',\n"
+        "           ('RuntimeError: ' + 'y' * 5000, os.environ['DRAINER_RUN_ID'])); db.commit()\n"
+        "sys.exit(1)\n")
+    proc = env.run_cli("run", *env.base_args(f"{sys.executable} {blocker}"),
+                       "--max-attempts-per-phase", "1",
+                       env=env.worker_env(SESSIONS=str(env.sessions)))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    snapshot, _ = only_session(env.sessions)
+    results = json.loads(snapshot.read_text())["results"]
+    assert sorted(r["run_id"] for r in results) == ["run-0", "run-1"]
+    assert all("the database keeps the phase's last_failure_reason whole" in r["error_message"]
+               for r in results)
+
+
 def test_a_worker_that_completes_then_hangs_is_a_success_and_a_timeout(env: Env) -> None:
     # The work is done (COMPLETE) but the worker never exits: its tree is killed at the
     # timeout. The rule: a success (nothing to redo, exit 0), counted as a timeout too.

@@ -184,6 +184,7 @@ def error_message(
     timeout_label: str,
     lease_lost: bool = False,
     line: str | None = None,
+    kept: str | None = None,
 ) -> tuple[str, str]:
     """An actionable failure message, and the part of it the fingerprint is built from.
 
@@ -200,9 +201,9 @@ def error_message(
     if result.spawn_error:
         return result.spawn_error, result.spawn_error
     state, reason = row
-    whole = reason_path(started.subprocess_stderr_path)
-    worker = _capped(worker_part(reason), whole)
-    written = bool(worker) and worker != _capped(worker_part(previous_reason), whole)
+    raw = worker_part(reason)
+    worker = _capped(raw, kept)
+    written = bool(raw) and raw != worker_part(previous_reason)
     if line is None:  # the worker's error line (judge passes the one it found)
         line = _error_line(result)
     if lease_lost:
@@ -251,8 +252,10 @@ def judge(
     secrets: tuple[str, ...] = (),
     finished_at: str,
     lease_lost: bool = False,
+    kept: str | None = None,
 ) -> Attempt:
-    """The record of a finished attempt, from what happened (pure)."""
+    """The record of a finished attempt, from what happened (pure). ``kept``: where a
+    reason too long for the message is kept whole (:func:`keep_whole_reason`)."""
     state = row[0] if row is not None else None
     # After a lost lease the phase may be another drainer's doing: never this one's success.
     success = state == PhaseState.COMPLETE and not result.cancelled and not lease_lost
@@ -265,7 +268,7 @@ def judge(
         text, basis = error_message(started, result, row=row, restored=restored,
                                     previous_reason=previous_reason,
                                     timeout_label=timeout_label, lease_lost=lease_lost,
-                                    line=line)
+                                    line=line, kept=kept)
         message = redact_text(text, secrets)
         fingerprint = failure_fingerprint(state, result.returncode, timed_out=result.timed_out,
                                           error=redact_text(basis, secrets))
@@ -304,28 +307,34 @@ def _error_line(result: ProcessResult) -> str:
     return worker_error_line(result.stderr_tail) or worker_error_line(result.stdout_tail)
 
 
-def _capped(reason: str, whole: str) -> str:
-    """A database reason as an error message takes it: cut at ``MAX_ERROR_CHARS``, naming
-    the file that holds it whole (``whole``, written by :func:`keep_whole_reason`)."""
+def _capped(reason: str, kept: str | None) -> str:
+    """A database reason as an error message takes it: cut at ``MAX_ERROR_CHARS``, saying
+    where it is kept whole (``kept``, from :func:`keep_whole_reason`)."""
     if len(reason) <= MAX_ERROR_CHARS:
         return reason
+    where = kept or "the database keeps the phase's last_failure_reason whole"
     return (f"{reason[:MAX_ERROR_CHARS]} ... [cut at {MAX_ERROR_CHARS:,} of {len(reason):,} "
-            f"characters; full text in {whole}]")
-
-
-def reason_path(stderr_path: str | None) -> str:
-    """Where an attempt's cut reason is kept whole: beside its logs."""
-    return (stderr_path or "").removesuffix(".stderr.txt") + ".reason.txt"
+            f"characters; {where}]")
 
 
 def keep_whole_reason(stderr_path: str | None, reason: str | None, *, secrets: tuple[str, ...],
-                      limit: int) -> None:
+                      limit: int) -> str | None:
     """Write a worker's reason that error messages cut (over ``MAX_ERROR_CHARS``) whole,
-    redacted and at most ``limit`` bytes, to :func:`reason_path`."""
+    redacted and at most ``limit`` bytes, beside the attempt's logs
+    (``<run>__<phase>__<n>.reason.txt``). Returns where it is (for the message), or None
+    when there is nothing to keep or it could not be written (a full disk): the attempt's
+    record matters more than this copy."""
     worker = worker_part(reason)
-    if stderr_path and len(worker) > MAX_ERROR_CHARS:
-        data = redact_text(worker, secrets).encode("utf-8", "replace")[:limit]
-        Path(reason_path(stderr_path)).write_bytes(data)
+    if not stderr_path or len(worker) <= MAX_ERROR_CHARS:
+        return None
+    path = stderr_path.removesuffix(".stderr.txt") + ".reason.txt"
+    data = redact_text(worker, secrets).encode("utf-8", "replace")
+    try:
+        Path(path).write_bytes(data[:limit])
+    except OSError:
+        return None
+    return f"full text in {path}" if len(data) <= limit else (
+        f"its first {limit:,} bytes in {path}")
 
 
 # -- running -------------------------------------------------------------------------------
@@ -519,15 +528,16 @@ class AttemptRunner:
                 f"the database did not answer within {DB_CLEANUP_TIMEOUT:g}s while finishing "
                 f"{ref.run_id} / {ref.phase_id}; resume the session to reconcile it"
             ) from None
+        kept = None
         if row is not None and row[1] is not None and len(row[1]) > MAX_ERROR_CHARS:
-            await anyio.to_thread.run_sync(functools.partial(
+            kept = await anyio.to_thread.run_sync(functools.partial(
                 keep_whole_reason, started.subprocess_stderr_path, row[1],
                 secrets=cfg.secrets, limit=cfg.max_log_bytes))
         attempt = judge(
             started, result, row=row, restored=restored,
             telemetry_before=claimed.telemetry_before, telemetry_after=outcome.telemetry,
             previous_reason=ref.last_failure_reason, timeout_label=cfg.phase_timeout_label,
-            secrets=cfg.secrets, finished_at=iso(utcnow()), lease_lost=lease_lost,
+            secrets=cfg.secrets, finished_at=iso(utcnow()), lease_lost=lease_lost, kept=kept,
         )
         crash_point("after_exit")
         self._recorder.attempt_finished(attempt)
