@@ -361,3 +361,52 @@ def test_a_full_disk_stops_the_session_resumably_and_resume_finishes_it(env: Env
         assert [e["type"] for e in events] == ["session_started"]
     finally:
         drop_database(name)
+
+
+def test_a_role_that_may_not_alter_an_older_lease_table_still_drains(env: Env) -> None:
+    # drainer_leases made by an older drainer (no worker columns), owned by another role:
+    # this role may use it but not alter it. It drains, and says what the owner can run.
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    name = create_database([("run-0", "P1-ok", 0, "FAILED", None)])
+    role = f"drainer_user_{uuid.uuid4().hex[:8]}"
+    admin = f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+    async def setup() -> None:
+        conn = await asyncpg.connect(admin)
+        try:
+            await conn.execute(f"CREATE ROLE {role} LOGIN")
+            await conn.execute(
+                "CREATE TABLE drainer_leases (run_id TEXT PRIMARY KEY, session_id VARCHAR(64) "
+                "NOT NULL, attempt_id VARCHAR(64) NOT NULL, phase_id TEXT NOT NULL, host "
+                "VARCHAR(255) NOT NULL, pid INTEGER NOT NULL, acquired_at DOUBLE PRECISION NOT "
+                "NULL, heartbeat_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION "
+                "NOT NULL)")
+            await conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; "
+                               f"GRANT USAGE ON SCHEMA public TO {role}")
+        finally:
+            await conn.close()
+
+    async def drop_role() -> None:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+        try:
+            await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    try:
+        worker = env.tmp / "pg_worker.py"
+        worker.write_text(PG_WORKER)
+        args = env.base_args(f"{sys.executable} {worker} {{run_id}} {{phase_id}}")
+        args[args.index("--database-url") + 1] = f"postgresql://{role}@127.0.0.1:5432/{name}"
+        proc = env.run_cli("run", *args, "--plain")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "drainer_leases has no worker_pid/worker_created columns" in proc.stdout
+        assert fetch_states(name)[("run-0", "P1-ok")][0] == "COMPLETE"
+    finally:
+        drop_database(name)
+        asyncio.run(drop_role())

@@ -177,6 +177,12 @@ class DrainSession:
         cfg = self.config
         await backlog.prepare_for_writes()
         self._files.create()
+        if not backlog.leases.worker_columns:
+            self._say("[WARN] drainer_leases has no worker_pid/worker_created columns and this "
+                      "database role may not add them: a take-over on this host finds an "
+                      "expired holder's processes by marker only. The table's owner can run: "
+                      "ALTER TABLE drainer_leases ADD COLUMN worker_pid INTEGER; ALTER TABLE "
+                      "drainer_leases ADD COLUMN worker_created DOUBLE PRECISION")
         api_url = api.url
         if cfg.api_command is not None:
             log = self._files.root / "api-server.log"

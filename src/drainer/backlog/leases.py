@@ -92,6 +92,10 @@ class Leases:
         self._phases = phases
         self._now = engine.now_sql
         self._sqlite = engine.db.is_sqlite
+        #: the worker columns as selected; without them (an older table this role may not
+        #: alter), NULLs: take-overs then find the holder's processes by marker only
+        self._worker = _WORKER
+        self.worker_columns = True
 
     async def ensure_table(self) -> None:
         ddl = (
@@ -119,9 +123,13 @@ class Leases:
                     await self._add_worker_columns(conn)
             except (IntegrityError, ProgrammingError):
                 # Something that does not take the lock (an older drainer, a migration tool)
-                # created it at the same moment: fine if the table is there now.
+                # created it at the same moment: fine if the table is there now. (So is an
+                # older table this role does not own and so cannot alter.)
                 if not await self._has_table():
                     raise
+        self.worker_columns = await self._has_worker_columns()
+        if not self.worker_columns:
+            self._worker = "NULL AS worker_pid, NULL AS worker_created"
 
     async def _widen_ids(self, conn: AsyncConnection) -> None:
         """A table from an older drainer kept ids in VARCHAR(512): make them TEXT, so that
@@ -140,6 +148,14 @@ class Leases:
         for name, kind in _WORKER_COLUMNS.items():
             if name not in have:
                 await conn.execute(text(f"ALTER TABLE {LEASE_TABLE} ADD COLUMN {name} {kind}"))
+
+    async def _has_worker_columns(self) -> bool:
+        try:
+            names = await self._engine.run_sync(
+                lambda c: {col["name"] for col in inspect(c).get_columns(LEASE_TABLE)})
+        except SQLAlchemyError:
+            return False
+        return set(_WORKER_COLUMNS) <= set(names)
 
     async def _has_table(self) -> bool:
         try:
@@ -183,6 +199,7 @@ class Leases:
         transaction, restoring the phase it names; only if the run is still as seen."""
         params = lease.params(ttl)
         now = self._now
+        clear = ", worker_pid = NULL, worker_created = NULL" if self.worker_columns else ""
 
         async def take() -> Claim | None:
             try:
@@ -202,8 +219,7 @@ class Leases:
                         f"UPDATE {LEASE_TABLE} SET session_id = :session_id, "
                         f"attempt_id = :attempt_id, phase_id = :phase_id, host = :host, "
                         f"pid = :pid, acquired_at = {now}, heartbeat_at = {now}, "
-                        f"expires_at = {now} + :ttl, worker_pid = NULL, "
-                        "worker_created = NULL WHERE run_id = :run_id"
+                        f"expires_at = {now} + :ttl{clear} WHERE run_id = :run_id"
                     ), params)
                     return None
             except IntegrityError:
@@ -227,7 +243,7 @@ class Leases:
         """The lease of ``params["run_id"]`` (``expired`` by the database's clock), if any."""
         suffix = " FOR UPDATE" if lock and not self._sqlite else ""
         row = (await conn.execute(text(
-            f"SELECT {_COLUMNS}, {_WORKER}, expires_at < {self._now} AS expired "
+            f"SELECT {_COLUMNS}, {self._worker}, expires_at < {self._now} AS expired "
             f"FROM {LEASE_TABLE} WHERE run_id = :run_id{suffix}"
         ), params)).first()
         return None if row is None else Lease.from_row(row)
@@ -275,6 +291,8 @@ class Leases:
         """Extend our lease by ``ttl``, recording the attempt's ``worker`` (pid, create
         time) when given; False when the lease is no longer ours."""
         now = self._now
+        if not self.worker_columns:
+            worker = None
         record = ", worker_pid = :wpid, worker_created = :wcreated" if worker else ""
         params = {"ttl": ttl, "run_id": run_id, "attempt_id": attempt_id}
         if worker:
@@ -321,7 +339,7 @@ class Leases:
         async def select() -> list[Lease]:
             async with self._engine.read() as conn:
                 rows = (await conn.execute(text(
-                    f"SELECT {_COLUMNS}, {_WORKER}, 1 AS expired FROM {LEASE_TABLE} "
+                    f"SELECT {_COLUMNS}, {self._worker}, 1 AS expired FROM {LEASE_TABLE} "
                     f"WHERE expires_at < {self._now} AND session_id <> :session_id"
                 ), {"session_id": other_than})).all()
             return [Lease.from_row(r) for r in rows]
