@@ -4,6 +4,7 @@ reason, and never blocks the other phases or crashes a session."""
 from __future__ import annotations
 
 import json
+import sys
 
 from conftest import Env, create_backlog, phase_states, session_info
 
@@ -67,3 +68,22 @@ def test_an_id_longer_than_the_kernel_passes_is_skipped_and_never_floods_the_scr
     plan = env.run_cli("plan", *env.base_args())
     assert plan.returncode == 0 and "longer than 131,054 bytes" in plan.stdout
     assert max(len(line) for line in plan.stdout.splitlines()) < 2_000
+
+
+def test_ids_that_fit_alone_but_not_together_in_one_argument_are_skipped(env: Env) -> None:
+    # Each id (70,000 characters) fits in an argument and in the environment; joined in one
+    # argument by the command template they do not (the kernel refuses 128 KiB): skipped,
+    # never attempted. With a template that passes them apart, the same phase drains.
+    run_id, phase_id = "r" * 70_000, "p" * 70_000
+    create_backlog(env.db, [(run_id, phase_id, 0, "FAILED", None), ("run-ok", "P", 0, "FAILED", None)])
+    joined = f"{sys.executable} {env.worker} {{run_id}}/{{phase_id}} x"
+    proc = env.run_cli("run", *env.base_args(joined), env=env.worker_env(WORKER_KIND="fail"))
+    skips = [line for line in proc.stdout.splitlines() if "[SKIP]" in line]
+    assert len(skips) == 1 and "longer than the kernel's limit on one argv string" in skips[0]
+    assert "Argument list too long" not in proc.stdout
+    assert phase_states(env.db)[(run_id, phase_id)] == ("FAILED", None)  # never attempted
+    plan = env.run_cli("plan", *env.base_args(joined))
+    assert "longer than the kernel's limit on one argv string" in plan.stdout
+    apart = env.run_cli("run", *env.base_args(), env=env.worker_env(WORKER_KIND="ok"))
+    assert apart.returncode == 0, apart.stdout[-2000:] + apart.stderr
+    assert phase_states(env.db)[(run_id, phase_id)][0] == "COMPLETE"

@@ -40,6 +40,7 @@ from .journal import Dangling, SessionFiles, iso, utcnow
 from .models import Attempt, PhaseRef, PhaseState, is_final_state
 from .reasons import NOTE_START, is_code, note_part, worker_part
 from .recorder import Recorder
+from .report import shown_id
 from .sinks import TAIL_BYTES
 from .supervisor import AttemptSpec, ProcessResult, Supervisor
 from .worktrees import check_git_workspace
@@ -400,7 +401,7 @@ class AttemptRunner:
             grace=self.config.kill_grace_period))
         if killed:
             self._recorder.echo(
-                f"[LEASE] the lease of {lease.run_id} expired (drainer pid {lease.pid}, "
+                f"[LEASE] the lease of {shown_id(lease.run_id)} expired (drainer pid {lease.pid}, "
                 f"session {lease.session_id}); killed {len(killed)} process(es) of its "
                 "attempt before taking the run over")
 
@@ -412,8 +413,8 @@ class AttemptRunner:
             await self.end_expired(lease)
             if await self._store.leases.sweep(lease):
                 self._recorder.echo(
-                    f"[LEASE] expired lease of {lease.run_id} (drainer {lease.host} pid "
-                    f"{lease.pid}) swept; phase {lease.phase_id} restored if it was left "
+                    f"[LEASE] expired lease of {shown_id(lease.run_id)} (drainer {lease.host} pid "
+                    f"{lease.pid}) swept; phase {shown_id(lease.phase_id)} restored if it was left "
                     "non-final")
                 swept.append(lease)
         return swept
@@ -562,6 +563,7 @@ class AttemptRunner:
         leases), which the next renewal tells."""
         ttl = self.config.lease_ttl
         run_id = claimed.ref.run_id
+        shown = shown_id(run_id)
         renewed = anyio.current_time()
         failing = False
         recorded = False
@@ -576,21 +578,21 @@ class AttemptRunner:
                 down = anyio.current_time() - renewed
                 if down < max(DB_OUTAGE_LIMIT, ttl):
                     if not failing:
-                        self._recorder.echo(f"[LEASE] renewing the lease of {run_id} failed; "
+                        self._recorder.echo(f"[LEASE] renewing the lease of {shown} failed; "
                                             f"the attempt goes on, retrying: {exc}")
                     failing = True
                     continue
                 self._recorder.echo(f"[LEASE] the database did not answer for {down:.0f}s; "
-                                    f"giving the attempt on {run_id} up")
+                                    f"giving the attempt on {shown} up")
                 held = False
             if held:
                 recorded = recorded or record is not None
                 if failing:
-                    self._recorder.echo(f"[LEASE] renewed the lease of {run_id} after "
+                    self._recorder.echo(f"[LEASE] renewed the lease of {shown} after "
                                         f"{anyio.current_time() - renewed:.0f}s")
                 renewed, failing = anyio.current_time(), False
                 continue
-            self._recorder.echo(f"[LEASE] lost the lease of {run_id} (not renewed within "
+            self._recorder.echo(f"[LEASE] lost the lease of {shown} (not renewed within "
                                 f"--lease-ttl-seconds {ttl:g}); stopping its attempt")
             lost.set()
             scope.cancel()

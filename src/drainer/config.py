@@ -99,6 +99,37 @@ def render_command(tokens: Sequence[str], values: Mapping[str, str]) -> list[str
     return [_TOKEN.sub(sub, token) for token in tokens]
 
 
+#: Linux's limit on one argv or environment string (MAX_ARG_STRLEN), its NUL included
+MAX_ARG_BYTES = 128 * 1024
+
+
+def command_too_long(
+    tokens: Sequence[str], values: Mapping[str, str]
+) -> Callable[[str, str], bool]:
+    """For a command template and every placeholder's value but the ids (``values``): a test
+    of whether a phase's ``(run_id, phase_id)`` would make some rendered token longer than
+    the kernel passes. Cheap per phase: each token's fixed size is measured once."""
+    run_mark, phase_mark = "\ue000", "\ue001"  # private-use: 3 bytes each in UTF-8
+    shapes = []
+    for token in render_command(tokens, {**values, "run_id": run_mark, "phase_id": phase_mark}):
+        runs, phases = token.count(run_mark), token.count(phase_mark)
+        if runs or phases:
+            shapes.append((len(token.encode("utf-8", "replace")) - 3 * (runs + phases) + 1,
+                           runs, phases))
+
+    def too_long(run_id: str, phase_id: str) -> bool:
+        for fixed, runs, phases in shapes:
+            if fixed + 4 * (runs * len(run_id) + phases * len(phase_id)) <= MAX_ARG_BYTES:
+                continue  # at most 4 bytes a character: fits for sure
+            size = (fixed + runs * len(run_id.encode("utf-8", "replace"))
+                    + phases * len(phase_id.encode("utf-8", "replace")))
+            if size > MAX_ARG_BYTES:
+                return True
+        return False
+
+    return too_long
+
+
 def parse_env_pairs(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """Parse ``KEY=VALUE`` strings from ``--env``."""
     out: list[tuple[str, str]] = []
@@ -433,6 +464,13 @@ class DrainConfig:
                     found.append(str(urlsplit(self.api_url).password))
         found += [value for key, value in self.env if _looks_secret(key) and value]
         return tuple(found)
+
+    def ids_too_long(self) -> Callable[[str, str], bool]:
+        """Whether a phase's ids would make the worker's command line longer than the kernel
+        passes, every other placeholder at its longest (a lane's worktree path included)."""
+        longest = {"phase_index": "9" * 20, "attempt_id": "0" * 36, "session_id": "x" * 64,
+                   "python": self.python, "workspace": "x" * (len(str(self.workspace)) + 512)}
+        return command_too_long(self.command_tokens, longest)
 
     @property
     def phase_timeout_label(self) -> str:

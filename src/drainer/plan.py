@@ -51,7 +51,8 @@ async def make_plan(config: DrainConfig) -> Plan:
             functools.partial(backlog.phases.load_candidates, run_id=config.run_id),
             max_attempts_per_phase=config.max_attempts_per_phase,
             skip_run_prefixes=config.skip_run_prefixes,
-            skip_queued=config.skip_runs_with_queued, keep_skipped=True, reloads=False)
+            skip_queued=config.skip_runs_with_queued, keep_skipped=True, reloads=False,
+            too_long=config.ids_too_long())
         picks: list[tuple[PhaseRef, int]] = []
         while len(picks) < config.batch_size:
             ref = await selector.pick()

@@ -118,7 +118,8 @@ class Recorder:
         """An attempt a crash left unfinished, now settled by ``--resume``."""
         self.journal(AttemptFinished(session_id=self.session_id, attempt=attempt))
         self.totals.add(attempt)
-        self.echo(f"[RECONCILED] {attempt.run_id} / {attempt.phase_id}: interrupted attempt, "
+        self.echo(f"[RECONCILED] {shown_id(attempt.run_id)} / {shown_id(attempt.phase_id)}: "
+                  "interrupted attempt, "
                   f"phase {attempt.final_state}, {len(attempt.leaked_processes)} process(es) "
                   "killed")
 
@@ -130,7 +131,7 @@ class Recorder:
         event = RunStopped(session_id=self.session_id, run_id=stop.run_id,
                            reason=str(stop.reason), detail=stop.detail)
         self.journal(event)
-        self.echo(f"[STOP] run {stop.run_id}: {stop.reason} ({stop.detail})")
+        self.echo(f"[STOP] run {shown_id(stop.run_id)}: {stop.reason} ({stop.detail})")
         self.emit(event)
 
     def stopping(self, detail: str) -> None:

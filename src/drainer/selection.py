@@ -63,6 +63,10 @@ NUL_SKIP = "its id holds a NUL byte, which no worker can be given (argv and envi
 MAX_ID_BYTES = 128 * 1024 - len("DRAINER_PHASE_ID=") - 1
 LONG_SKIP = (f"its id is longer than {MAX_ID_BYTES:,} bytes, which no worker can be given "
              "(the kernel's limit on one argv or environment string)")
+ARGV_SKIP = ("its ids make an argument of the worker's command longer than the kernel's limit "
+             "on one argv string (128 KiB)")
+#: ``(run_id, phase_id) -> True`` when the worker's command line cannot hold those ids
+TooLong = Callable[[str, str], bool]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -121,13 +125,19 @@ def _why_unpassable(some_id: str) -> str | None:
     return None
 
 
-def _unpassable(c: Candidates, run_id: str, start: int, end: int) -> list[tuple[int, str]]:
+def _unpassable(c: Candidates, run_id: str, start: int, end: int,
+                too_long: TooLong | None) -> list[tuple[int, str]]:
     """Rows of a run whose run or phase id no worker can be given, with the reason."""
     why = _why_unpassable(run_id)
     if why is not None:
         return [(i, why) for i in range(start, end)]
     ids = c.phase_ids
-    return [(i, why) for i in range(start, end) if (why := _why_unpassable(ids[i]))]
+    found = [(i, why) for i in range(start, end) if (why := _why_unpassable(ids[i]))]
+    if too_long is not None:
+        bad = {i for i, _ in found}
+        found += [(i, ARGV_SKIP) for i in range(start, end)
+                  if i not in bad and too_long(run_id, ids[i])]
+    return found
 
 
 def _sort_rows(c: Candidates, run_id: str, start: int, end: int, failed: int) -> None:
@@ -224,6 +234,7 @@ class CandidateIndex:
         skip_run_prefixes: tuple[str, ...] = (),
         skip_queued: bool = True,
         keep_skipped: bool = True,
+        too_long: TooLong | None = None,
     ) -> CandidateIndex:
         """The index of one load; it takes the candidates' columns over (sorted in place)."""
         skipped: list[tuple[PhaseRef, str]] = []
@@ -245,7 +256,7 @@ class CandidateIndex:
                         if keep_skipped:
                             skipped.append((candidates.ref(run_id, i), QUEUED_SKIP))
             live = (end - start - sum(queued[start:end])) if skip_queued else end - start
-            for i, why in _unpassable(candidates, run_id, start, end):
+            for i, why in _unpassable(candidates, run_id, start, end, too_long):
                 if not index.flags[i] & _REMOVED:
                     index.flags[i] = _REMOVED
                     live -= 1
@@ -344,12 +355,16 @@ class Selector:
         reloads: bool = True,
         refresh_interval: float = INDEX_REFRESH_INTERVAL,
         dry_reload_cost: float = DRY_RELOAD_COST,
+        too_long: TooLong | None = None,
     ) -> None:
+        """``too_long``: whether the worker's command line cannot hold a phase's ids
+        (:meth:`DrainConfig.ids_too_long`); such phases are skipped, like ids with a NUL."""
         self._load = load
         self._max_attempts = max_attempts_per_phase
         self._build = functools.partial(CandidateIndex.build,
                                         skip_run_prefixes=skip_run_prefixes,
-                                        skip_queued=skip_queued, keep_skipped=keep_skipped)
+                                        skip_queued=skip_queued, keep_skipped=keep_skipped,
+                                        too_long=too_long)
         self._reloads = reloads
         self._refresh_interval = refresh_interval
         self._dry_reload_cost = dry_reload_cost
