@@ -377,9 +377,10 @@ class _Figures:
 def analyze(session: LoadedSession) -> dict[str, Any]:
     """Exact figures of ``session`` and the recommendations they call for, JSON-ready.
 
-    Counting rules: ``processed`` is every recorded attempt; ``failed`` follows
-    :attr:`Attempt.failed`, so interrupted attempts (listed under ``interrupted``) are not
-    failures; fingerprints count failed attempts only. Telemetry figures cover the attempts
+    Counting rules: ``processed`` is every recorded attempt, each counted under one outcome
+    (:attr:`Attempt.outcome`: ``ok``, ``failed``, ``timed_out``, ``cancelled``,
+    ``interrupted``); fingerprints count the attempts that did not succeed and were not
+    interrupted. Telemetry figures cover the attempts
     whose event count is known (a null yield there counts as 0); ``total_events`` is null when
     no attempt's count is known. Durations cover attempts that ran and recorded a duration
     (interrupted attempts and Autopack records with a null duration are left out).
