@@ -508,21 +508,29 @@ class AttemptRunner:
         clean_exit = result.returncode == 0 and not result.timed_out and not result.cancelled
         try:
             with anyio.fail_after(DB_CLEANUP_TIMEOUT):
-                outcome = await phases.wait_final_state(
-                    ref.run_id, ref.phase_id, wait=cfg.final_state_wait if clean_exit else 0.0)
-                row = outcome.row
-                why = None
-                if row is not None and not is_final_state(row[0]):
-                    why = restore_reason(result, row[0], cfg.phase_timeout_label,
-                                         lease_lost=lease_lost)
-                finished = await leases.finish(ref.run_id, ref.phase_id, claimed.attempt_id,
-                                               restore=why)
-                lease_lost = lease_lost or not finished.held
-                restored = finished.restored is not None
-                if finished.restored is not None:
-                    row = (PhaseState.FAILED.value, finished.restored)
-                elif why is not None:  # changed under us: read what it is now
-                    row = await phases.read(ref.run_id, ref.phase_id)
+                # The common case, one round trip: the phase is final; read it, release.
+                outcome, held = await leases.finish_if_final(ref.run_id, ref.phase_id,
+                                                             claimed.attempt_id)
+                row, restored = outcome.row, False
+                if held is not None:
+                    lease_lost = lease_lost or not held
+                else:  # left non-final: look again (a clean exit), restore, release
+                    outcome = await phases.wait_final_state(
+                        ref.run_id, ref.phase_id,
+                        wait=cfg.final_state_wait if clean_exit else 0.0)
+                    row = outcome.row
+                    why = None
+                    if row is not None and not is_final_state(row[0]):
+                        why = restore_reason(result, row[0], cfg.phase_timeout_label,
+                                             lease_lost=lease_lost)
+                    finished = await leases.finish(ref.run_id, ref.phase_id,
+                                                   claimed.attempt_id, restore=why)
+                    lease_lost = lease_lost or not finished.held
+                    restored = finished.restored is not None
+                    if finished.restored is not None:
+                        row = (PhaseState.FAILED.value, finished.restored)
+                    elif why is not None:  # changed under us: read what it is now
+                        row = await phases.read(ref.run_id, ref.phase_id)
         except TimeoutError:
             # Not journaled as finished: --resume reconciles this attempt.
             raise DatabaseError(

@@ -71,6 +71,15 @@ def forget(pid: int) -> None:
     _workers.pop(pid, None)
 
 
+def nothing_left_behind() -> bool:
+    """True when no process can be left from an attempt that just ended on its own: drainer
+    is the subreaper, no spawn is under way, and every child of drainer is one it started.
+    A worker's surviving descendants are re-parented up to drainer as their parents exit,
+    so any of them would show as a child drainer did not start (or under one). Then the
+    full marker scan of ``/proc`` (which grows with the host's processes) can be skipped."""
+    return _enabled and not _spawning and all(pid in _known for pid in _children())
+
+
 def _children() -> list[int]:
     pids: list[int] = []
     try:

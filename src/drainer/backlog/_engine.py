@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ..dburl import DatabaseURL
 from ..errors import DatabaseError
+from ._sqlite import RawSqlite
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
@@ -33,6 +34,9 @@ STATEMENT_LIMIT = 2 * SQLITE_BUSY_TIMEOUT + 10.0
 _TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "55P03")
 
 T = TypeVar("T")
+#: what a round trip's code gets: ``execute(statement, params)`` returns a result with
+#: ``first()``, ``all()``, ``scalar_one()``, ``scalars()`` and ``rowcount``
+Execute = Callable[..., Any]
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -68,6 +72,8 @@ class Engine:
             self._engine = _make_engine(db)
         except (SQLAlchemyError, ImportError) as exc:
             raise DatabaseError(f"cannot open {db.redacted}: {_import_hint(exc)}") from exc
+        self._raw = RawSqlite(self._file, busy_timeout=SQLITE_BUSY_TIMEOUT,
+                              cache_kib=SQLITE_CACHE_KIB) if self._file is not None else None
 
     def check_identity(self) -> None:
         """SQLite: the file at the database's path must still be the one drainer opened.
@@ -141,6 +147,27 @@ class Engine:
             async with conn.begin():
                 yield conn
 
+    async def run(self, body: Callable[[Execute], T], *, write: bool = False,
+                  transaction: bool = False) -> T:
+        """One round trip: ``body(execute)``, a plain function that runs its statements
+        through ``execute`` (no awaits between them). ``write``: it writes; ``transaction``:
+        its statements form one write transaction (BEGIN IMMEDIATE on SQLite).
+
+        On SQLite the whole body runs in one hop to a thread, on a connection the session
+        keeps (:mod:`._sqlite`); on PostgreSQL, through SQLAlchemy's ``run_sync`` on a pooled
+        connection, each statement a round trip to the server. Use it inside :meth:`retry`.
+        """
+        self.check_identity()
+        if self._raw is not None:
+            return await self._raw.run(body, write=write, transaction=transaction)
+        async with self._engine.connect() as conn:
+            if transaction:
+                async with conn.begin():
+                    return await conn.run_sync(lambda sync: body(sync.execute))
+            out = await conn.run_sync(lambda sync: body(sync.execute))
+            await conn.commit()
+            return out
+
     @property
     def now_sql(self) -> str:
         """The database's clock as epoch seconds: expiry is judged by one clock for all."""
@@ -176,6 +203,8 @@ class Engine:
             return await conn.run_sync(fn)
 
     async def aclose(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
         await self._engine.dispose()
 
 

@@ -17,8 +17,9 @@ from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import DatabaseError
-from ._engine import Engine
-from .phases import PhaseRow, Phases
+from ..models import is_final_state
+from ._engine import Engine, Execute
+from .phases import Outcome, PhaseRow, Phases
 
 LEASE_TABLE = "drainer_leases"
 # Advisory lock key taken while creating LEASE_TABLE on PostgreSQL ("drainer" in ASCII).
@@ -96,6 +97,16 @@ class Leases:
         #: alter), NULLs: take-overs then find the holder's processes by marker only
         self._worker = _WORKER
         self.worker_columns = True
+        # The statements of the per-attempt round trips, built once (compiled once).
+        self._insert_absent = self._insert(if_absent=True)
+        self._delete_stmt = text(
+            f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id AND attempt_id = :attempt_id")
+        self._holder_stmt: tuple[str, Any] | None = None
+        self._renew_stmts = {record: text(
+            f"UPDATE {LEASE_TABLE} SET heartbeat_at = {self._now}, expires_at = {self._now} "
+            f"+ :ttl{extra} WHERE run_id = :run_id AND attempt_id = :attempt_id")
+            for record, extra in ((False, ""), (True, ", worker_pid = :wpid, "
+                                                      "worker_created = :wcreated"))}
 
     async def ensure_table(self) -> None:
         ddl = (
@@ -165,34 +176,42 @@ class Leases:
             return False
 
     async def claim(self, lease: Lease, ttl: float) -> Claim:
-        """Claim ``lease.run_id`` by inserting the lease; then read ``lease.phase_id`` and its
-        telemetry count under it (the "before" of the attempt). A run leased already gives
-        its holder, with ``expired`` set when that lease has expired: the caller ends the
-        holder's attempt and then calls :meth:`take_over`."""
+        """Claim ``lease.run_id`` by inserting the lease, and read ``lease.phase_id`` and its
+        telemetry count under it (the "before" of the attempt), in one round trip. A run
+        leased already gives its holder, with ``expired`` set when that lease has expired:
+        the caller ends the holder's attempt and then calls :meth:`take_over`."""
         params = lease.params(ttl)
+        phases = self._phases
 
-        async def insert() -> Lease | Claim | None:
+        def insert(execute: Execute) -> Lease | Claim | None:
+            # The common case: nobody holds the run, and the insert is atomic by itself.
+            inserted = execute(self._insert_absent, params).rowcount
+            holder = None if inserted else self._holder_with(execute, params)
+            if inserted or (holder is not None and holder.attempt_id == lease.attempt_id):
+                # (found ours: a retried insert had landed before the fault)
+                outcome = phases.outcome_with(execute, lease.run_id, lease.phase_id)
+                return Claim(holder=None, phase=outcome.row, telemetry=outcome.telemetry)
+            return holder  # None: released meanwhile
+
+        async def attempt() -> Lease | Claim | None:
             try:
-                # The common case is one statement, atomic by itself: nobody holds the run.
-                async with self._engine.write(single=True) as conn:
-                    if (await conn.execute(self._insert(if_absent=True), params)).rowcount:
-                        return None
+                return await self._engine.run(insert, write=True)
             except IntegrityError:
                 # Another drainer inserted first (PostgreSQL, between our two statements).
                 return Claim(holder=UNKNOWN_HOLDER)
-            async with self._engine.read() as conn:
-                holder = await self._holder(conn, params)
-            return holder if holder is not None else Claim(holder=None)
 
-        found = await self._engine.retry("claiming a lease in", insert)
+        try:
+            found = await self._engine.retry("claiming a lease in", attempt)
+        except BaseException:
+            # It may have inserted before failing, and no attempt will follow: give the run
+            # back now rather than at expiry.
+            await self.release_quietly(lease.run_id, lease.attempt_id)
+            raise
         if isinstance(found, Claim):
-            if found.holder is None:  # released meanwhile: try once more, as a take-over
-                return await self.take_over(lease, ttl, None)
             return found
-        if found is not None and found.attempt_id != lease.attempt_id:
-            return Claim(holder=found, expired=found.expired)
-        # Inserted (or found ours: a retried insert had landed before the fault).
-        return await self._read_under(lease)
+        if found is None:  # released meanwhile: try once more, as a take-over
+            return await self.take_over(lease, ttl, None)
+        return Claim(holder=found, expired=found.expired)
 
     async def take_over(self, lease: Lease, ttl: float, expired: Lease | None) -> Claim:
         """Take the run over from ``expired`` (a lease seen expired; None: seen free), in one
@@ -248,6 +267,15 @@ class Leases:
         ), params)).first()
         return None if row is None else Lease.from_row(row)
 
+    def _holder_with(self, execute: Execute, params: dict[str, Any]) -> Lease | None:
+        """:meth:`_holder` (unlocked) as part of a round trip."""
+        if self._holder_stmt is None or self._holder_stmt[0] != self._worker:
+            self._holder_stmt = (self._worker, text(
+                f"SELECT {_COLUMNS}, {self._worker}, expires_at < {self._now} AS expired "
+                f"FROM {LEASE_TABLE} WHERE run_id = :run_id"))
+        row = execute(self._holder_stmt[1], params).first()
+        return None if row is None else Lease.from_row(row)
+
     def _insert(self, *, if_absent: bool) -> Any:
         """INSERT of a new lease row (parameters: :meth:`Lease.params`); ``if_absent``: do
         nothing (rowcount 0) when the run already has one."""
@@ -280,38 +308,53 @@ class Leases:
 
         return await self._engine.retry("finishing an attempt in", settle)
 
+    async def finish_if_final(
+        self, run_id: str, phase_id: str, attempt_id: str
+    ) -> tuple[Outcome, bool | None]:
+        """After an attempt, in one round trip: read the phase and its telemetry and, when
+        the phase is final (or gone), release our lease. Returns the outcome and whether the
+        lease was still ours; ``None`` when the phase was left non-final and nothing was
+        released (then :meth:`finish` restores and releases)."""
+        phases = self._phases
+
+        def settle(execute: Execute) -> tuple[Outcome, bool | None]:
+            outcome = phases.outcome_with(execute, run_id, phase_id)
+            if outcome.row is not None and not is_final_state(outcome.row[0]):
+                return outcome, None
+            held = execute(self._delete_stmt, {"run_id": run_id, "attempt_id": attempt_id})
+            return outcome, bool(held.rowcount)
+
+        return await self._engine.retry("finishing an attempt in",
+                                        lambda: self._engine.run(settle, write=True))
+
     async def _delete(self, conn: AsyncConnection, run_id: str, attempt_id: str) -> bool:
-        result = await conn.execute(text(
-            f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id AND attempt_id = :attempt_id"
-        ), {"run_id": run_id, "attempt_id": attempt_id})
+        result = await conn.execute(self._delete_stmt,
+                                    {"run_id": run_id, "attempt_id": attempt_id})
         return bool(result.rowcount)
 
     async def renew(self, run_id: str, attempt_id: str, ttl: float,
                     worker: tuple[int, float | None] | None = None) -> bool:
         """Extend our lease by ``ttl``, recording the attempt's ``worker`` (pid, create
         time) when given; False when the lease is no longer ours."""
-        now = self._now
         if not self.worker_columns:
             worker = None
-        record = ", worker_pid = :wpid, worker_created = :wcreated" if worker else ""
-        params = {"ttl": ttl, "run_id": run_id, "attempt_id": attempt_id}
+        params: dict[str, Any] = {"ttl": ttl, "run_id": run_id, "attempt_id": attempt_id}
         if worker:
             params.update(wpid=worker[0], wcreated=worker[1])
+        stmt = self._renew_stmts[worker is not None]
 
         async def update() -> bool:
-            async with self._engine.write(single=True) as conn:
-                result = await conn.execute(text(
-                    f"UPDATE {LEASE_TABLE} SET heartbeat_at = {now}, expires_at = {now} + :ttl"
-                    f"{record} WHERE run_id = :run_id AND attempt_id = :attempt_id"
-                ), params)
-            return bool(result.rowcount)
+            return await self._engine.run(
+                lambda execute: bool(execute(stmt, params).rowcount), write=True)
 
         return await self._engine.retry("renewing a lease in", update)
 
     async def release(self, run_id: str, attempt_id: str) -> None:
+        params = {"run_id": run_id, "attempt_id": attempt_id}
+
         async def delete() -> None:
-            async with self._engine.write(single=True) as conn:
-                await self._delete(conn, run_id, attempt_id)
+            await self._engine.run(lambda execute: execute(self._delete_stmt, params),
+                                   write=True)
 
         await self._engine.retry("releasing a lease in", delete)
 

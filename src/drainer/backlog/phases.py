@@ -21,7 +21,7 @@ from ..errors import DatabaseError
 from ..models import NON_FINAL_STATES, Candidates, PhaseState
 from ..reasons import with_note
 from ..schema import Schema
-from ._engine import Engine
+from ._engine import Engine, Execute
 
 LOAD_CHUNK = 1000  #: rows per fetch while loading candidates (bounds the transient memory)
 FINAL_STATE_POLL_INTERVAL = 0.1
@@ -186,12 +186,13 @@ class Phases:
     async def read_outcome(self, run_id: str, phase_id: str) -> Outcome:
         """A phase's state, reason and telemetry count, in one statement."""
         async def read() -> Outcome:
-            async with self._engine.read() as conn:
-                return await self.outcome_in(conn, run_id, phase_id)
+            return await self._engine.run(
+                lambda execute: self.outcome_with(execute, run_id, phase_id))
 
         return await self._engine.retry("reading a phase from", read)
 
-    async def outcome_in(self, conn: AsyncConnection, run_id: str, phase_id: str) -> Outcome:
+    def outcome_with(self, execute: Execute, run_id: str, phase_id: str) -> Outcome:
+        """:meth:`read_outcome` as part of a round trip (:meth:`Engine.run`)."""
         if self._outcome_stmt is None:
             telemetry = self._telemetry_total()
             columns = [self._state, self._reason]
@@ -200,10 +201,10 @@ class Phases:
             self._outcome_stmt = select(*columns).where(
                 self._run == bindparam("r"), self._phase == bindparam("p")
             )
-        row = (await conn.execute(self._outcome_stmt, {"r": run_id, "p": phase_id})).first()
+        row = execute(self._outcome_stmt, {"r": run_id, "p": phase_id}).first()
         if row is None:
             # The phase is gone; its telemetry (if any) still counts.
-            return Outcome(None, await self._telemetry_in(conn, run_id, phase_id))
+            return Outcome(None, self._telemetry_with(execute, run_id, phase_id))
         count = int(row[2]) if len(row) > 2 and row[2] is not None else None
         return Outcome((self.schema.canonical(row[0]), row[1]), count)
 
@@ -230,8 +231,8 @@ class Phases:
             return None
 
         async def count() -> int | None:
-            async with self._engine.read() as conn:
-                return await self._telemetry_in(conn, run_id, phase_id)
+            return await self._engine.run(
+                lambda execute: self._telemetry_with(execute, run_id, phase_id))
 
         return await self._engine.retry("counting telemetry in", count)
 
@@ -253,15 +254,12 @@ class Phases:
             total = count if total is None else total + count
         return total
 
-    async def _telemetry_in(
-        self, conn: AsyncConnection, run_id: str, phase_id: str
-    ) -> int | None:
+    def _telemetry_with(self, execute: Execute, run_id: str, phase_id: str) -> int | None:
         if not self.telemetry_tables:
             return None
         if self._telemetry_stmt is None:
             self._telemetry_stmt = select(self._telemetry_total())  # one round trip for all
-        result = await conn.execute(self._telemetry_stmt, {"r": run_id, "p": phase_id})
-        return int(result.scalar_one())
+        return int(execute(self._telemetry_stmt, {"r": run_id, "p": phase_id}).scalar_one())
 
     # -- writes --------------------------------------------------------------------------
 
