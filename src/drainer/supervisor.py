@@ -176,14 +176,16 @@ class Supervisor:
                     env=dict(spec.env),
                     start_new_session=True,
                 )
-                self._created = proctree.create_time(process.pid)
+                # One read of /proc/<pid>/stat gives both (psutil's create time is the
+                # boot time plus the start ticks).
+                self._started_ticks = proctree.start_ticks(process.pid)
+                self._created = proctree.create_time(process.pid, ticks=self._started_ticks)
                 reaper.known(process.pid, worker_created=self._created or time.time())
         except OSError as exc:
             result.spawn_error = f"cannot start worker {spec.argv[0]!r}: {exc.strerror or exc}"
             return
         self._process = process
         result.pid = process.pid
-        self._started_ticks = proctree.start_ticks(process.pid)
         assert process.stdout is not None and process.stderr is not None
         pumps_done = anyio.Event()
         try:
