@@ -154,13 +154,15 @@ def drainer_loop(
     argv: Sequence[str], db_path: Path, attempts: int, session_dir: Path, cwd: Path
 ) -> dict[str, Any]:
     """One drain session over the copy, one lane; the wall time of ``anyio.run(drain)``.
-    The process is its workers' child subreaper, as ``python -m drainer run`` makes it."""
+    As under ``python -m drainer run``: the process is its workers' child subreaper, and
+    worker exits are watched through pidfds."""
     import anyio
 
     from drainer import SessionSummary, drain, iter_attempts, reaper
 
     reaper.become_subreaper()
     from drainer.config import DrainConfig
+    from drainer.supervisor import pidfd_child_watcher
 
     config = DrainConfig(
         database_url=f"sqlite:///{db_path}",
@@ -176,7 +178,8 @@ def drainer_loop(
     )
 
     async def run() -> SessionSummary:
-        return await drain(config, echo=lambda _line: None)
+        with pidfd_child_watcher():
+            return await drain(config, echo=lambda _line: None)
 
     cpu0 = time.process_time()
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -246,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
                                   handle_signals=True)
             return summary.exit_code
 
-        return anyio.run(go_json)
+        return _run_session(go_json)
     if sys.stdout.isatty() and not getattr(args, "plain", False):
         from .live import REFRESH_INTERVAL, LiveView
         from .session import DrainSession
@@ -272,13 +272,27 @@ def _run(args: argparse.Namespace) -> int:
                     view.close()
             return summary.exit_code
 
-        return anyio.run(go_live)
+        return _run_session(go_live)
 
     async def go() -> int:
         summary = await drain(config, echo=_echo, handle_signals=True)
         return summary.exit_code
 
-    return anyio.run(go)
+    return _run_session(go)
+
+
+def _run_session(session: Callable[[], Awaitable[int]]) -> int:
+    """Run a drain session on the command line's event loop, with worker exits watched
+    through pidfds (see :func:`drainer.supervisor.pidfd_child_watcher`)."""
+    import anyio
+
+    from .supervisor import pidfd_child_watcher
+
+    async def main() -> int:
+        with pidfd_child_watcher():
+            return await session()
+
+    return anyio.run(main)
 
 
 def _print_config(
