@@ -3,6 +3,8 @@ SQLAlchemy); SQLAlchemy's own ``make_url`` is the reference it must agree with."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -65,13 +67,17 @@ def test_any_secret_in_the_url_is_hidden(raw: str, hidden: str) -> None:
     assert hidden in db.sync_url  # the worker still gets it
 
 
-def test_a_percent_encoded_sqlite_path_opens_the_decoded_file(env: Env) -> None:
-    spaced = env.tmp / "sp dir"
-    spaced.mkdir()
-    create_backlog(spaced / "a.db", [("run-0", "P", 0, "FAILED", None)])
-    proc = env.run_cli("status", "--database-url", f"sqlite:///{spaced}/a.db".replace(" ", "%20"))
+def test_an_escaped_sqlite_path_opens_the_file_sqlalchemy_names(env: Env) -> None:
+    # SQLAlchemy 2.1 decodes "%20" in the database part, 2.0 keeps it: drainer opens the file
+    # the installed SQLAlchemy names, as the workers beside it will.
+    url = f"sqlite:///{env.tmp}/sp%20dir/a.db"
+    path = Path(make_url(url).database or "")
+    path.parent.mkdir()
+    create_backlog(path, [("run-0", "P", 0, "FAILED", None)])
+    proc = env.run_cli("status", "--database-url", url)
     assert proc.returncode == 0, proc.stderr
     assert "run-0" in proc.stdout
+    assert Path(make_url(parse_database_url(url).sync_url).database or "") == path
 
 
 def test_an_unparsable_url_with_a_lone_user_shows_none_of_it(env: Env) -> None:

@@ -31,8 +31,21 @@ _ASYNC_DRIVERS = {"sqlite+aiosqlite", "postgresql+asyncpg"}
 EXAMPLES = "e.g. sqlite:///autopack.db or postgresql://user:password@host:5432/dbname"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # RFC 3986's shape as SQLAlchemy's ``make_url`` reads it: scheme://[user[:password]@]
-# [host | [ipv6]][:port][/database][?query]. Parsed here, not by SQLAlchemy, so that commands
-# that never open the database (``drainer config``, usage errors) do not import it.
+# [host | [ipv6]][:port][/database][?query]. A plain URL (no escapes but in the password, no
+# character any SQLAlchemy release quotes) is parsed here, so that commands that never open
+# the database (``drainer config``, usage errors) do not import SQLAlchemy; every release
+# reads and writes such a URL alike. Any other URL is read by the installed SQLAlchemy
+# itself, as the workers' SQLAlchemy beside it will (2.0 leaves an escaped database name as
+# it is, 2.1 decodes it).
+_PLAIN = re.compile(
+    r"""[A-Za-z0-9+]+://
+        (?:[A-Za-z0-9._~-]*(?::[^@/?#]*)?@)?
+        (?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)
+        (?::[0-9]*)?
+        (?:/[A-Za-z0-9._~/-]*)?
+        (?:\?[A-Za-z0-9._~=&-]*)?""",
+    re.X,
+)
 _URL = re.compile(
     r"""(?P<scheme>[\w+]+)://
         (?:(?P<user>[^:/]*)(?::(?P<password>[^@]*))?@)?
@@ -55,11 +68,14 @@ class _Parts:
     port: int | None
     database: str | None
     query: tuple[tuple[str, str], ...]
+    plain: bool = True  #: parsed here (else by SQLAlchemy, which then writes it too)
 
     def render(self, *, hide_password: bool) -> str:
         """The URL as SQLAlchemy's ``render_as_string`` writes it (the same quoting, query
         keys sorted), except that hiding also hides a lone user name and a ``password``
         given in the query."""
+        if not self.plain:
+            return self._render_by_sqlalchemy(hide_password)
         out = f"{self.drivername}://"
         if self.username is not None and hide_password and self.password is None:
             out += "***@"  # a user alone may be a token: any userinfo is hidden
@@ -81,6 +97,23 @@ class _Parts:
                 for key, value in sorted(self.query, key=lambda kv: kv[0]))
         return out
 
+    def _render_by_sqlalchemy(self, hide_password: bool) -> str:
+        from sqlalchemy.engine import URL
+
+        url = URL.create(self.drivername, username=self.username, password=self.password,
+                         host=self.host, port=self.port, database=self.database,
+                         query=self.query_dict())
+        if hide_password and self.username is not None and self.password is None:
+            url = url.set(username=None)  # then put "***@" where the user was
+            out = url.render_as_string(hide_password=True)
+            scheme, _, rest = out.partition("://")
+            out = f"{scheme}://***@{rest}"
+        else:
+            out = url.render_as_string(hide_password=hide_password)
+        if hide_password and any(k.lower() == "password" for k, _ in self.query):
+            out = re.sub(r"([?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*", r"\1***", out)
+        return out
+
     def query_dict(self) -> dict[str, str | list[str]]:
         """The query as SQLAlchemy's ``URL`` holds it: a repeated key's values in a list."""
         out: dict[str, str | list[str]] = {}
@@ -99,6 +132,8 @@ class _Parts:
 
 
 def _parse(raw: str) -> _Parts:
+    if not _PLAIN.fullmatch(raw):
+        return _parse_by_sqlalchemy(raw)
     m = _URL.match(raw)
     if m is None:
         raise ValueError("not a URL")
@@ -112,6 +147,23 @@ def _parse(raw: str) -> _Parts:
         database=unquote(m["database"]) if m["database"] else None,
         query=tuple(parse_qsl(m["query"] or "")),
     )
+
+
+def _parse_by_sqlalchemy(raw: str) -> _Parts:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(raw)
+    except ArgumentError as exc:
+        raise ValueError(str(exc)) from exc
+    query: list[tuple[str, str]] = []
+    for key in sorted(url.query):
+        values = url.query[key]
+        query += [(key, values)] if isinstance(values, str) else [(key, v) for v in values]
+    return _Parts(drivername=url.drivername, username=url.username, password=url.password,
+                  host=url.host, port=url.port, database=url.database, query=tuple(query),
+                  plain=False)
 
 
 @dataclass(frozen=True, slots=True)
