@@ -26,6 +26,8 @@ URLS = [
     "postgresql:///db",
     "postgres://u:pw@h/db",
     "postgresql+asyncpg://u:pw@h/db",
+    "postgresql://postgres@127.0.0.1:5432/test",  # a lone user (hidden as ***)
+    "postgresql://tok%2Fen@h/my%20db",  # a lone user in a URL SQLAlchemy reads
 ]
 
 
@@ -52,6 +54,7 @@ def test_a_redacted_url_read_back_is_redacted_the_same(raw: str) -> None:
     # --resume compares the URL a session saved (redacted) with the one given now.
     db = parse_database_url(raw)
     assert _redacted(db.redacted) == db.redacted
+    assert "***@***" not in db.redacted and "%2A" not in db.redacted
     older = make_url(db.sync_url).render_as_string(hide_password=True)  # as drainer <= 0.1
     assert _redacted(older) == db.redacted
 

@@ -100,16 +100,14 @@ class _Parts:
     def _render_by_sqlalchemy(self, hide_password: bool) -> str:
         from sqlalchemy.engine import URL
 
-        url = URL.create(self.drivername, username=self.username, password=self.password,
-                         host=self.host, port=self.port, database=self.database,
-                         query=self.query_dict())
-        if hide_password and self.username is not None and self.password is None:
-            url = url.set(username=None)  # then put "***@" where the user was
-            out = url.render_as_string(hide_password=True)
+        lone_user = hide_password and self.username is not None and self.password is None
+        url = URL.create(self.drivername, username=None if lone_user else self.username,
+                         password=self.password, host=self.host, port=self.port,
+                         database=self.database, query=self.query_dict())
+        out = url.render_as_string(hide_password=hide_password)
+        if lone_user:  # "***@" where the user was
             scheme, _, rest = out.partition("://")
             out = f"{scheme}://***@{rest}"
-        else:
-            out = url.render_as_string(hide_password=hide_password)
         if hide_password and any(k.lower() == "password" for k, _ in self.query):
             out = re.sub(r"([?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*", r"\1***", out)
         return out
