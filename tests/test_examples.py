@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -96,15 +94,10 @@ def test_embed_in_executor_example_runs_next_to_other_work(tmp_path: Path) -> No
 
 
 def test_two_drainers_postgres_example(tmp_path: Path) -> None:
-    import os
 
-    from pg import ADMIN_URL, server_answers
+    from pg import ADMIN_URL, require_server
 
-    why = server_answers()
-    if why is not None:
-        if os.environ.get("DRAINER_REQUIRE_PG"):
-            raise RuntimeError(why)
-        pytest.skip(why)
+    require_server()
     proc = subprocess.run([sys.executable, str(EXAMPLES / "two_drainers_postgres.py"), ADMIN_URL],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -43,13 +43,9 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         conn.close()
         yield f"sqlite:///{db}"
         return
-    from pg import ADMIN_URL, create_database, drop_database, server_answers
+    from pg import ADMIN_URL, create_database, drop_database, require_server
 
-    why = server_answers()
-    if why is not None:
-        if os.environ.get("DRAINER_REQUIRE_PG"):
-            raise RuntimeError(why)
-        pytest.skip(why)
+    require_server()
     name = create_database(PHASES)
     base = ADMIN_URL.rsplit("/", 1)[0]
     try:

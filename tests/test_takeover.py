@@ -152,13 +152,9 @@ def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(
 
 def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over_on_postgresql(
         env: Env) -> None:
-    from pg import ADMIN_URL, create_database, drop_database, fetch_states, server_answers
+    from pg import ADMIN_URL, create_database, drop_database, fetch_states, require_server
 
-    why = server_answers()
-    if why is not None:
-        if os.environ.get("DRAINER_REQUIRE_PG"):
-            raise RuntimeError(why)
-        pytest.skip(why)
+    require_server()
     name = create_database(PHASES)
     url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
 
