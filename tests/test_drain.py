@@ -39,7 +39,7 @@ RESULT_FIELDS = AUTOPACK_RESULT_FIELDS | {
 }
 INFO_FIELDS = {
     "session_id", "started_at", "completed_at", "autopack_session_file", "stop_reason",
-    "stop_detail", "totals", "stopped_runs", "leak_gauge", "lanes", "config", "host",
+    "stop_detail", "totals", "stopped_runs", "leak_gauge", "claims", "claims_refused", "lanes", "config", "host",
     "drainer_version",
 }
 

@@ -5,6 +5,7 @@ restored, and the claim reads the phase and its telemetry under the lease."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -247,3 +248,72 @@ async def test_the_lease_records_its_worker_and_an_older_table_gets_the_columns(
                                                seen.holder)).holder is None
         [(held, _age)] = await backlog.leases.live()
         assert held.attempt_id == "a-me" and held.worker_pid is None
+
+
+async def test_a_refused_claim_says_when_the_lease_ends_and_held_elsewhere_lists_it(
+    url: str,
+) -> None:
+    async with store(url) as backlog:
+        assert (await backlog.leases.claim(_lease("run-a", "P2", "one"), ttl=60)).holder is None
+        assert (await backlog.leases.claim(_lease("run-b", "P1", "two"), ttl=30)).holder is None
+        blocked = await backlog.leases.claim(_lease("run-a", "P2", "two"), ttl=60)
+        assert blocked.holder is not None
+        assert blocked.holder.remaining is not None and 50 < blocked.holder.remaining <= 60
+        # Another session's view: both runs, with the seconds left; its own lease is not
+        # "elsewhere" for a session.
+        held = await backlog.leases.held_elsewhere(other_than="s-two")
+        assert set(held) == {"run-a"} and 50 < held["run-a"] <= 60
+        held = await backlog.leases.held_elsewhere(other_than="s-nobody")
+        assert set(held) == {"run-a", "run-b"} and 20 < held["run-b"] <= 30
+
+
+async def test_a_run_leased_elsewhere_costs_one_refused_claim_not_one_a_second(
+    url: str, tmp_path: Path,
+) -> None:
+    """While another drainer holds a run, a session leaves it alone until the lease ends
+    (reading the lease table, not claiming again and again), then drains it."""
+    import sys
+
+    import anyio
+
+    from conftest import CONTRACT_WORKER
+    from drainer import drain
+    from drainer.config import DrainConfig
+    from drainer.events import AttemptFinished
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(CONTRACT_WORKER)
+    async with store(url) as backlog:
+        # run-b's phase is held by a live drainer of another session.
+        assert (await backlog.leases.claim(_lease("run-b", "P1", "other"), ttl=600)).holder \
+            is None
+    finished: list[str] = []
+    others_done = anyio.Event()
+
+    def seen(event: object) -> None:
+        if isinstance(event, AttemptFinished):
+            finished.append(event.attempt.run_id)
+            if event.attempt.run_id == "run-a":
+                others_done.set()
+
+    config = DrainConfig(database_url=url, command=[sys.executable, str(worker), "{run_id}",
+                                                    "{phase_id}"],
+                         session_dir=tmp_path / "sessions", env=(("TEST_OUT", str(tmp_path)),),
+                         max_attempts_per_phase=1, kill_grace_period=0.5)
+    summary = None
+
+    async def run() -> None:
+        nonlocal summary
+        summary = await drain(config, on_event=seen)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await others_done.wait()  # run-a (P2) drained; run-b is waiting on its lease
+        # Long enough for a drainer that claims again every second to have done it twice.
+        await anyio.sleep(2.5)
+        async with store(url) as backlog:
+            await backlog.leases.release("run-b", "a-other")
+    assert summary is not None and finished == ["run-a", "run-b"]
+    info = json.loads((summary.journal_path.parent / "session.json").read_text())
+    assert info["claims_refused"] == 1
+    assert info["claims"] == 3

@@ -137,7 +137,7 @@ async def test_busy_leased_removed_and_stopped_runs_are_left_out() -> None:
     s.observe(outcome(ref, "COMPLETE"))
     assert await s.pick(busy={"busy"}) is None
     assert s.waiting_on_leases
-    s.forget_leases()  # a fresh load, and the leased run is a candidate again
+    s.leases_now({})  # its lease ended: the run is a candidate again (no reload needed)
     keys = {(await s.pick(busy={"busy"}) or PhaseRef("", "", 0, "")).key}
     assert keys == {("leased", "p")}
 
@@ -273,3 +273,63 @@ async def test_ids_no_worker_can_be_given_are_never_picked_and_reported_once() -
     s.invalidate()  # a reload finds them again: they are not reported again
     assert await s.pick() is None
     assert s.new_unpassable() == []
+
+
+async def test_sessions_order_runs_of_equal_priority_each_their_own_way() -> None:
+    """The tie-break among runs of equal priority is a hash of the session's id and the run
+    id: two drainers sharing a backlog start on different runs, and one session (resumed
+    too) always keeps its order. Priority still comes first, and without a salt (plan)
+    runs of equal priority go by id."""
+    rows = [(f"run-{i:02d}", "p0", 0, None) for i in range(20)]
+    rows += [("aa-later", "p1", 1, None)]  # a higher phase index: after every index-0 phase
+    rows += [("aa-last", "p0", 0, "ImportError: no module named x")]  # a category behind
+
+    async def order(salt: str) -> list[str]:
+        backlog = Backlog(rows)
+        return await drain_order(selector(backlog, tie_salt=salt), backlog, state="COMPLETE")
+
+    plain = await order("")
+    assert plain[:20] == [f"run-{i:02d}/p0" for i in range(20)]
+    one, again, other = await order("session-1"), await order("session-1"), await order("s-2")
+    assert one == again
+    assert one != other and one[0] != other[0]
+    for each in (plain, one, other):
+        assert sorted(each[:20]) == plain[:20]
+        assert each[20:] == ["aa-later/p1", "aa-last/p0"]
+
+
+async def test_a_run_leased_elsewhere_waits_for_its_lease_without_a_reload() -> None:
+    backlog = Backlog([("leased", "p", 0, None), ("free", "p", 1, None)])
+    s = selector(backlog)
+    s.leased_elsewhere("leased", 30.0)
+    assert 29.0 < s.lease_wait() <= 30.0
+    ref = await s.pick()
+    assert ref is not None and ref.key == ("free", "p")
+    s.observe(outcome(ref, "COMPLETE"))
+    assert await s.pick() is None and s.waiting_on_leases
+    s.leases_now({"leased": 5.0})  # renewed: wait for its new expiry
+    assert s.lease_wait() <= 5.0 and await s.pick() is None
+    loads = backlog.loads
+    s.leases_now({})  # ended
+    assert not s.waiting_on_leases
+    ref = await s.pick()
+    assert ref is not None and ref.key == ("leased", "p")
+    assert backlog.loads == loads  # the claim re-reads the phase: no reload for this
+    s.leased_elsewhere("leased", None)  # unknown end: looked at again soon
+    assert s.lease_wait() <= 1.0
+
+
+async def test_a_phase_drained_elsewhere_brings_the_next_reload_forward() -> None:
+    """Another drainer drained phases of this index: the first one found tells, and the
+    next pick reloads (its cost allowing) instead of claiming the others one by one."""
+    backlog = Backlog([(f"r{i}", "p", 0, None) for i in range(5)])
+    s = selector(backlog, dry_reload_cost=0)
+    first = await s.pick()
+    assert first is not None and first.key == ("r0", "p")
+    for i in range(4):  # drained elsewhere meanwhile
+        backlog.done(PhaseRef(f"r{i}", "p", 0, "FAILED"))
+    s.remove(first)  # its claim found it COMPLETE
+    loads = backlog.loads
+    ref = await s.pick()
+    assert backlog.loads == loads + 1
+    assert ref is not None and ref.key == ("r4", "p")

@@ -64,8 +64,15 @@ class Claimed:
     telemetry_before: int | None
 
 
-ClaimOutcome = Claimed | Literal["leased", "gone"]
-LEASED: Literal["leased"] = "leased"  #: another live drainer holds the run
+@dataclass(frozen=True, slots=True)
+class Leased:
+    """Another live drainer holds the run: its lease ends in ``remaining`` seconds at the
+    latest (None: unknown)."""
+
+    remaining: float | None = None
+
+
+ClaimOutcome = Claimed | Leased | Literal["gone"]
 GONE: Literal["gone"] = "gone"  #: the phase is no longer drainable (done meanwhile)
 
 
@@ -379,7 +386,7 @@ class AttemptRunner:
             await self.end_expired(claim.holder)
             claim = await leases.take_over(lease, ttl, claim.holder)
         if claim.holder is not None:
-            return LEASED
+            return Leased(claim.holder.remaining)
         drainable = (PhaseState.FAILED,) if self.config.skip_runs_with_queued else (
             PhaseState.FAILED, PhaseState.QUEUED)
         if claim.phase is None or claim.phase[0] not in drainable:
@@ -418,6 +425,10 @@ class AttemptRunner:
                     "non-final")
                 swept.append(lease)
         return swept
+
+    async def leased_elsewhere(self) -> dict[str, float]:
+        """Runs other drainers lease now, with seconds to each lease's expiry."""
+        return await self._store.leases.held_elsewhere(other_than=self._session_id)
 
     async def release(self, claimed: Claimed) -> None:
         """A claimed phase that will not be attempted after all: give its run back."""

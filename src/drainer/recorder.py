@@ -81,6 +81,10 @@ class Recorder:
         self._snapshot_at = 0.0
         self._snapshot_journal_size = 0
         self._snapshot_running = False
+        #: lease claims this process made, and those refused because another drainer held
+        #: the run (since the session, or its last resume, started)
+        self.claims = 0
+        self.claims_refused = 0
 
     # -- output ------------------------------------------------------------------------
 
@@ -201,6 +205,8 @@ class Recorder:
             },
             "stopped_runs": stopped_runs,
             "leak_gauge": fields.get("leak_gauge"),
+            "claims": self.claims,
+            "claims_refused": self.claims_refused,
             "lanes": self.config.lanes,
             "config": self.config.to_json(),
             "host": hostname(self.config.host_name),

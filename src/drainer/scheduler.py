@@ -15,7 +15,7 @@ import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .attempt import LEASED, AttemptRunner, Claimed
+from .attempt import AttemptRunner, Claimed, Leased
 from .config import DrainConfig
 from .errors import DrainerError
 from .leaks import LeakGauge
@@ -24,7 +24,8 @@ from .policy import Policy
 from .recorder import Recorder
 from .selection import Selector
 
-LEASED_POLL_INTERVAL = 1.0  #: when only runs leased elsewhere are left, look again this often
+#: when only runs leased elsewhere are left, read the lease table this often (one small read)
+LEASED_POLL_INTERVAL = 0.2
 
 Ticket = tuple[Claimed, int]  #: a claimed phase and its number in the session (1, 2...)
 
@@ -152,29 +153,34 @@ class Scheduler:
                     selector.release(ref.run_id)
                 return None
             if ref is None:
+                if selector.waiting_on_leases:
+                    # Runs another live drainer holds may be all that is left: look at the
+                    # lease table (not the whole backlog) now and then, or when an attempt
+                    # here ends, until those leases end or expire.
+                    with anyio.move_on_after(min(LEASED_POLL_INTERVAL, selector.lease_wait())):
+                        await self._changed.wait()
+                    with anyio.CancelScope(shield=True):
+                        selector.leases_now(await self._attempts.leased_elsewhere())
+                    continue
                 if self._running:
                     # Only runs with an attempt in flight here are left: wait for one to end
                     # (its run is free again, or a retry is due).
                     await self._changed.wait()
                     continue
-                if selector.waiting_on_leases:
-                    # Only runs another live drainer holds are left: wait for those leases to
-                    # end or expire, then look again on a fresh load.
-                    with anyio.move_on_after(LEASED_POLL_INTERVAL):
-                        await self._changed.wait()
-                    selector.forget_leases()
-                    continue
                 return None
             with anyio.CancelScope(shield=True):
                 outcome = await self._attempts.claim(ref)
+            self._recorder.claims += 1
             if isinstance(outcome, Claimed):
                 if self._picking.cancel_called:  # a stop arrived while we claimed
                     selector.release(ref.run_id)
                     await self._attempts.release(outcome)
                     return None
                 return outcome
-            if outcome == LEASED:
-                selector.leased_elsewhere(ref.run_id)
+            if isinstance(outcome, Leased):
+                # Left alone until its lease ends: drainers sharing a backlog stop colliding.
+                self._recorder.claims_refused += 1
+                selector.leased_elsewhere(ref.run_id, outcome.remaining)
             else:
                 selector.remove(ref)
 

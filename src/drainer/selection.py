@@ -14,6 +14,7 @@ import functools
 import heapq
 import math
 import re
+import zlib
 from array import array
 from collections.abc import Awaitable, Callable, Set
 
@@ -56,6 +57,8 @@ INDEX_REFRESH_INTERVAL = 300.0  #: reload candidates this often, to find newly F
 DRY_RELOAD_INTERVAL = 1.0  #: with runs in flight, an index out of untried phases reloads at
 #: most this often; and reloads never take more than 1/DRY_RELOAD_COST of the time
 DRY_RELOAD_COST = 10
+#: a run found leased elsewhere whose lease's end is unknown (or past) is left alone this long
+LEASE_RECHECK = 1.0
 QUEUED_SKIP = "QUEUED phase (left for its executor; --no-skip-runs-with-queued drains it)"
 NUL_SKIP = "its id holds a NUL byte, which no worker can be given (argv and environment)"
 #: Linux refuses any one argv or environment string over 128 KiB (MAX_ARG_STRLEN), and every
@@ -100,14 +103,25 @@ def triage_tier(attempt: Attempt, *, fingerprint_seen_before: bool) -> int:
     return TIER_PROMISING
 
 
-OrderKey = tuple[int, int, int, str, str]
+OrderKey = tuple[int, int, int, int, str, str]
 
 
 def order_key(reason: str | None, phase_index: int, failed_in_run: int, run_id: str,
-              phase_id: str) -> OrderKey:
+              phase_id: str, tie: int = 0) -> OrderKey:
     """The priority of a phase inside a triage tier (DESIGN.md §5): category of its last
-    failure reason, phase index, runs with fewer failed phases, ids."""
-    return (failure_category(reason), phase_index, failed_in_run, run_id, phase_id)
+    failure reason, phase index, runs with fewer failed phases, the run's tie-break
+    (:func:`run_tie`), ids."""
+    return (failure_category(reason), phase_index, failed_in_run, tie, run_id, phase_id)
+
+
+def run_tie(salt: str, run_id: str) -> int:
+    """Where a run goes among runs of equal priority: 0 (by run id) without a ``salt``; with
+    one (a session's id), a hash of salt and run id, so that drainers sharing a backlog
+    start on different runs instead of all claiming the same one. Stable across processes
+    (CRC-32, not Python's salted ``hash``), so a resumed session keeps its order."""
+    if not salt:
+        return 0
+    return zlib.crc32(run_id.encode("utf-8", "surrogatepass"), zlib.crc32(salt.encode()))
 
 
 _REMOVED = 1  #: drained by someone else meanwhile: not a candidate any more
@@ -143,7 +157,7 @@ def _unpassable(c: Candidates, run_id: str, start: int, end: int,
 def _sort_rows(c: Candidates, run_id: str, start: int, end: int, failed: int) -> None:
     """Sort one run's rows ``start:end`` of the columns into priority order, in place."""
     ids, indexes, reasons, queued = c.phase_ids, c.indexes, c.reasons, c.queued
-    order = sorted(range(start, end),
+    order = sorted(range(start, end),  # one run: its tie-break is the same for every row
                    key=lambda j: order_key(reasons[j], indexes[j], failed, run_id, ids[j]))
     if order == list(range(start, end)):
         return
@@ -160,11 +174,12 @@ class _RunQueue:
     columns, not the index, so no cycle keeps an old load alive after a reload."""
 
     __slots__ = ("_where", "attempts", "candidates", "cursor", "end", "failed", "flags",
-                 "run_id", "start", "tier", "version")
+                 "run_id", "start", "tie", "tier", "version")
 
     def __init__(self, run_id: str, columns: CandidateIndex, start: int, end: int,
-                 failed: int) -> None:
+                 failed: int, tie: int = 0) -> None:
         self.run_id = run_id
+        self.tie = tie
         self.candidates = columns.candidates
         self.attempts, self.flags = columns.attempts, columns.flags
         self.start, self.end, self.cursor = start, end, start
@@ -178,7 +193,8 @@ class _RunQueue:
 
     def key(self, i: int) -> OrderKey:
         c = self.candidates
-        return order_key(c.reasons[i], c.indexes[i], self.failed, self.run_id, c.phase_ids[i])
+        return order_key(c.reasons[i], c.indexes[i], self.failed, self.run_id, c.phase_ids[i],
+                         self.tie)
 
     def ref(self, i: int) -> PhaseRef:
         return self.candidates.ref(self.run_id, i)
@@ -235,8 +251,10 @@ class CandidateIndex:
         skip_queued: bool = True,
         keep_skipped: bool = True,
         too_long: TooLong | None = None,
+        tie_salt: str = "",
     ) -> CandidateIndex:
-        """The index of one load; it takes the candidates' columns over (sorted in place)."""
+        """The index of one load; it takes the candidates' columns over (sorted in place).
+        ``tie_salt``: see :func:`run_tie`."""
         skipped: list[tuple[PhaseRef, str]] = []
         index = cls(candidates, skipped)
         queued = candidates.queued
@@ -266,7 +284,8 @@ class CandidateIndex:
                     skipped.append(entry)
             if live:
                 index.size += live
-                queue = index.runs[run_id] = _RunQueue(run_id, index, start, end, failed)
+                queue = index.runs[run_id] = _RunQueue(run_id, index, start, end, failed,
+                                                       run_tie(tie_salt, run_id))
                 index.push(queue)
         skipped.sort(key=lambda item: (item[0].run_id, item[0].phase_index, item[0].phase_id))
         return index
@@ -356,15 +375,18 @@ class Selector:
         refresh_interval: float = INDEX_REFRESH_INTERVAL,
         dry_reload_cost: float = DRY_RELOAD_COST,
         too_long: TooLong | None = None,
+        tie_salt: str = "",
     ) -> None:
         """``too_long``: whether the worker's command line cannot hold a phase's ids
-        (:meth:`DrainConfig.ids_too_long`); such phases are skipped, like ids with a NUL."""
+        (:meth:`DrainConfig.ids_too_long`); such phases are skipped, like ids with a NUL.
+        ``tie_salt``: orders runs of equal priority (:func:`run_tie`); a session passes its
+        id, ``plan`` none (runs of equal priority by id)."""
         self._load = load
         self._max_attempts = max_attempts_per_phase
         self._build = functools.partial(CandidateIndex.build,
                                         skip_run_prefixes=skip_run_prefixes,
                                         skip_queued=skip_queued, keep_skipped=keep_skipped,
-                                        too_long=too_long)
+                                        too_long=too_long, tie_salt=tie_salt)
         self._reloads = reloads
         self._refresh_interval = refresh_interval
         self._dry_reload_cost = dry_reload_cost
@@ -372,9 +394,11 @@ class Selector:
         self._loaded_at = -math.inf
         self._load_seconds = 0.0
         self._stale = True
+        self._drained_elsewhere = False  #: a claim found a phase drained meanwhile
         self._tiers: dict[str, int] = {}  #: tier of every run sampled this session
         self._stopped: set[str] = set()  #: runs a stop rule stopped
-        self._leased_elsewhere: set[str] = set()
+        #: run leased by another drainer -> until when it is left alone (anyio's clock)
+        self._leased_elsewhere: dict[str, float] = {}
         #: run -> (phase id, position in the index) of its phase in flight
         self._picked: dict[str, tuple[str, int | None]] = {}
         #: counters (attempts, flags) of phases tried this session that the current index
@@ -386,8 +410,12 @@ class Selector:
 
     async def load(self) -> bool:
         """Load the index when there is none, it is stale or old; True when it was loaded."""
+        since = anyio.current_time() - self._loaded_at
         due = self._index is None or (self._reloads and (
-            self._stale or anyio.current_time() - self._loaded_at > self._refresh_interval))
+            self._stale or since > self._refresh_interval or (
+                # Others drain this backlog too: learn what they finished at once, as long
+                # as loading stays within its share of the time.
+                self._drained_elsewhere and since >= self._dry_reload_cost * self._load_seconds)))
         if due:
             await self._reload()
         return due
@@ -400,7 +428,7 @@ class Selector:
         """
         fresh = await self.load()
         assert self._index is not None
-        blocked = busy | self._leased_elsewhere if self._leased_elsewhere else busy
+        blocked = busy | self._leased_now() if self._leased_elsewhere else busy
         found = self._index.pick(blocked, self._stopped)
         if found is None and not fresh and self._dry_reload_due(blocked):
             # No never-tried phase left in this load: look again before retrying anything,
@@ -433,6 +461,13 @@ class Selector:
     def waiting_on_leases(self) -> bool:
         """Runs leased by another live drainer are all that may be left."""
         return bool(self._leased_elsewhere)
+
+    def lease_wait(self) -> float:
+        """Seconds until the first run left alone for its lease elsewhere is looked at again
+        (0 when there is none)."""
+        if not self._leased_elsewhere:
+            return 0.0
+        return max(0.0, min(self._leased_elsewhere.values()) - anyio.current_time())
 
     @property
     def candidates(self) -> int:
@@ -494,21 +529,40 @@ class Selector:
         self._picked.pop(run_id, None)
 
     def remove(self, ref: PhaseRef) -> None:
-        """``ref`` was drained elsewhere meanwhile: no candidate until the next reload."""
+        """``ref`` was drained elsewhere meanwhile: no candidate, and a reload comes as soon
+        as its cost allows (another drainer may have drained more of the index)."""
         self._picked.pop(ref.run_id, None)
+        self._drained_elsewhere = True
         where = self._locate(ref.run_id, ref.phase_id)
         if where is not None and self._index is not None:
             self._index.flags[where[1]] |= _REMOVED
 
-    def leased_elsewhere(self, run_id: str) -> None:
-        """Another live drainer holds ``run_id``: leave it alone until :meth:`forget_leases`."""
+    def leased_elsewhere(self, run_id: str, remaining: float | None = None) -> None:
+        """Another live drainer holds ``run_id``, for ``remaining`` seconds at most: leave
+        the run alone until then (or until :meth:`leases_now` finds its lease ended). No
+        reload: a claim re-reads its phase, so one drained meanwhile is found then."""
         self._picked.pop(run_id, None)
-        self._leased_elsewhere.add(run_id)
+        wait = remaining if remaining is not None and remaining > 0 else LEASE_RECHECK
+        self._leased_elsewhere[run_id] = anyio.current_time() + wait
 
-    def forget_leases(self) -> None:
-        """Look at runs leased elsewhere again, on a fresh load (their phases may be done)."""
-        self._leased_elsewhere.clear()
-        self.invalidate()
+    def leases_now(self, held: dict[str, float]) -> None:
+        """The leases other drainers hold now (run -> seconds to expiry): runs left alone
+        whose lease ended are candidates again; the others wait for their new expiry."""
+        now = anyio.current_time()
+        for run_id in list(self._leased_elsewhere):
+            remaining = held.get(run_id)
+            if remaining is None or remaining <= 0:
+                del self._leased_elsewhere[run_id]
+            else:
+                self._leased_elsewhere[run_id] = now + remaining
+
+    def _leased_now(self) -> set[str]:
+        """Runs still left alone for their lease elsewhere (ended waits are dropped)."""
+        now = anyio.current_time()
+        ended = [r for r, until in self._leased_elsewhere.items() if until <= now]
+        for run_id in ended:
+            del self._leased_elsewhere[run_id]
+        return set(self._leased_elsewhere)
 
     def stop_run(self, run_id: str) -> None:
         self._stopped.add(run_id)
@@ -564,6 +618,7 @@ class Selector:
         # the load (its worker had it EXECUTING); its count is kept all the same.
         in_flight = {(run_id, phase_id) for run_id, (phase_id, _) in self._picked.items()}
         self._index = None
+        self._drained_elsewhere = False  # (a claim during the load sets it again)
         began = anyio.current_time()
         index = self._build(await self._load())
         self._loaded_at = anyio.current_time()

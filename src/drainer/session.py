@@ -195,7 +195,7 @@ class DrainSession:
             functools.partial(backlog.phases.load_candidates, run_id=cfg.run_id),
             max_attempts_per_phase=cfg.max_attempts_per_phase,
             skip_run_prefixes=cfg.skip_run_prefixes, skip_queued=cfg.skip_runs_with_queued,
-            too_long=cfg.ids_too_long())
+            too_long=cfg.ids_too_long(), tie_salt=self.session_id)
         attempts = AttemptRunner(cfg, backlog, self._files, recorder, host=self._host,
                                  api_url=api_url)
         scheduler = self._scheduler = Scheduler(

@@ -47,6 +47,7 @@ class Lease:
     expired: bool = False  #: by the database's clock, when it was read
     worker_pid: int | None = None  #: the attempt's worker, once a heartbeat recorded it
     worker_created: float | None = None  #: its create time (psutil's), to tell a reused pid
+    remaining: float | None = None  #: seconds to its expiry by the database's clock, when read
 
     def params(self, ttl: float) -> dict[str, Any]:
         return {"run_id": self.run_id, "session_id": self.session_id,
@@ -61,7 +62,8 @@ class Lease:
                    expires_at=float(row.expires_at) if row.expires_at is not None else None,
                    expired=bool(getattr(row, "expired", False)),
                    worker_pid=_maybe(int, getattr(row, "worker_pid", None)),
-                   worker_created=_maybe(float, getattr(row, "worker_created", None)))
+                   worker_created=_maybe(float, getattr(row, "worker_created", None)),
+                   remaining=_maybe(float, getattr(row, "remaining", None)))
 
 
 UNKNOWN_HOLDER = Lease(run_id="?", session_id="?", attempt_id="?", phase_id="?", host="?", pid=0)
@@ -271,8 +273,9 @@ class Leases:
         """:meth:`_holder` (unlocked) as part of a round trip."""
         if self._holder_stmt is None or self._holder_stmt[0] != self._worker:
             self._holder_stmt = (self._worker, text(
-                f"SELECT {_COLUMNS}, {self._worker}, expires_at < {self._now} AS expired "
-                f"FROM {LEASE_TABLE} WHERE run_id = :run_id"))
+                f"SELECT {_COLUMNS}, {self._worker}, expires_at < {self._now} AS expired, "
+                f"expires_at - {self._now} AS remaining FROM {LEASE_TABLE} "
+                "WHERE run_id = :run_id"))
         row = execute(self._holder_stmt[1], params).first()
         return None if row is None else Lease.from_row(row)
 
@@ -375,6 +378,20 @@ class Leases:
             return int(result.rowcount or 0)
 
         return await self._engine.retry("releasing leases in", delete)
+
+    async def held_elsewhere(self, *, other_than: str) -> dict[str, float]:
+        """Runs leased by sessions other than ``other_than``, with the seconds to each
+        lease's expiry (by the database's clock; negative: expired). One small read: the
+        table holds a row per attempt in flight."""
+        async def select() -> dict[str, float]:
+            async with self._engine.read() as conn:
+                rows = (await conn.execute(text(
+                    f"SELECT run_id, expires_at - {self._now} AS remaining FROM {LEASE_TABLE} "
+                    "WHERE session_id <> :session_id"
+                ), {"session_id": other_than})).all()
+            return {str(r.run_id): float(r.remaining) for r in rows}
+
+        return await self._engine.retry("reading leases in", select)
 
     async def expired(self, *, other_than: str) -> list[Lease]:
         """Expired leases of sessions other than ``other_than`` (a drainer never sweeps its
