@@ -275,21 +275,27 @@ async def test_ids_no_worker_can_be_given_are_never_picked_and_reported_once() -
     assert s.new_unpassable() == []
 
 
-async def test_sessions_order_runs_of_equal_priority_each_their_own_way() -> None:
-    """The tie-break among runs of equal priority is a hash of the session's id and the run
-    id: two drainers sharing a backlog start on different runs, and one session (resumed
-    too) always keeps its order. Priority still comes first, and without a salt (plan)
-    runs of equal priority go by id."""
+async def test_sessions_sharing_a_backlog_order_runs_of_equal_priority_their_own_way() -> None:
+    """Once a session finds another drainer on its backlog (a claim refused), runs of equal
+    priority go in an order of its own, a hash of its id and the run id: drainers stop
+    meeting on the same runs, and one session (resumed too) keeps its order. Priority
+    still comes first; alone, or without a salt (plan), runs of equal priority go by id."""
     rows = [(f"run-{i:02d}", "p0", 0, None) for i in range(20)]
     rows += [("aa-later", "p1", 1, None)]  # a higher phase index: after every index-0 phase
     rows += [("aa-last", "p0", 0, "ImportError: no module named x")]  # a category behind
 
-    async def order(salt: str) -> list[str]:
+    async def order(salt: str, *, shared: bool = True) -> list[str]:
         backlog = Backlog(rows)
-        return await drain_order(selector(backlog, tie_salt=salt), backlog, state="COMPLETE")
+        s = selector(backlog, tie_salt=salt)
+        if shared:
+            await s.load()
+            s.leased_elsewhere("not-a-candidate", 0.0)  # another drainer is about
+            s.leases_now({})
+        return await drain_order(s, backlog, state="COMPLETE")
 
     plain = await order("")
     assert plain[:20] == [f"run-{i:02d}/p0" for i in range(20)]
+    assert await order("session-1", shared=False) == plain
     one, again, other = await order("session-1"), await order("session-1"), await order("s-2")
     assert one == again
     assert one != other and one[0] != other[0]
@@ -333,3 +339,20 @@ async def test_a_phase_drained_elsewhere_brings_the_next_reload_forward() -> Non
     ref = await s.pick()
     assert backlog.loads == loads + 1
     assert ref is not None and ref.key == ("r4", "p")
+
+
+async def test_runs_seen_leased_elsewhere_are_left_alone_if_they_have_a_phase_here() -> None:
+    backlog = Backlog([("a", "p", 0, None), ("b", "p", 0, None), ("c", "p", 1, None)])
+    s = selector(backlog)
+    first = await s.pick()
+    assert first is not None and first.key == ("a", "p")
+    s.leased_elsewhere("a", 30.0)  # its claim was refused, and it read the lease table:
+    s.leased_now({"b": 20.0, "not-here": 60.0, "a": 30.0})
+    ref = await s.pick()
+    assert ref is not None and ref.key == ("c", "p")  # a and b are left alone
+    s.observe(outcome(ref, "COMPLETE"))
+    assert await s.pick() is None and s.waiting_on_leases
+    assert s.lease_wait() > 19.0  # not waiting on a run it has nothing of
+    s.leases_now({"a": 30.0})
+    ref = await s.pick()
+    assert ref is not None and ref.key == ("b", "p")

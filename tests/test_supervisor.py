@@ -160,3 +160,44 @@ async def test_sink_redacts_a_secret_split_across_chunks(tmp_path: Path) -> None
     text = path.read_text()
     assert "hunter2pw" not in text
     assert text == "url=postgresql://u:***@h/db\nagain ***"
+
+
+# The worker and its child each hold memory they wrote to, until the file GO appears.
+MEMORY_WORKER = """
+    import os, subprocess, sys, time
+    go = os.environ["PIDS"] + ".go"
+    wait = f"import os, time\\nwhile not os.path.exists({go!r}): time.sleep(0.02)"
+    child = subprocess.Popen([sys.executable, "-c", "held = b'c' * (60 << 20)\\n" + wait])
+    held = b"w" * (80 << 20)
+    exec(wait)
+    child.wait()
+"""
+
+
+async def test_the_session_sampler_measures_each_workers_whole_tree(tmp_path: Path) -> None:
+    from drainer.supervisor import RssSampler
+
+    sampler = RssSampler(interval=0.05)
+    spec = _spec(tmp_path, MEMORY_WORKER)
+    supervisor = Supervisor(spec, sampler=sampler)
+    go = tmp_path / "pids.json.go"
+
+    async def release_when_measured() -> None:
+        with anyio.fail_after(30):
+            while (supervisor.result.peak_rss_bytes or 0) < 140 << 20:  # noqa: ASYNC110 - polls what the sampler wrote
+                await anyio.sleep(0.05)
+            pid = supervisor.result.pid
+            assert pid is not None
+            # The cheap walk finds what psutil finds (which scans every process for it).
+            assert set(proctree.descendants(pid)) == {
+                p.pid for p in psutil.Process(pid).children(recursive=True)}
+        go.touch()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sampler.run)
+        tg.start_soon(release_when_measured)
+        result = await supervisor.run()
+        tg.cancel_scope.cancel()
+    assert result.returncode == 0
+    assert (result.peak_rss_bytes or 0) >= 140 << 20
+    assert sampler._watched == {}  # nothing kept once the attempt is over

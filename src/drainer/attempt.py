@@ -42,7 +42,7 @@ from .reasons import NOTE_START, is_code, note_part, worker_part
 from .recorder import Recorder
 from .report import shown_id
 from .sinks import TAIL_BYTES
-from .supervisor import AttemptSpec, ProcessResult, Supervisor
+from .supervisor import AttemptSpec, ProcessResult, RssSampler, Supervisor
 from .worktrees import check_git_workspace
 
 DB_CLEANUP_TIMEOUT = 90.0  #: settling an attempt gives up after this long (resume mends it)
@@ -67,9 +67,11 @@ class Claimed:
 @dataclass(frozen=True, slots=True)
 class Leased:
     """Another live drainer holds the run: its lease ends in ``remaining`` seconds at the
-    latest (None: unknown)."""
+    latest (None: unknown). ``elsewhere``: every run other drainers lease now, with the
+    seconds to each lease's end, when the claim read them."""
 
     remaining: float | None = None
+    elsewhere: dict[str, float] | None = None
 
 
 ClaimOutcome = Claimed | Leased | Literal["gone"]
@@ -369,6 +371,8 @@ class AttemptRunner:
         self._host = host
         self._api_url = api_url
         self._workspaces: dict[int, Path] = {}  #: lane -> its own workspace, if any
+        #: samples every running worker's memory; the scheduler runs it for the session
+        self.sampler = RssSampler()
 
     def use_lane_workspaces(self, paths: dict[int, Path]) -> None:
         self._workspaces = dict(paths)
@@ -386,7 +390,7 @@ class AttemptRunner:
             await self.end_expired(claim.holder)
             claim = await leases.take_over(lease, ttl, claim.holder)
         if claim.holder is not None:
-            return Leased(claim.holder.remaining)
+            return Leased(claim.holder.remaining, claim.elsewhere)
         drainable = (PhaseState.FAILED,) if self.config.skip_runs_with_queued else (
             PhaseState.FAILED, PhaseState.QUEUED)
         if claim.phase is None or claim.phase[0] not in drainable:
@@ -487,7 +491,7 @@ class AttemptRunner:
                                                               create_time))
                 crash_point("worker_running")
 
-            supervisor = Supervisor(spec, on_spawn=spawned)
+            supervisor = Supervisor(spec, on_spawn=spawned, sampler=self.sampler)
             lease_lost = anyio.Event()
             try:
                 with anyio.CancelScope() as scope:

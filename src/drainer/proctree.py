@@ -306,12 +306,50 @@ def _descends_from(proc: psutil.Process, ancestor: int) -> bool:
     return False
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@functools.lru_cache(maxsize=1)
+def _children_files() -> bool:
+    """Whether the kernel lists each task's children (``/proc/<pid>/task/<tid>/children``,
+    Linux 4.2+ with CONFIG_PROC_CHILDREN)."""
+    return os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids under ``pid`` (still attached to it), read from its tasks' ``children``
+    files: a few small reads per process of the tree, where psutil scans every process of
+    the host for its parent. [] when it is gone."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            listed = _read_proc(parent, f"task/{tid}/children")
+            if listed:
+                kids = [int(p) for p in listed.split()]
+                found += kids
+                todo += kids
+    return found
+
+
 def tree_rss(pid: int) -> int:
     """Resident memory of a process and its descendants, in bytes (0 if gone)."""
+    if not _children_files():
+        total = 0
+        for proc in tree(pid):
+            try:
+                total += int(proc.memory_info().rss)
+            except psutil.Error:
+                continue
+        return total
     total = 0
-    for proc in tree(pid):
-        try:
-            total += int(proc.memory_info().rss)
-        except psutil.Error:
-            continue
+    for member in (pid, *descendants(pid)):
+        statm = _read_proc(member, "statm", whole=False)
+        if statm:
+            total += int(statm.split()[1]) * _PAGE_SIZE
     return total

@@ -95,6 +95,7 @@ class Scheduler:
         try:
             async with anyio.create_task_group() as services:
                 services.start_soon(self._sweep_leases_forever)
+                services.start_soon(self._attempts.sampler.run)
                 with self._in_flight:
                     async with anyio.create_task_group() as lanes:
                         for lane in range(1, cfg.lanes + 1):
@@ -181,6 +182,8 @@ class Scheduler:
                 # Left alone until its lease ends: drainers sharing a backlog stop colliding.
                 self._recorder.claims_refused += 1
                 selector.leased_elsewhere(ref.run_id, outcome.remaining)
+                if outcome.elsewhere:
+                    selector.leased_now(outcome.elsewhere)
             else:
                 selector.remove(ref)
 

@@ -379,14 +379,18 @@ class Selector:
     ) -> None:
         """``too_long``: whether the worker's command line cannot hold a phase's ids
         (:meth:`DrainConfig.ids_too_long`); such phases are skipped, like ids with a NUL.
-        ``tie_salt``: orders runs of equal priority (:func:`run_tie`); a session passes its
-        id, ``plan`` none (runs of equal priority by id)."""
+        ``tie_salt``: how runs of equal priority are ordered once another drainer is found
+        draining the same backlog (:meth:`leased_elsewhere`): by :func:`run_tie` of it and
+        the run id, so that drainers spread out; until then, and with no salt (``plan``),
+        by id."""
         self._load = load
         self._max_attempts = max_attempts_per_phase
         self._build = functools.partial(CandidateIndex.build,
                                         skip_run_prefixes=skip_run_prefixes,
                                         skip_queued=skip_queued, keep_skipped=keep_skipped,
-                                        too_long=too_long, tie_salt=tie_salt)
+                                        too_long=too_long)
+        self._tie_salt = tie_salt
+        self._spread = False  #: runs of equal priority in this session's own order
         self._reloads = reloads
         self._refresh_interval = refresh_interval
         self._dry_reload_cost = dry_reload_cost
@@ -544,6 +548,31 @@ class Selector:
         self._picked.pop(run_id, None)
         wait = remaining if remaining is not None and remaining > 0 else LEASE_RECHECK
         self._leased_elsewhere[run_id] = anyio.current_time() + wait
+        self._spread_out()
+
+    def _spread_out(self) -> None:
+        """Another drainer drains this backlog: from now on, runs of equal priority go in
+        this session's own order (:func:`run_tie`), so that the drainers stop meeting on
+        the same runs. The heap re-sorts itself as it pops (each entry's key is checked)."""
+        if self._spread or not self._tie_salt:
+            return
+        self._spread = True
+        if self._index is not None:
+            for queue in self._index.runs.values():
+                queue.tie = run_tie(self._tie_salt, queue.run_id)
+
+    def leased_now(self, held: dict[str, float]) -> None:
+        """Runs other drainers lease now (run -> seconds to expiry): leave each alone until
+        its lease ends, without a claim refused for each (a refused claim reads them all)."""
+        index, now = self._index, anyio.current_time()
+        if index is None:
+            return
+        for run_id, remaining in held.items():
+            # Only runs with a phase to pick here: another drainer's long attempt on a run
+            # this session has nothing of must not keep it waiting.
+            queue = index.runs.get(run_id)
+            if remaining > 0 and queue is not None and queue.head() is not None:
+                self._leased_elsewhere[run_id] = now + remaining
 
     def leases_now(self, held: dict[str, float]) -> None:
         """The leases other drainers hold now (run -> seconds to expiry): runs left alone
@@ -620,7 +649,8 @@ class Selector:
         self._index = None
         self._drained_elsewhere = False  # (a claim during the load sets it again)
         began = anyio.current_time()
-        index = self._build(await self._load())
+        index = self._build(await self._load(),
+                            tie_salt=self._tie_salt if self._spread else "")
         self._loaded_at = anyio.current_time()
         self._load_seconds = self._loaded_at - began
         self._stale = False

@@ -71,6 +71,11 @@ class LogSink:
         return self.received - self.written
 
     async def write(self, data: bytes) -> None:
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        """:meth:`write` for a caller on the event loop's thread that cannot await (a
+        reader callback): the file write is a plain ``os.write`` either way."""
         self.received += len(data)
         if self._secrets:
             data = self._redact(data)

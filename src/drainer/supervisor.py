@@ -15,13 +15,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import anyio
-from anyio.abc import ByteReceiveStream, Process
 
-from . import proctree, reaper
+from . import proctree, reaper, spawn
 from .models import LeakedProcess
 from .sinks import LogSink, open_sinks
 
@@ -56,8 +54,9 @@ def death_prefix() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def pidfd_child_watcher() -> Iterator[None]:
-    """While it is entered (inside the event loop), asyncio learns of worker exits through
-    pidfds on the loop itself instead of a thread per child (Python 3.11 on Linux; 3.12 does
+    """While it is entered (inside the event loop), asyncio learns of its subprocesses' exits
+    (the API server's; workers are :mod:`drainer.spawn`'s) through pidfds on the loop itself
+    instead of a thread per child (Python 3.11 on Linux; 3.12 does
     this by itself, and there this does nothing). It changes the process-wide asyncio policy,
     so the command line enters it, and it puts the previous watcher back at the end."""
     if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
@@ -91,39 +90,36 @@ def _worker_argv(argv: Sequence[str]) -> list[str]:
     return [*death_prefix(), *argv]
 
 
-def _anyio_at_least(major: int, minor: int) -> bool:
-    try:
-        found = tuple(int(x) for x in metadata.version("anyio").split(".")[:2])
-    except (metadata.PackageNotFoundError, ValueError):
-        return True
-    return found >= (major, minor)
+def _trees_rss(pids: list[int]) -> list[int]:
+    return [proctree.tree_rss(pid) for pid in pids]
 
 
-#: anyio 4.15 and newer: ``Process.wait()`` waits for the exit alone, and ``aclose()`` closes
-#: our ends of the pipes. Before, ``wait()`` also waited for every pipe to close (a grandchild
-#: holding stdout held it up) and the pipe transports stayed open.
-_WAIT_IS_EXIT_ONLY = _anyio_at_least(4, 15)
-EXIT_POLL_INTERVAL = 0.01  #: before anyio 4.15: seconds between looks at the return code
+class RssSampler:
+    """One task for a whole session samples the memory of every running worker's tree
+    (instead of a task and a thread hop per attempt): every ``interval`` seconds, one hop
+    for all of them."""
 
+    def __init__(self, interval: float = RSS_SAMPLE_INTERVAL) -> None:
+        self.interval = interval
+        self._watched: dict[int, ProcessResult] = {}
 
-async def _exited(process: Process) -> int:
-    """Wait for the worker itself to exit, not for every holder of its pipes."""
-    if _WAIT_IS_EXIT_ONLY:
-        return await process.wait()
-    # Older anyio: the return code the event loop's child watcher sets is the exit.
-    while (rc := process.returncode) is None:  # noqa: ASYNC110 - no exit-only wait there
-        await anyio.sleep(EXIT_POLL_INTERVAL)
-    return rc
+    def watch(self, pid: int, result: ProcessResult) -> None:
+        self._watched[pid] = result
 
+    def unwatch(self, pid: int) -> None:
+        self._watched.pop(pid, None)
 
-def _close_pipes(process: Process) -> None:
-    """Before anyio 4.15, close our ends of the worker's pipes that ``aclose()`` leaves open
-    while a leak kept by ``--leak-policy report`` holds theirs (asyncio backend only)."""
-    if _WAIT_IS_EXIT_ONLY:
-        return
-    transport = getattr(getattr(process, "_process", None), "_transport", None)
-    if transport is not None and not transport.is_closing():
-        transport.close()
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(self.interval)
+            if not self._watched:
+                continue
+            watched = list(self._watched.items())
+            pids = [pid for pid, _ in watched]
+            sizes = await anyio.to_thread.run_sync(_trees_rss, pids)
+            for (pid, result), rss in zip(watched, sizes, strict=True):
+                if self._watched.get(pid) is result and rss > (result.peak_rss_bytes or 0):
+                    result.peak_rss_bytes = rss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,11 +163,15 @@ class Supervisor:
         spec: AttemptSpec,
         *,
         on_spawn: Callable[[int, float | None], None] | None = None,
+        sampler: RssSampler | None = None,
     ) -> None:
+        """``sampler``: the session's memory sampler; without one, the attempt samples its
+        worker's tree itself."""
         self.spec = spec
         self._on_spawn = on_spawn
+        self._sampler = sampler
         self.result = ProcessResult()
-        self._process: Process | None = None
+        self._child: spawn.Child | None = None
         self._started_ticks: int | None = None
         self._created: float | None = None
 
@@ -196,108 +196,89 @@ class Supervisor:
         result.started = time.monotonic()
         try:
             with reaper.spawning():
-                process = await anyio.open_process(
-                    _worker_argv(spec.argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=spec.cwd,
-                    env=dict(spec.env),
-                    start_new_session=True,
-                )
+                child = spawn.start(_worker_argv(spec.argv), cwd=spec.cwd, env=spec.env,
+                                    out=out.feed, err=err.feed)
                 # One read of /proc/<pid>/stat gives both (psutil's create time is the
                 # boot time plus the start ticks).
-                self._started_ticks = proctree.start_ticks(process.pid)
-                self._created = proctree.create_time(process.pid, ticks=self._started_ticks)
-                reaper.known(process.pid, worker_created=self._created or time.time())
+                self._started_ticks = proctree.start_ticks(child.pid)
+                self._created = proctree.create_time(child.pid, ticks=self._started_ticks)
+                reaper.known(child.pid, worker_created=self._created or time.time())
         except OSError as exc:
             result.spawn_error = f"cannot start worker {spec.argv[0]!r}: {exc.strerror or exc}"
             return
-        self._process = process
-        result.pid = process.pid
-        assert process.stdout is not None and process.stderr is not None
-        pumps_done = anyio.Event()
+        self._child = child
+        result.pid = child.pid
         try:
             if self._on_spawn is not None:
                 # pid + create time identify the worker later, even if its pid is reused.
                 # Inside the try: if recording it fails, the worker is still killed.
-                self._on_spawn(process.pid, self._created)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pump_both, process.stdout, process.stderr, out, err,
-                              pumps_done)
-                tg.start_soon(self._sample_rss, process.pid)
-                with anyio.move_on_after(spec.timeout) as timeout_scope:
-                    await _exited(process)
-                if timeout_scope.cancelled_caught:
-                    result.timed_out = True
-                    await self._kill_tree()
-                result.returncode = process.returncode
-                result.duration = time.monotonic() - result.started
-                await self._sweep()
-                with anyio.move_on_after(PIPE_DRAIN_TIMEOUT):
-                    await pumps_done.wait()
-                tg.cancel_scope.cancel()
+                self._on_spawn(child.pid, self._created)
+            if self._sampler is not None:
+                self._sampler.watch(child.pid, result)
+                await self._supervise(child)
+            else:  # on its own (no session): it samples its worker's memory itself
+                own = self._sampler = RssSampler()
+                own.watch(child.pid, result)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(own.run)
+                    await self._supervise(child)
+                    tg.cancel_scope.cancel()
         except BaseException:
             # Cancelled from outside (deadline, signal, embedding caller): the tree dies
             # before the cancellation goes on.
-            result.cancelled = process.returncode is None or result.cancelled
+            result.cancelled = child.returncode is None or result.cancelled
             with anyio.CancelScope(shield=True):
                 await self._kill_tree()
-                result.returncode = process.returncode
+                result.returncode = child.returncode
                 result.duration = time.monotonic() - result.started
                 await self._sweep()
             raise
         finally:
-            # Closes our ends of the pipes and reaps; the process has exited by now.
-            with anyio.CancelScope(shield=True):
-                await process.aclose()
-            _close_pipes(process)
-            reaper.forget(process.pid)
+            # Our ends of the pipes closed, the exit status collected (it has exited by now).
+            child.close()
+            reaper.forget(child.pid)
+            if self._sampler is not None:
+                self._sampler.unwatch(child.pid)
 
-    async def _pump_both(
-        self,
-        stdout: ByteReceiveStream,
-        stderr: ByteReceiveStream,
-        out: LogSink,
-        err: LogSink,
-        done: anyio.Event,
-    ) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(out.pump, stdout)
-            tg.start_soon(err.pump, stderr)
-        done.set()
-
-    async def _sample_rss(self, pid: int) -> None:
-        while True:
-            await anyio.sleep(RSS_SAMPLE_INTERVAL)
-            rss = await anyio.to_thread.run_sync(proctree.tree_rss, pid)
-            if rss and rss > (self.result.peak_rss_bytes or 0):
-                self.result.peak_rss_bytes = rss
+    async def _supervise(self, child: spawn.Child) -> None:
+        """Wait for the exit (or the timeout, then kill the tree), sweep, and give the
+        output a last moment to end (a leftover may hold the pipes)."""
+        spec, result = self.spec, self.result
+        with anyio.move_on_after(spec.timeout) as timeout_scope:
+            await child.wait()
+        if timeout_scope.cancelled_caught:
+            result.timed_out = True
+            await self._kill_tree()
+        result.returncode = child.returncode
+        result.duration = time.monotonic() - result.started
+        await self._sweep()
+        with anyio.move_on_after(PIPE_DRAIN_TIMEOUT):
+            await child.output_done()
 
     async def _kill_tree(self) -> None:
         """SIGTERM the tree, wait the grace, SIGKILL, then reap our child. Shielded."""
-        process = self._process
-        assert process is not None
+        child = self._child
+        assert child is not None
         spec = self.spec
         with anyio.CancelScope(shield=True):
             killed = await anyio.to_thread.run_sync(
                 lambda: proctree.kill_attempt(
-                    process.pid, spec.attempt_id, grace=spec.kill_grace_period,
-                    group=process.pid, started_after=self._started_ticks,
+                    child.pid, spec.attempt_id, grace=spec.kill_grace_period,
+                    group=child.pid, started_after=self._started_ticks,
                 )
             )
             self.result.killed_pids.extend(p.pid for p in killed)
-            if process.returncode is None:
+            if child.returncode is None:
                 with anyio.move_on_after(spec.kill_grace_period + 5):
-                    await _exited(process)
-            if process.returncode is None:  # pragma: no cover - unkillable (D state)
-                process.kill()
-                await _exited(process)
+                    await child.wait()
+            if child.returncode is None:  # pragma: no cover - unkillable (D state)
+                child.kill()
+                await child.wait()
 
     async def _sweep(self) -> None:
         """Record (and kill, by policy) what still carries the attempt's marker."""
-        process = self._process
-        assert process is not None
+        child = self._child
+        assert child is not None
         spec = self.spec
         result = self.result
         if not (result.timed_out or result.cancelled) and reaper.nothing_left_behind():
@@ -306,7 +287,7 @@ class Supervisor:
             leaked = await anyio.to_thread.run_sync(
                 lambda: proctree.sweep_leaks(
                     spec.attempt_id,
-                    group=process.pid,
+                    group=child.pid,
                     kill=spec.kill_leaks,
                     grace=spec.kill_grace_period,
                     started_after=self._started_ticks,
@@ -315,7 +296,7 @@ class Supervisor:
             # Escapees without marker or group, re-parented to drainer (the command line
             # makes it their subreaper): listed here on this loop's thread, then killed.
             marked = {p.pid for p in leaked}
-            escapees = [p for p in reaper.adopted(process.pid) if p.pid not in marked]
+            escapees = [p for p in reaper.adopted(child.pid) if p.pid not in marked]
             if escapees:
                 leaked += await anyio.to_thread.run_sync(
                     lambda: reaper.end(escapees, kill=spec.kill_leaks,

@@ -77,6 +77,9 @@ class Claim:
     expired: bool = False  #: that lease has expired: end its attempt, then take_over()
     phase: PhaseRow | None = None  #: (state, reason); None: the phase is gone
     telemetry: int | None = None  #: telemetry rows of the phase before the attempt
+    #: refused: every run other sessions lease now, with the seconds to each expiry (read
+    #: in the same round trip, so that the next picks avoid them all)
+    elsewhere: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,9 @@ class Leases:
         self._delete_stmt = text(
             f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id AND attempt_id = :attempt_id")
         self._holder_stmt: tuple[str, Any] | None = None
+        self._elsewhere_stmt = text(
+            f"SELECT run_id, expires_at - {self._now} AS remaining FROM {LEASE_TABLE} "
+            "WHERE session_id <> :session_id")
         self._renew_stmts = {record: text(
             f"UPDATE {LEASE_TABLE} SET heartbeat_at = {self._now}, expires_at = {self._now} "
             f"+ :ttl{extra} WHERE run_id = :run_id AND attempt_id = :attempt_id")
@@ -185,7 +191,7 @@ class Leases:
         params = lease.params(ttl)
         phases = self._phases
 
-        def insert(execute: Execute) -> Lease | Claim | None:
+        def insert(execute: Execute) -> tuple[Lease, dict[str, float]] | Claim | None:
             # The common case: nobody holds the run, and the insert is atomic by itself.
             inserted = execute(self._insert_absent, params).rowcount
             holder = None if inserted else self._holder_with(execute, params)
@@ -193,9 +199,12 @@ class Leases:
                 # (found ours: a retried insert had landed before the fault)
                 outcome = phases.outcome_with(execute, lease.run_id, lease.phase_id)
                 return Claim(holder=None, phase=outcome.row, telemetry=outcome.telemetry)
-            return holder  # None: released meanwhile
+            if holder is None:
+                return None  # released meanwhile
+            return holder, self._elsewhere_with(execute, lease.session_id)
 
-        async def attempt() -> Lease | Claim | None:
+        async def attempt() -> tuple[Lease, dict[str, float]] | Claim | None:
+
             try:
                 return await self._engine.run(insert, write=True)
             except IntegrityError:
@@ -213,7 +222,8 @@ class Leases:
             return found
         if found is None:  # released meanwhile: try once more, as a take-over
             return await self.take_over(lease, ttl, None)
-        return Claim(holder=found, expired=found.expired)
+        holder, elsewhere = found
+        return Claim(holder=holder, expired=holder.expired, elsewhere=elsewhere)
 
     async def take_over(self, lease: Lease, ttl: float, expired: Lease | None) -> Claim:
         """Take the run over from ``expired`` (a lease seen expired; None: seen free), in one
@@ -384,14 +394,15 @@ class Leases:
         lease's expiry (by the database's clock; negative: expired). One small read: the
         table holds a row per attempt in flight."""
         async def select() -> dict[str, float]:
-            async with self._engine.read() as conn:
-                rows = (await conn.execute(text(
-                    f"SELECT run_id, expires_at - {self._now} AS remaining FROM {LEASE_TABLE} "
-                    "WHERE session_id <> :session_id"
-                ), {"session_id": other_than})).all()
-            return {str(r.run_id): float(r.remaining) for r in rows}
+            return await self._engine.run(
+                lambda execute: self._elsewhere_with(execute, other_than))
 
         return await self._engine.retry("reading leases in", select)
+
+    def _elsewhere_with(self, execute: Execute, session_id: str) -> dict[str, float]:
+        """:meth:`held_elsewhere` as part of a round trip."""
+        rows = execute(self._elsewhere_stmt, {"session_id": session_id}).all()
+        return {str(r.run_id): float(r.remaining) for r in rows}
 
     async def expired(self, *, other_than: str) -> list[Lease]:
         """Expired leases of sessions other than ``other_than`` (a drainer never sweeps its
