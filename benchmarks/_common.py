@@ -6,10 +6,12 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -98,3 +100,67 @@ def write_report(report: dict[str, Any], dest: str, out: TextIO) -> None:
         path = Path(dest)
         path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"JSON: {path}", file=out)
+
+
+# -- Autopack's schema, on SQLite and PostgreSQL ---------------------------------------------
+
+
+def autopack_schema() -> str:
+    return files("drainer.demo").joinpath("autopack-schema.sql").read_text(encoding="utf-8")
+
+
+def pg_schema() -> str:
+    """Autopack's SQLite schema in PostgreSQL's dialect (as the schema file's header says)."""
+    sql = re.sub(r"--[^\n]*", "", autopack_schema())
+    sql = sql.replace("INTEGER PRIMARY KEY", "SERIAL PRIMARY KEY")
+    sql = sql.replace("DATETIME", "TIMESTAMP")
+    return sql.replace("BOOLEAN NOT NULL DEFAULT 0", "BOOLEAN NOT NULL DEFAULT false")
+
+
+def pg_url(admin_url: str, database: str) -> str:
+    """The URL of ``database`` on the server of ``admin_url``."""
+    return admin_url.rsplit("/", 1)[0] + "/" + database
+
+
+async def pg_admin(admin_url: str, statement: str) -> None:
+    """Run one statement on the server of ``admin_url`` (CREATE / DROP DATABASE...)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def pg_state_counts(url: str) -> dict[str, int]:
+    """Phases per state in the PostgreSQL database at ``url``."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        rows = await conn.fetch("SELECT state, COUNT(*) FROM phases GROUP BY state")
+    finally:
+        await conn.close()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+def add_backlog_options(parser: argparse.ArgumentParser, *, runs: int, phases_per_run: int,
+                        sleep: float) -> None:
+    """``--runs``, ``--phases-per-run`` and ``--sleep`` of a sleep-bound synthetic backlog."""
+    parser.add_argument("--runs", type=int, default=runs,
+                        help="runs in the backlog (default: %(default)s)")
+    parser.add_argument("--phases-per-run", type=int, default=phases_per_run,
+                        help="FAILED phases per run (default: %(default)s)")
+    parser.add_argument("--sleep", type=float, default=sleep,
+                        help="seconds each worker sleeps (default: %(default)s)")
+
+
+def check_backlog_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) what :func:`add_backlog_options` and ``--repeat`` cannot take."""
+    if args.runs < 1 or args.phases_per_run < 1:
+        parser.error("--runs and --phases-per-run must be at least 1")
+    if args.sleep < 0:
+        parser.error("--sleep must be zero or more")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")

@@ -56,7 +56,14 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, TextIO
 
-from _common import machine_info, peak_rss_mib, positive_ints, write_report
+from _common import (
+    add_backlog_options,
+    check_backlog_options,
+    machine_info,
+    peak_rss_mib,
+    positive_ints,
+    write_report,
+)
 from _common import print_table as _print_table
 
 MIB = 1024 * 1024
@@ -259,12 +266,8 @@ def print_table(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
-                        help="runs in the backlog (default: %(default)s)")
-    parser.add_argument("--phases-per-run", type=int, default=DEFAULT_PHASES_PER_RUN,
-                        help="FAILED phases per run (default: %(default)s)")
-    parser.add_argument("--sleep", type=float, default=DEFAULT_SLEEP,
-                        help="seconds each worker sleeps (default: %(default)s)")
+    add_backlog_options(parser, runs=DEFAULT_RUNS, phases_per_run=DEFAULT_PHASES_PER_RUN,
+                        sleep=DEFAULT_SLEEP)
     parser.add_argument("--lanes", default=",".join(map(str, DEFAULT_LANES)),
                         help="lane counts, comma separated (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -278,12 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worker-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--session-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.phases_per_run < 1:
-        parser.error("--runs and --phases-per-run must be at least 1")
-    if args.sleep < 0:
-        parser.error("--sleep must be zero or more")
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    check_backlog_options(parser, args)
     try:
         lane_counts = sorted(set(positive_ints("--lanes", "1,2,4,8")(args.lanes)))
     except argparse.ArgumentTypeError as exc:

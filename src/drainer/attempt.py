@@ -83,9 +83,10 @@ GONE: Literal["gone"] = "gone"  #: the phase is no longer drainable (done meanwh
 
 def placeholder_values(
     config: DrainConfig, *, run_id: str, phase_id: str, phase_index: int, attempt_id: str,
-    session_id: str, workspace: Path | None = None,
+    session_id: str, workspace: Path | None = None, resolved: str | None = None,
 ) -> dict[str, str]:
-    """``workspace``: the lane's own (``--lane-workspaces``), else ``--workspace``."""
+    """``workspace``: the lane's own (``--lane-workspaces``), else ``--workspace``;
+    ``resolved``: its absolute path when the caller resolved it already."""
     return {
         "run_id": run_id,
         "phase_id": phase_id,
@@ -93,7 +94,7 @@ def placeholder_values(
         "attempt_id": attempt_id,
         "session_id": session_id,
         "python": config.python,
-        "workspace": str((workspace or config.workspace).resolve()),
+        "workspace": resolved or str((workspace or config.workspace).resolve()),
     }
 
 
@@ -371,6 +372,8 @@ class AttemptRunner:
         self._host = host
         self._api_url = api_url
         self._workspaces: dict[int, Path] = {}  #: lane -> its own workspace, if any
+        #: workspace -> its resolved path, resolved once per session (a syscall a part)
+        self._resolved: dict[Path, str] = {}
         #: samples every running worker's memory; the scheduler runs it for the session
         self.sampler = RssSampler()
 
@@ -458,11 +461,14 @@ class AttemptRunner:
             subprocess_stdout_path=str(out), subprocess_stderr_path=str(err),
         )
         workspace = self._workspaces.get(lane, cfg.workspace)
+        resolved = self._resolved.get(workspace)
+        if resolved is None:
+            resolved = self._resolved[workspace] = str(workspace.resolve())
         spec = AttemptSpec(
             argv=render_command(cfg.command_tokens, placeholder_values(
                 cfg, run_id=ref.run_id, phase_id=ref.phase_id, phase_index=ref.phase_index,
                 attempt_id=claimed.attempt_id, session_id=self._session_id,
-                workspace=workspace)),
+                workspace=workspace, resolved=resolved)),
             env=worker_env(cfg, session_id=self._session_id, attempt_id=claimed.attempt_id,
                            ref=ref, api_url=self._api_url),
             cwd=workspace,
