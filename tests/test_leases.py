@@ -317,3 +317,49 @@ async def test_a_run_leased_elsewhere_costs_one_refused_claim_not_one_a_second(
     info = json.loads((summary.journal_path.parent / "session.json").read_text())
     assert info["claims_refused"] == 1
     assert info["claims"] == 3
+
+
+async def test_one_ticker_renews_every_running_attempts_lease(tmp_path: Path) -> None:
+    """The session's one heartbeat task serves every lane: each running attempt's lease gets
+    its worker recorded (its first renewal), side by side."""
+    import sys
+
+    import anyio
+
+    from conftest import CONTRACT_WORKER
+    from drainer import drain
+    from drainer.config import DrainConfig
+
+    db = create_backlog(tmp_path / "backlog.db",
+                        [(f"run-{i}", "P", 0, "FAILED", None) for i in range(3)])
+    worker = tmp_path / "worker.py"
+    worker.write_text(CONTRACT_WORKER)
+    config = DrainConfig(database_url=f"sqlite:///{db}",
+                         command=[sys.executable, str(worker), "{run_id}", "{phase_id}"],
+                         session_dir=tmp_path / "sessions", lanes=3, kill_grace_period=0.5,
+                         env=(("TEST_OUT", str(tmp_path)), ("WORKER_SLEEP", "600")))
+
+    def recorded() -> set[str]:
+        conn = sqlite3.connect(db, timeout=30)
+        try:
+            return {r[0] for r in conn.execute(
+                "SELECT run_id FROM drainer_leases WHERE worker_pid IS NOT NULL")}
+        except sqlite3.OperationalError:  # the table is not there yet
+            return set()
+        finally:
+            conn.close()
+
+    with anyio.CancelScope() as session:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, config)
+            with anyio.fail_after(30):
+                while recorded() != {"run-0", "run-1", "run-2"}:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            session.cancel()  # the embedding caller's cancel: trees killed, phases restored
+    conn = sqlite3.connect(db)
+    try:
+        states = {r[0] for r in conn.execute("SELECT state FROM phases")}
+        leases = conn.execute("SELECT COUNT(*) FROM drainer_leases").fetchone()[0]
+    finally:
+        conn.close()
+    assert states == {"FAILED"} and leases == 0

@@ -351,6 +351,122 @@ def keep_whole_reason(stderr_path: str | None, reason: str | None, *, secrets: t
 # -- running -------------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class Beat:
+    """The heartbeat of one running attempt (see :class:`Heartbeats`)."""
+
+    claimed: Claimed
+    scope: anyio.CancelScope  #: cancelled when the lease is lost
+    worker: list[tuple[int, float | None]]  #: (pid, create time) once spawned
+    due: float
+    renewed: float  #: when the lease was last renewed (or claimed)
+    lost: bool = False
+    failing: bool = False
+    recorded: bool = False  #: the worker is in the lease
+    renewing: bool = False
+
+
+class Heartbeats:
+    """One task for a whole session renews the lease of every running attempt, every TTL/3
+    (instead of a task per attempt). A lease found no longer ours (swept or taken over after
+    it expired: the drainer was frozen, or cut off) is lost: the attempt is cancelled at
+    once, since another drainer may be draining the run now.
+
+    The first renewal comes sooner (``WORKER_RECORD_DELAY``) and records the worker's pid
+    and create time in the lease, so that a drainer on this host that takes the run over
+    after it expired can kill the worker's tree by ancestry as well as by marker. An attempt
+    shorter than that costs no statement.
+
+    While the database does not answer, the attempt goes on: renewal is retried (each call
+    retries transient faults itself) for up to ``DB_OUTAGE_LIMIT``. Renewals run side by
+    side, each in a task of its own, so one that waits on the database holds up no other. A
+    lease that expired meanwhile is still ours if nobody took it (drainers never sweep their
+    own leases), which the next renewal tells."""
+
+    def __init__(self, store: BacklogStore, recorder: Recorder, *, ttl: float) -> None:
+        self._store = store
+        self._recorder = recorder
+        self._ttl = ttl
+        self._beats: dict[str, Beat] = {}
+        self._wake = anyio.Event()
+
+    def start(self, claimed: Claimed, scope: anyio.CancelScope,
+              worker: list[tuple[int, float | None]]) -> Beat:
+        now = anyio.current_time()
+        beat = Beat(claimed, scope, worker, due=now + self._interval(None), renewed=now)
+        self._beats[claimed.attempt_id] = beat
+        self._wake.set()
+        return beat
+
+    def stop(self, beat: Beat) -> None:
+        """The attempt is over: no more renewals (one under way is ignored)."""
+        self._beats.pop(beat.claimed.attempt_id, None)
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            while True:
+                now = anyio.current_time()
+                for beat in list(self._beats.values()):
+                    if beat.due <= now and not beat.renewing:
+                        beat.renewing = True
+                        tg.start_soon(self._renew, beat)
+                waits = [b.due for b in self._beats.values() if not b.renewing]
+                self._wake = anyio.Event()
+                with anyio.move_on_after(max(0.0, min(waits) - now) if waits else None):
+                    await self._wake.wait()
+
+    def _interval(self, beat: Beat | None) -> float:
+        ttl = self._ttl
+        if beat is not None and beat.failing:
+            return min(ttl / 3, 1.0)
+        if beat is None or not beat.recorded:
+            return min(ttl / 3, WORKER_RECORD_DELAY)
+        return ttl / 3
+
+    async def _renew(self, beat: Beat) -> None:
+        try:
+            await self._renew_once(beat)
+        finally:
+            beat.renewing = False
+            beat.due = anyio.current_time() + self._interval(beat)
+            self._wake.set()
+
+    async def _renew_once(self, beat: Beat) -> None:
+        ttl, echo = self._ttl, self._recorder.echo
+        run_id = beat.claimed.ref.run_id
+        shown = shown_id(run_id)
+        record = beat.worker[0] if beat.worker and not beat.recorded else None
+        try:
+            held = await self._store.leases.renew(run_id, beat.claimed.attempt_id, ttl, record)
+        except DrainerError as exc:
+            down = anyio.current_time() - beat.renewed
+            if self._beats.get(beat.claimed.attempt_id) is not beat:
+                return  # the attempt is over
+            if down < max(DB_OUTAGE_LIMIT, ttl):
+                if not beat.failing:
+                    echo(f"[LEASE] renewing the lease of {shown} failed; the attempt goes on, "
+                         f"retrying: {exc}")
+                beat.failing = True
+                return
+            echo(f"[LEASE] the database did not answer for {down:.0f}s; giving the attempt on "
+                 f"{shown} up")
+            held = False
+        if self._beats.get(beat.claimed.attempt_id) is not beat:
+            return  # the attempt ended meanwhile: what the renewal found no longer matters
+        if held:
+            beat.recorded = beat.recorded or record is not None
+            if beat.failing:
+                echo(f"[LEASE] renewed the lease of {shown} after "
+                     f"{anyio.current_time() - beat.renewed:.0f}s")
+            beat.renewed, beat.failing = anyio.current_time(), False
+            return
+        echo(f"[LEASE] lost the lease of {shown} (not renewed within --lease-ttl-seconds "
+             f"{ttl:g}); stopping its attempt")
+        beat.lost = True
+        self.stop(beat)
+        beat.scope.cancel()
+
+
 class AttemptRunner:
     """Claims, runs and settles attempts of one session."""
 
@@ -376,6 +492,8 @@ class AttemptRunner:
         self._resolved: dict[Path, str] = {}
         #: samples every running worker's memory; the scheduler runs it for the session
         self.sampler = RssSampler()
+        #: renews every running attempt's lease; the scheduler runs it for the session
+        self.heartbeats = Heartbeats(store, recorder, ttl=config.lease_ttl)
 
     def use_lane_workspaces(self, paths: dict[int, Path]) -> None:
         self._workspaces = dict(paths)
@@ -498,18 +616,16 @@ class AttemptRunner:
                 crash_point("worker_running")
 
             supervisor = Supervisor(spec, on_spawn=spawned, sampler=self.sampler)
-            lease_lost = anyio.Event()
-            try:
-                with anyio.CancelScope() as scope:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._heartbeat, claimed, scope, lease_lost, worker)
-                        await supervisor.run()
-                        tg.cancel_scope.cancel()
-            finally:
-                settling = True
-                with anyio.CancelScope(shield=True):
-                    settled = await self._settle(started, supervisor.result, claimed,
-                                                 lease_lost=lease_lost.is_set())
+            with anyio.CancelScope() as scope:
+                beat = self.heartbeats.start(claimed, scope, worker)
+                try:
+                    await supervisor.run()
+                finally:
+                    settling = True
+                    self.heartbeats.stop(beat)
+                    with anyio.CancelScope(shield=True):
+                        settled = await self._settle(started, supervisor.result, claimed,
+                                                     lease_lost=beat.lost)
         finally:
             if not settling:  # no worker ran: the phase is as claimed; give the run back
                 await self.release(claimed)
@@ -572,60 +688,6 @@ class AttemptRunner:
         crash_point("after_exit")
         self._recorder.attempt_finished(attempt)
         return attempt
-
-    async def _heartbeat(
-        self, claimed: Claimed, scope: anyio.CancelScope, lost: anyio.Event,
-        worker: list[tuple[int, float | None]],
-    ) -> None:
-        """Renew the lease every TTL/3. A lease found no longer ours (swept or taken over
-        after it expired: the drainer was frozen, or cut off) is lost: the attempt is
-        cancelled at once, since another drainer may be draining the run now.
-
-        The first renewal comes sooner (``WORKER_RECORD_DELAY``) and records the worker's
-        pid and create time in the lease, so that a drainer on this host that takes the
-        run over after it expired can kill the worker's tree by ancestry as well as by
-        marker. An attempt shorter than that costs no extra statement.
-
-        While the database does not answer, the attempt goes on: renewal is retried (each
-        call retries transient faults itself) for up to ``DB_OUTAGE_LIMIT``. A lease that
-        expired meanwhile is still ours if nobody took it (drainers never sweep their own
-        leases), which the next renewal tells."""
-        ttl = self.config.lease_ttl
-        run_id = claimed.ref.run_id
-        shown = shown_id(run_id)
-        renewed = anyio.current_time()
-        failing = False
-        recorded = False
-        while True:
-            await anyio.sleep(min(ttl / 3, 1.0) if failing else
-                              min(ttl / 3, WORKER_RECORD_DELAY) if not recorded else ttl / 3)
-            record = worker[0] if worker and not recorded else None
-            try:
-                held = await self._store.leases.renew(run_id, claimed.attempt_id, ttl,
-                                                      record)
-            except DrainerError as exc:
-                down = anyio.current_time() - renewed
-                if down < max(DB_OUTAGE_LIMIT, ttl):
-                    if not failing:
-                        self._recorder.echo(f"[LEASE] renewing the lease of {shown} failed; "
-                                            f"the attempt goes on, retrying: {exc}")
-                    failing = True
-                    continue
-                self._recorder.echo(f"[LEASE] the database did not answer for {down:.0f}s; "
-                                    f"giving the attempt on {shown} up")
-                held = False
-            if held:
-                recorded = recorded or record is not None
-                if failing:
-                    self._recorder.echo(f"[LEASE] renewed the lease of {shown} after "
-                                        f"{anyio.current_time() - renewed:.0f}s")
-                renewed, failing = anyio.current_time(), False
-                continue
-            self._recorder.echo(f"[LEASE] lost the lease of {shown} (not renewed within "
-                                f"--lease-ttl-seconds {ttl:g}); stopping its attempt")
-            lost.set()
-            scope.cancel()
-            return
 
     # -- after a crash -------------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class Scheduler:
             async with anyio.create_task_group() as services:
                 services.start_soon(self._sweep_leases_forever)
                 services.start_soon(self._attempts.sampler.run)
+                services.start_soon(self._attempts.heartbeats.run)
                 with self._in_flight:
                     async with anyio.create_task_group() as lanes:
                         for lane in range(1, cfg.lanes + 1):
