@@ -201,3 +201,28 @@ async def test_the_session_sampler_measures_each_workers_whole_tree(tmp_path: Pa
     assert result.returncode == 0
     assert (result.peak_rss_bytes or 0) >= 140 << 20
     assert sampler._watched == {}  # nothing kept once the attempt is over
+
+
+async def test_a_log_that_cannot_be_written_fails_the_attempt_after_its_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk under the log files: the attempt raises what writing raised (as the
+    session's other writes do), once its worker has ended; the worker is never blocked on a
+    pipe nobody reads, and nothing of its tree is left."""
+    import errno
+
+    def disk_full(self: LogSink, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LogSink, "feed", disk_full)
+    spec = _spec(tmp_path, """
+        import sys
+        for _ in range(64):
+            sys.stdout.write("x" * 65536)  # 4 MiB: far more than a pipe holds
+        sys.stdout.flush()
+    """)
+    supervisor = Supervisor(spec)
+    with pytest.raises(OSError, match="No space left"):
+        await supervisor.run()
+    assert supervisor.result.returncode == 0  # it wrote everything and exited on its own
+    assert proctree.find_attempt_processes(spec.attempt_id) == []

@@ -116,9 +116,10 @@ def order_key(reason: str | None, phase_index: int, failed_in_run: int, run_id: 
 
 def run_tie(salt: str, run_id: str) -> int:
     """Where a run goes among runs of equal priority: 0 (by run id) without a ``salt``; with
-    one (a session's id), a hash of salt and run id, so that drainers sharing a backlog
-    start on different runs instead of all claiming the same one. Stable across processes
-    (CRC-32, not Python's salted ``hash``), so a resumed session keeps its order."""
+    one (a session's id, once it shares its backlog), a hash of salt and run id, so that
+    drainers sharing a backlog spread over different runs instead of all claiming the same
+    one. Stable across processes (CRC-32, not Python's salted ``hash``), so a resumed
+    session keeps its order."""
     if not salt:
         return 0
     return zlib.crc32(run_id.encode("utf-8", "surrogatepass"), zlib.crc32(salt.encode()))

@@ -34,6 +34,9 @@ class Child:
     def __init__(self, popen: subprocess.Popen[bytes], out: Feed, err: Feed) -> None:
         self.pid = popen.pid
         self.returncode: int | None = None
+        #: what writing the output raised (a full disk): the rest of the output is read
+        #: and dropped, so that the worker is not blocked on a full pipe; the caller raises it
+        self.error: Exception | None = None
         self._popen = popen
         self._loop = asyncio.get_running_loop()
         self._exited = anyio.Event()
@@ -94,7 +97,11 @@ class Child:
         except OSError:
             data = b""
         if data:
-            self._open[fd](data)
+            if self.error is None:
+                try:
+                    self._open[fd](data)
+                except Exception as exc:  # raised by the supervisor once the worker ended
+                    self.error = exc
         else:
             self._done_reading(fd)
 

@@ -223,6 +223,8 @@ class Supervisor:
                     tg.start_soon(own.run)
                     await self._supervise(child)
                     tg.cancel_scope.cancel()
+            if child.error is not None:  # the log could not be written (a full disk)
+                raise child.error
         except BaseException:
             # Cancelled from outside (deadline, signal, embedding caller): the tree dies
             # before the cancellation goes on.
