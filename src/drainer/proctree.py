@@ -49,7 +49,7 @@ def _has_marker(pid: int, marker: bytes) -> bool:
     return environ is not None and marker in b"\0" + environ
 
 
-def _read_proc(pid: int, name: str, *, whole: bool = True) -> bytes | None:
+def _read_proc(pid: int | str, name: str, *, whole: bool = True) -> bytes | None:
     """A /proc file (its first read only unless ``whole``), or None if the process is gone
     or not ours to read. Raw os.read: this runs for every process after every attempt, and
     a buffered file object costs about half again as much."""
@@ -316,24 +316,31 @@ def _children_files() -> bool:
     return os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
 
+def children(pid: int | str) -> list[int]:
+    """The children of ``pid`` (``"self"`` for drainer), read from its tasks' ``children``
+    files; [] when it is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tasks:
+        listed = _read_proc(pid, f"task/{tid}/children")
+        if listed:
+            found += [int(p) for p in listed.split()]
+    return found
+
+
 def descendants(pid: int) -> list[int]:
-    """The pids under ``pid`` (still attached to it), read from its tasks' ``children``
-    files: a few small reads per process of the tree, where psutil scans every process of
-    the host for its parent. [] when it is gone."""
+    """The pids under ``pid`` (still attached to it), from :func:`children`: a few small
+    reads per process of the tree, where psutil scans every process of the host for its
+    parent. [] when it is gone."""
     found: list[int] = []
     todo = [pid]
     while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            listed = _read_proc(parent, f"task/{tid}/children")
-            if listed:
-                kids = [int(p) for p in listed.split()]
-                found += kids
-                todo += kids
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
     return found
 
 

@@ -18,7 +18,6 @@ import ctypes
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 
@@ -81,15 +80,7 @@ def nothing_left_behind() -> bool:
 
 
 def _children() -> list[int]:
-    pids: list[int] = []
-    try:
-        tasks = list(Path("/proc/self/task").iterdir())
-    except OSError:
-        return pids
-    for task in tasks:
-        with contextlib.suppress(OSError):
-            pids.extend(int(p) for p in (task / "children").read_text().split())
-    return pids
+    return proctree.children("self")
 
 
 def adopted(worker: int | None = None) -> list[psutil.Process]:
