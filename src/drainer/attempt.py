@@ -508,8 +508,14 @@ class AttemptRunner:
         if claim.expired and claim.holder is not None:
             # Its drainer stopped renewing it (killed, frozen, cut off): its attempt dies
             # before this one starts, so that two workers never drain one run.
-            await self.end_expired(claim.holder)
-            claim = await leases.take_over(lease, ttl, claim.holder)
+            expired = claim.holder
+            await self.end_expired(expired)
+            claim = await leases.take_over(lease, ttl, expired)
+            if claim.holder is None:  # said as a sweep says it: the same happened
+                self._recorder.echo(
+                    f"[LEASE] expired lease of {shown_id(expired.run_id)} (drainer "
+                    f"{expired.host} pid {expired.pid}) taken over; phase "
+                    f"{shown_id(expired.phase_id)} restored if it was left non-final")
         if claim.holder is not None:
             return Leased(claim.holder.remaining, claim.elsewhere)
         drainable = (PhaseState.FAILED,) if self.config.skip_runs_with_queued else (
