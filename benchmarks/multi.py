@@ -17,10 +17,11 @@ drainers run in a scratch directory with every ``DRAINER_*`` variable removed fr
 environment, so no settings file or variable of the caller leaks in.
 
 The worker is a tiny Python script (stdlib only) that sleeps ``--sleep`` seconds, then sets
-its phase COMPLETE with ``psql`` (run as a subprocess, the ids passed as psql variables) and
-exits 0; exit 3: psql failed or updated no row. ``psql`` was chosen over a Python worker that
-imports asyncpg because it is cheaper per attempt: about 75 ms against about 140 ms of start-up
-and round trip on a 2-core machine. drainer hands workers the sync form of the URL in
+its phase COMPLETE with ``psql`` (run as a subprocess, the ids passed as psql variables;
+``updated_at`` stamped in UTC, as Autopack's models stamp it) and exits 0; exit 3: psql
+failed or updated no row. ``psql`` was chosen over a Python worker that imports asyncpg
+because it is cheaper per attempt: about 75 ms against about 140 ms of start-up and round
+trip on a 2-core machine. drainer hands workers the sync form of the URL in
 ``DATABASE_URL`` (``postgresql://...``); the worker strips a ``+driver`` part, should there be
 one, because libpq does not understand it.
 
@@ -121,8 +122,8 @@ DB_PREFIX = "drainer_bench_multi_"
 NOT_REPORTED = "not reported by this drainer version"
 
 # The worker: stdlib only. It sleeps argv[1] seconds, then sets its phase COMPLETE through
-# psql (argv[2]), the ids passed as psql variables (quoted by psql, never by us), and exits 0;
-# exit 3: psql failed or updated no row.
+# psql (argv[2]), the ids passed as psql variables (quoted by psql, never by us), stamping
+# updated_at in UTC as Autopack's models do, and exits 0; exit 3: psql failed or updated no row.
 WORKER = textwrap.dedent(
     """\
     import os, subprocess, sys, time
@@ -135,7 +136,7 @@ WORKER = textwrap.dedent(
         [sys.argv[2], "-X", "-v", "ON_ERROR_STOP=1", "-d", url,
          "-v", "run=" + os.environ["DRAINER_RUN_ID"],
          "-v", "phase=" + os.environ["DRAINER_PHASE_ID"]],
-        input="UPDATE phases SET state = 'COMPLETE'"
+        input="UPDATE phases SET state = 'COMPLETE', updated_at = timezone('UTC', now())"
               " WHERE run_id = :'run' AND phase_id = :'phase';\\n",
         capture_output=True, text=True)
     if done.returncode != 0 or done.stdout.strip() != "UPDATE 1":

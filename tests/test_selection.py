@@ -25,13 +25,32 @@ class Backlog:
         self.queued = list(queued)
         self.loads = 0
 
-    def done(self, ref: PhaseRef) -> None:
+    def done(self, ref: PhaseRef, *, stamp: bool = True) -> None:
+        """``ref`` drained (by another drainer), its ``updated_at`` stamped unless not."""
         self.failed = [r for r in self.failed if (r[0], r[1]) != ref.key]
+        if stamp:
+            self.stamped.add(ref.run_id)
+
+    def fail(self, row: Row) -> None:
+        """A phase became FAILED, stamped."""
+        self.failed.append(row)
+        self.stamped.add(row[0])
+
+    stamped: set[str]
+    changes = 0
 
     async def load(self) -> Candidates:
         self.loads += 1
+        self.stamped = set()
         return Candidates.of([PhaseRef(r, p, i, "FAILED", why) for r, p, i, why in self.failed]
                              + [PhaseRef(r, p, i, "QUEUED", why) for r, p, i, why in self.queued])
+
+    async def load_changed(self, seconds: float) -> tuple[Candidates, set[str]]:
+        """The store's load of changes: the runs stamped since the last load."""
+        self.changes += 1
+        runs, self.stamped = self.stamped, set()
+        return Candidates.of([PhaseRef(r, p, i, "FAILED", why) for r, p, i, why in self.failed
+                              if r in runs]), runs
 
 
 def selector(backlog: Backlog, **kw: object) -> Selector:
@@ -356,3 +375,70 @@ async def test_runs_seen_leased_elsewhere_are_left_alone_if_they_have_a_phase_he
     s.leases_now({"a": 30.0})
     ref = await s.pick()
     assert ref is not None and ref.key == ("b", "p")
+
+
+async def test_a_phase_drained_elsewhere_brings_a_load_of_the_changed_runs_only() -> None:
+    """With ``updated_at``, what others drained is learnt by reading the runs they changed,
+    not the whole backlog; the rest of the index, counters included, is kept."""
+    backlog = Backlog([(f"r{i}", "p", 0, None) for i in range(6)])
+    s = Selector(backlog.load, load_changed=backlog.load_changed, max_attempts_per_phase=2,
+                 dry_reload_cost=0)
+    first = await s.pick()
+    assert first is not None and first.key == ("r0", "p")
+    s.observe(outcome(first))  # it failed: a retry is due after the untried ones
+    for i in (1, 2):
+        backlog.done(PhaseRef(f"r{i}", "p", 0, "FAILED"))  # drained elsewhere, stamped
+    backlog.fail(("r9", "p", 0, None))  # and a phase became FAILED elsewhere
+    ref = await s.pick()
+    assert ref is not None and ref.key == ("r1", "p")
+    s.remove(ref)  # its claim found it drained
+    order = []
+    for _ in range(4):
+        ref = await s.pick()
+        assert ref is not None
+        order.append(ref.key[0])
+        s.observe(outcome(ref, "COMPLETE"))
+        backlog.done(ref, stamp=False)
+    assert (backlog.loads, backlog.changes) == (1, 1)
+    assert order == ["r3", "r4", "r5", "r9"]
+    retry = await s.pick()  # nothing untried left: a full look, then r0's retry
+    assert retry is not None and retry.key == ("r0", "p") and s.attempts_of(retry) == 1
+
+
+async def test_a_phase_drained_elsewhere_without_a_stamp_stays_out() -> None:
+    """A writer that does not stamp ``updated_at``: its run is not read again, and the phase
+    a claim found drained is not picked again from the old rows."""
+    backlog = Backlog([(f"r{i}", "p", 0, None) for i in range(3)])
+    s = Selector(backlog.load, load_changed=backlog.load_changed, max_attempts_per_phase=2,
+                 dry_reload_cost=0)
+    first = await s.pick()
+    assert first is not None
+    backlog.done(first, stamp=False)
+    s.remove(first)
+    picked = []
+    for _ in range(4):
+        ref = await s.pick()
+        if ref is None:
+            break
+        picked.append(ref.key)
+        s.observe(outcome(ref, "COMPLETE"))
+        backlog.done(ref)
+    assert picked == [("r1", "p"), ("r2", "p")]
+    assert backlog.changes == 1
+
+
+async def test_a_backlog_that_cannot_tell_changes_gets_full_loads() -> None:
+    backlog = Backlog([(f"r{i}", "p", 0, None) for i in range(3)])
+    asked = []
+
+    async def cannot_tell(seconds: float) -> None:
+        asked.append(seconds)
+
+    s = Selector(backlog.load, load_changed=cannot_tell,  # type: ignore[arg-type]
+                 max_attempts_per_phase=2, dry_reload_cost=0)
+    for _ in range(3):
+        ref = await s.pick()
+        assert ref is not None
+        backlog.done(ref)
+        s.remove(ref)
+    assert len(asked) == 1 and backlog.loads == 3  # asked once, then full loads only

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,19 @@ class Candidates:
         self.reasons.append(reason)
         self.queued.append(state == PhaseState.QUEUED)
 
+    def add_run(self, other: Candidates, run_id: str) -> None:
+        """Add every row of ``run_id`` in ``other`` (a run not added yet)."""
+        start, end = other.runs[run_id]
+        self._close()
+        if run_id in self.runs:
+            raise ValueError(f"rows of run {run_id!r} are not grouped together")
+        at = len(self.phase_ids)
+        self.phase_ids += other.phase_ids[start:end]
+        self.indexes += other.indexes[start:end]
+        self.reasons += other.reasons[start:end]
+        self.queued += other.queued[start:end]
+        self.runs[run_id] = (at, len(self.phase_ids))
+
     def _close(self) -> None:
         if self._run is not None:
             self.runs[self._run] = (self._start, len(self.phase_ids))
@@ -204,6 +217,18 @@ class Candidates:
     @property
     def failed(self) -> int:
         return len(self.queued) - sum(self.queued)
+
+
+def merge_changes(old: Candidates, fresh: Candidates, changed: Set[str]) -> Candidates:
+    """``old`` with the rows of the ``changed`` runs replaced by ``fresh``'s (which holds
+    the candidates of changed runs only; a changed run it lacks has none left)."""
+    out = Candidates()
+    for run_id in old.runs:
+        if run_id not in changed:
+            out.add_run(old, run_id)
+    for run_id in fresh.runs:
+        out.add_run(fresh, run_id)
+    return out.done()
 
 
 # Triage tiers of a run (sample-first), drained in this order.

@@ -29,6 +29,7 @@ from .models import (
     Candidates,
     PhaseRef,
     PhaseState,
+    merge_changes,
 )
 from .reasons import note_part, worker_part
 
@@ -352,6 +353,9 @@ class CandidateIndex:
 
 
 Load = Callable[[], Awaitable[Candidates]]
+#: ``load_changed(seconds)``: the runs changed within the last ``seconds`` and their
+#: candidates, or None when the backlog cannot tell (see ``Phases.load_changed``)
+LoadChanged = Callable[[float], Awaitable[tuple[Candidates, set[str]] | None]]
 
 
 class Selector:
@@ -362,12 +366,15 @@ class Selector:
     ``refresh_interval`` seconds, and after :meth:`invalidate`; with ``reloads=False``
     (``plan``) it is loaded once. When no never-tried phase is left, the index is reloaded
     before any retry, as long as loading takes at most ``1 / dry_reload_cost`` of the time.
+    A phase found drained elsewhere (:meth:`remove`) brings a reload forward; with
+    ``load_changed`` that one reads only the runs changed since the last load.
     """
 
     def __init__(
         self,
         load: Load,
         *,
+        load_changed: LoadChanged | None = None,
         max_attempts_per_phase: int,
         skip_run_prefixes: tuple[str, ...] = (),
         skip_queued: bool = True,
@@ -385,6 +392,7 @@ class Selector:
         the run id, so that drainers spread out; until then, and with no salt (``plan``),
         by id."""
         self._load = load
+        self._load_changed = load_changed
         self._max_attempts = max_attempts_per_phase
         self._build = functools.partial(CandidateIndex.build,
                                         skip_run_prefixes=skip_run_prefixes,
@@ -397,9 +405,13 @@ class Selector:
         self._dry_reload_cost = dry_reload_cost
         self._index: CandidateIndex | None = None
         self._loaded_at = -math.inf
-        self._load_seconds = 0.0
+        self._load_began = -math.inf  #: when the last load (full or of changes) began
+        self._load_seconds = 0.0  #: how long the last full load took
+        self._changes_seconds = 0.0  #: how long the last load of changes took
         self._stale = True
         self._drained_elsewhere = False  #: a claim found a phase drained meanwhile
+        #: phases found drained elsewhere since the last full load (loads of changes only)
+        self._gone: set[tuple[str, str]] = set()
         self._tiers: dict[str, int] = {}  #: tier of every run sampled this session
         self._stopped: set[str] = set()  #: runs a stop rule stopped
         #: run leased by another drainer -> until when it is left alone (anyio's clock)
@@ -417,13 +429,19 @@ class Selector:
         """Load the index when there is none, it is stale or old; True when it was loaded."""
         since = anyio.current_time() - self._loaded_at
         due = self._index is None or (self._reloads and (
-            self._stale or since > self._refresh_interval or (
-                # Others drain this backlog too: learn what they finished at once, as long
-                # as loading stays within its share of the time.
-                self._drained_elsewhere and since >= self._dry_reload_cost * self._load_seconds)))
+            self._stale or since > self._refresh_interval))
         if due:
             await self._reload()
-        return due
+            return True
+        if self._reloads and self._drained_elsewhere:
+            # Others drain this backlog too: learn what they finished at once, as long as
+            # loading stays within its share of the time (a load of changes is cheap).
+            changes = self._load_changed is not None
+            cost = self._changes_seconds if changes else self._load_seconds
+            if since >= self._dry_reload_cost * cost:
+                await self._reload(changes_only=changes)
+                return True
+        return False
 
     async def pick(self, busy: Set[str] = frozenset()) -> PhaseRef | None:
         """The best phase to drain now, or None when nothing is drainable at the moment.
@@ -538,6 +556,8 @@ class Selector:
         as its cost allows (another drainer may have drained more of the index)."""
         self._picked.pop(ref.run_id, None)
         self._drained_elsewhere = True
+        if self._load_changed is not None:
+            self._gone.add(ref.key)
         where = self._locate(ref.run_id, ref.phase_id)
         if where is not None and self._index is not None:
             self._index.flags[where[1]] |= _REMOVED
@@ -637,7 +657,27 @@ class Selector:
         i = queue.position(phase_id)
         return None if i is None else (queue, i)
 
-    async def _reload(self) -> None:
+    async def _candidates(self, old: Candidates | None,
+                          began: float) -> tuple[Candidates, set[str] | None]:
+        """A full load; or, given the ``old`` load's columns, those with the runs changed
+        since the last load read afresh (a full load when the backlog cannot tell), and
+        the changed runs (None: a full load)."""
+        if old is not None and self._load_changed is not None:
+            found = await self._load_changed(began - self._load_began)
+            if found is None:
+                self._load_changed = None  # the backlog cannot tell: full loads from now on
+            else:
+                self._load_began = began
+                self._changes_seconds = anyio.current_time() - began
+                fresh, changed = found
+                return merge_changes(old, fresh, changed), changed
+        candidates = await self._load()
+        self._load_began = began
+        self._load_seconds = anyio.current_time() - began
+        self._gone.clear()
+        return candidates, None
+
+    async def _reload(self, *, changes_only: bool = False) -> None:
         # What carries over to the new load: tiers (per run); the counters of phases whose
         # last attempt left them FAILED, and of phases in flight (their attempt decides).
         # Everything else of the old index is dropped before the new one is built, so two
@@ -647,13 +687,22 @@ class Selector:
         # counts it in ``carried``, as the index is gone), and its phase may be missing from
         # the load (its worker had it EXECUTING); its count is kept all the same.
         in_flight = {(run_id, phase_id) for run_id, (phase_id, _) in self._picked.items()}
+        old = self._index.candidates if changes_only and self._index is not None else None
         self._index = None
         self._drained_elsewhere = False  # (a claim during the load sets it again)
         began = anyio.current_time()
-        index = self._build(await self._load(),
-                            tie_salt=self._tie_salt if self._spread else "")
+        candidates, changed = await self._candidates(old, began)
+        index = self._build(candidates, tie_salt=self._tie_salt if self._spread else "")
+        del old, candidates
+        if changed is not None:
+            # Phases found drained elsewhere stay out, unless their run was read afresh (a
+            # writer that does not stamp ``updated_at`` leaves the rest of the old load).
+            for run_id, phase_id in self._gone:
+                queue = index.runs.get(run_id) if run_id not in changed else None
+                i = queue.position(phase_id) if queue is not None else None
+                if i is not None:
+                    index.flags[i] |= _REMOVED
         self._loaded_at = anyio.current_time()
-        self._load_seconds = self._loaded_at - began
         self._stale = False
         in_flight.update((run_id, phase_id) for run_id, (phase_id, _) in self._picked.items())
         self._outside = {}

@@ -193,6 +193,7 @@ class DrainSession:
             snapshot_fields=self._snapshot_fields)
         selector = Selector(
             functools.partial(backlog.phases.load_candidates, run_id=cfg.run_id),
+            load_changed=functools.partial(backlog.phases.load_changed, run_id=cfg.run_id),
             max_attempts_per_phase=cfg.max_attempts_per_phase,
             skip_run_prefixes=cfg.skip_run_prefixes, skip_queued=cfg.skip_runs_with_queued,
             too_long=cfg.ids_too_long(), tie_salt=self.session_id)

@@ -24,6 +24,10 @@ from ..schema import Schema
 from ._engine import Engine, Execute
 
 LOAD_CHUNK = 1000  #: rows per fetch while loading candidates (bounds the transient memory)
+#: a load of changes reaches this much further back than the previous load's start: slack for
+#: clocks (writers such as Autopack stamp ``updated_at`` with their own clock) and for
+#: transactions that stamped a row before that load but committed after it
+CHANGES_MARGIN = 60.0
 FINAL_STATE_POLL_INTERVAL = 0.1
 
 PhaseRow = tuple[str, str | None]  #: (canonical state, last_failure_reason)
@@ -48,6 +52,7 @@ class Phases:
         self.telemetry_tables: tuple[str, ...] = ()
         self.missing_telemetry_tables: tuple[str, ...] = ()
         self.has_updated_at = False
+        self._updated_tz = False  #: ``updated_at`` holds time zones (else: UTC, as Autopack's)
         self._telemetry_stmt: Any = None
         self._outcome_stmt: Any = None
         names = dict.fromkeys([*sc.required_columns, sc.updated_at or sc.state])
@@ -90,6 +95,7 @@ class Phases:
                     "(run and phase ids are compared and stored as text)"
                 )
         self.has_updated_at = bool(sc.updated_at) and sc.updated_at in phase_cols
+        self._updated_tz = bool(getattr(phase_cols.get(sc.updated_at or ""), "timezone", False))
         self.telemetry_tables = tuple(t for t in self._wanted_telemetry if t in tables)
         self.missing_telemetry_tables = tuple(
             t for t in self._wanted_telemetry if t not in tables
@@ -147,12 +153,44 @@ class Phases:
 
     async def load_candidates(self, *, run_id: str | None = None) -> Candidates:
         """All FAILED and QUEUED phases (of ``run_id`` when given), in no particular order."""
+        return await self._load(self._candidates(run_id))
+
+    async def load_changed(
+        self, seconds: float, *, run_id: str | None = None
+    ) -> tuple[Candidates, set[str]] | None:
+        """The runs with a phase whose ``updated_at`` lies within the last ``seconds`` (plus
+        :data:`CHANGES_MARGIN`) by the database's clock, and their FAILED and QUEUED phases
+        (a changed run with none left has no rows); None when the table has no
+        ``updated_at``. ``updated_at`` without a time zone is taken as UTC, as Autopack
+        writes it. A writer that changes a phase without stamping it goes unseen here; the
+        full loads find it."""
+        if not self.has_updated_at or self._updated is None:
+            return None
+        ago = max(0.0, seconds) + CHANGES_MARGIN
+        if self._engine.db.is_sqlite:
+            since: Any = func.datetime("now", bindparam("ago", f"-{ago:.3f} seconds"))
+        else:
+            now = func.now() if self._updated_tz else func.timezone("UTC", func.now())
+            since = now - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("ago", ago))
+        changed_runs = select(self._run).where(self._updated >= since).distinct()
+        if run_id is not None:
+            changed_runs = changed_runs.where(self._run == run_id)
+        runs = {str(r[0]) for r in await self._all("reading changed phases in", changed_runs)}
+        if not runs:
+            return Candidates(), runs
+        # (A subquery, not the ids: any number of runs fits. A run changed between the two
+        # statements comes with its rows, and counts as changed.)
+        found = await self._load(self._candidates(run_id).where(self._run.in_(changed_runs)))
+        return found, runs.union(found.runs)
+
+    def _candidates(self, run_id: str | None) -> Any:
         stmt = select(
             self._run, self._phase, self._index, self._state, self._reason
         ).where(self._state.in_([self.schema.db(PhaseState.FAILED),
                                  self.schema.db(PhaseState.QUEUED)]))
-        if run_id is not None:
-            stmt = stmt.where(self._run == run_id)
+        return stmt if run_id is None else stmt.where(self._run == run_id)
+
+    async def _load(self, stmt: Any) -> Candidates:
         canonical = self.schema.canonical
 
         # Streamed in chunks into columns, grouped by run (ORDER BY), with one shared string
