@@ -7,6 +7,7 @@ import gc
 import weakref
 from collections.abc import Iterable
 
+import anyio
 import pytest
 
 from drainer.models import Attempt, Candidates, PhaseRef
@@ -442,3 +443,19 @@ async def test_a_backlog_that_cannot_tell_changes_gets_full_loads() -> None:
         backlog.done(ref)
         s.remove(ref)
     assert len(asked) == 1 and backlog.loads == 3  # asked once, then full loads only
+
+
+async def test_loads_of_changes_do_not_put_off_the_full_reloads() -> None:
+    """Writers that do not stamp ``updated_at`` are caught by the full reload every
+    ``refresh_interval``, however often changes are loaded meanwhile."""
+    backlog = Backlog([(f"r{i}", "p", 0, None) for i in range(9)])
+    s = Selector(backlog.load, load_changed=backlog.load_changed, max_attempts_per_phase=2,
+                 dry_reload_cost=0, refresh_interval=0.3)
+    ref = await s.pick()  # full load 1
+    assert ref is not None
+    await anyio.sleep(0.2)
+    s.remove(ref)
+    assert await s.pick() is not None and backlog.changes == 1  # a load of changes
+    await anyio.sleep(0.15)  # 0.35 s after the full load, 0.15 s after the load of changes
+    assert await s.pick() is not None
+    assert backlog.loads == 2

@@ -406,6 +406,7 @@ class Selector:
         self._index: CandidateIndex | None = None
         self._loaded_at = -math.inf
         self._load_began = -math.inf  #: when the last load (full or of changes) began
+        self._full_at = -math.inf  #: when the last full load began
         self._load_seconds = 0.0  #: how long the last full load took
         self._changes_seconds = 0.0  #: how long the last load of changes took
         self._stale = True
@@ -427,9 +428,10 @@ class Selector:
 
     async def load(self) -> bool:
         """Load the index when there is none, it is stale or old; True when it was loaded."""
-        since = anyio.current_time() - self._loaded_at
+        now = anyio.current_time()
+        since = now - self._loaded_at
         due = self._index is None or (self._reloads and (
-            self._stale or since > self._refresh_interval))
+            self._stale or now - self._full_at > self._refresh_interval))
         if due:
             await self._reload()
             return True
@@ -672,7 +674,7 @@ class Selector:
                 fresh, changed = found
                 return merge_changes(old, fresh, changed), changed
         candidates = await self._load()
-        self._load_began = began
+        self._load_began = self._full_at = began
         self._load_seconds = anyio.current_time() - began
         self._gone.clear()
         return candidates, None
