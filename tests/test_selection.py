@@ -450,12 +450,12 @@ async def test_loads_of_changes_do_not_put_off_the_full_reloads() -> None:
     ``refresh_interval``, however often changes are loaded meanwhile."""
     backlog = Backlog([(f"r{i}", "p", 0, None) for i in range(9)])
     s = Selector(backlog.load, load_changed=backlog.load_changed, max_attempts_per_phase=2,
-                 dry_reload_cost=0, refresh_interval=0.3)
+                 dry_reload_cost=0, refresh_interval=1.0)
     ref = await s.pick()  # full load 1
     assert ref is not None
-    await anyio.sleep(0.2)
+    await anyio.sleep(0.6)
     s.remove(ref)
     assert await s.pick() is not None and backlog.changes == 1  # a load of changes
-    await anyio.sleep(0.15)  # 0.35 s after the full load, 0.15 s after the load of changes
+    await anyio.sleep(0.5)  # 1.1 s after the full load, 0.5 s after the load of changes
     assert await s.pick() is not None
     assert backlog.loads == 2
