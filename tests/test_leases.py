@@ -363,3 +363,59 @@ async def test_one_ticker_renews_every_running_attempts_lease(tmp_path: Path) ->
     finally:
         conn.close()
     assert states == {"FAILED"} and leases == 0
+
+
+async def test_the_end_of_an_attempt_reads_its_phase_and_releases_unless_non_final(
+        url: str) -> None:
+    async with store(url) as backlog:
+        leases = backlog.leases
+        # Left non-final (EXECUTING): read, nothing released (finish() restores, releases).
+        assert (await leases.claim(_lease("run-a", "P1", "me"), ttl=60)).holder is None
+        outcome, held = await leases.finish_if_final("run-a", "P1", "a-me")
+        assert (outcome.row, outcome.telemetry, held) == (("EXECUTING", None), 0, None)
+        assert [lease.attempt_id for lease, _ in await leases.live()] == ["a-me"]
+        await leases.release("run-a", "a-me")
+        # Final (FAILED, with one telemetry row): read and released.
+        assert (await leases.claim(_lease("run-a", "P2", "me"), ttl=60)).holder is None
+        outcome, held = await leases.finish_if_final("run-a", "P2", "a-me")
+        assert (outcome.row, outcome.telemetry, held) == (("FAILED", "boom"), 1, True)
+        assert await leases.live() == []
+        # The lease lost meanwhile (another holds the run): read, and not ours to release.
+        assert (await leases.claim(_lease("run-b", "P1", "other"), ttl=60)).holder is None
+        outcome, held = await leases.finish_if_final("run-b", "P1", "a-me")
+        assert (outcome.row, held) == (("FAILED", None), False)
+        assert [lease.attempt_id for lease, _ in await leases.live()] == ["a-other"]
+        # The phase gone: its telemetry still counts, and the lease is released.
+        assert (await leases.claim(_lease("run-a", "P9", "me"), ttl=60)).holder is None
+        outcome, held = await leases.finish_if_final("run-a", "P9", "a-me")
+        assert (outcome.row, outcome.telemetry, held) == (None, 0, True)
+
+
+async def test_on_postgresql_a_claim_and_an_end_are_one_statement_each_in_autocommit(
+        url: str) -> None:
+    """No BEGIN and COMMIT round trips around them: each is one statement, run in autocommit,
+    so an attempt costs the database two round trips in the common case."""
+    if url.startswith("sqlite"):
+        pytest.skip("PostgreSQL only: on SQLite a round trip is one hop to drainer's thread")
+    from sqlalchemy import event
+
+    async with store(url) as backlog:
+        seen: list[tuple[str, object]] = []
+
+        def count(conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            options = conn.get_execution_options()  # type: ignore[attr-defined]
+            seen.append((statement.split()[0], options.get("isolation_level")))
+
+        sync_engine = backlog.engine._engine.sync_engine
+        event.listen(sync_engine, "before_cursor_execute", count)
+        try:
+            claim = await backlog.leases.claim(_lease("run-a", "P2", "me"), ttl=60)
+            assert claim.holder is None and claim.phase == ("FAILED", "boom")
+            assert claim.telemetry == 1
+            assert seen == [("WITH", "AUTOCOMMIT")]
+            seen.clear()
+            outcome, held = await backlog.leases.finish_if_final("run-a", "P2", "a-me")
+            assert held is True and outcome.telemetry == 1
+            assert seen == [("WITH", "AUTOCOMMIT")]
+        finally:
+            event.remove(sync_engine, "before_cursor_execute", count)

@@ -151,11 +151,13 @@ class Engine:
                   transaction: bool = False) -> T:
         """One round trip: ``body(execute)``, a plain function that runs its statements
         through ``execute`` (no awaits between them). ``write``: it writes; ``transaction``:
-        its statements form one write transaction (BEGIN IMMEDIATE on SQLite).
+        its statements form one write transaction (BEGIN IMMEDIATE on SQLite); else each
+        statement is atomic by itself and commits as it runs.
 
         On SQLite the whole body runs in one hop to a thread, on a connection the session
         keeps (:mod:`._sqlite`); on PostgreSQL, through SQLAlchemy's ``run_sync`` on a pooled
-        connection, each statement a round trip to the server. Use it inside :meth:`retry`.
+        connection, each statement a round trip to the server (without a transaction: in
+        autocommit, so no BEGIN and COMMIT round trips). Use it inside :meth:`retry`.
         """
         self.check_identity()
         if self._raw is not None:
@@ -164,9 +166,8 @@ class Engine:
             if transaction:
                 async with conn.begin():
                     return await conn.run_sync(lambda sync: body(sync.execute))
-            out = await conn.run_sync(lambda sync: body(sync.execute))
-            await conn.commit()
-            return out
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return await conn.run_sync(lambda sync: body(sync.execute))
 
     @property
     def now_sql(self) -> str:

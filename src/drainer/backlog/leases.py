@@ -12,7 +12,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from sqlalchemy import inspect, text
+from sqlalchemy import (
+    Float,
+    bindparam,
+    column,
+    delete,
+    exists,
+    func,
+    inspect,
+    literal,
+    literal_column,
+    select,
+    table,
+    text,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -107,6 +121,8 @@ class Leases:
         self._delete_stmt = text(
             f"DELETE FROM {LEASE_TABLE} WHERE run_id = :run_id AND attempt_id = :attempt_id")
         self._holder_stmt: tuple[str, Any] | None = None
+        self._pg_claim_stmt: Any = None
+        self._pg_settle_stmt: Any = None
         self._elsewhere_stmt = text(
             f"SELECT run_id, expires_at - {self._now} AS remaining FROM {LEASE_TABLE} "
             "WHERE session_id <> :session_id")
@@ -157,8 +173,8 @@ class Leases:
             "SELECT column_name FROM information_schema.columns WHERE table_name = :table "
             "AND table_schema = current_schema() AND data_type = 'character varying' "
             "AND column_name IN ('run_id', 'phase_id')"), {"table": LEASE_TABLE})).scalars()
-        for column in sorted(narrow):
-            await conn.execute(text(f"ALTER TABLE {LEASE_TABLE} ALTER COLUMN {column} TYPE TEXT"))
+        for name in sorted(narrow):
+            await conn.execute(text(f"ALTER TABLE {LEASE_TABLE} ALTER COLUMN {name} TYPE TEXT"))
 
     async def _add_worker_columns(self, conn: AsyncConnection) -> None:
         """A table from an older drainer has no worker columns: add them (NULL)."""
@@ -190,10 +206,19 @@ class Leases:
         the caller ends the holder's attempt and then calls :meth:`take_over`."""
         params = lease.params(ttl)
         phases = self._phases
+        if not self._sqlite:
+            params.update(r=lease.run_id, p=lease.phase_id)
 
         def insert(execute: Execute) -> tuple[Lease, dict[str, float]] | Claim | None:
             # The common case: nobody holds the run, and the insert is atomic by itself.
-            inserted = execute(self._insert_absent, params).rowcount
+            if not self._sqlite:  # insert and read in one statement: one round trip
+                row = execute(self._pg_claim(), params).first()
+                if row.inserted:
+                    outcome = phases.outcome_of(row, 1)
+                    return Claim(holder=None, phase=outcome.row, telemetry=outcome.telemetry)
+                inserted = 0
+            else:
+                inserted = execute(self._insert_absent, params).rowcount
             holder = None if inserted else self._holder_with(execute, params)
             if inserted or (holder is not None and holder.attempt_id == lease.attempt_id):
                 # (found ours: a retried insert had landed before the fault)
@@ -289,6 +314,43 @@ class Leases:
         row = execute(self._holder_stmt[1], params).first()
         return None if row is None else Lease.from_row(row)
 
+    def _pg_claim(self) -> Any:
+        """PostgreSQL: the lease inserted if the run has none, and the phase with its
+        telemetry read, in one statement (``inserted``: 1 or 0, then :meth:`Phases.outcome_of`;
+        parameters: :meth:`Lease.params`, ``r`` and ``p``)."""
+        if self._pg_claim_stmt is None:
+            t = _lease_table()
+            now: Any = literal_column(self._now)
+            added = (
+                pg_insert(t).values(
+                    run_id=bindparam("run_id"), session_id=bindparam("session_id"),
+                    attempt_id=bindparam("attempt_id"), phase_id=bindparam("phase_id"),
+                    host=bindparam("host"), pid=bindparam("pid"), acquired_at=now,
+                    heartbeat_at=now, expires_at=now + bindparam("ttl", type_=Float))
+                .on_conflict_do_nothing(index_elements=["run_id"])
+                .returning(t.c.run_id).cte("added"))
+            inserted = select(func.count()).select_from(added).scalar_subquery()
+            self._pg_claim_stmt = self._phases.outcome_along([inserted.label("inserted")])
+        return self._pg_claim_stmt
+
+    def _pg_settle(self) -> Any:
+        """PostgreSQL: the phase with its telemetry read and, unless the phase is left
+        non-final, our lease deleted, in one statement (``released``: 1 or 0, then
+        :meth:`Phases.outcome_of`; parameters ``run_id``, ``attempt_id``, ``r``, ``p``). The
+        read and the delete's check see the same snapshot."""
+        if self._pg_settle_stmt is None:
+            t = _lease_table()
+            state = self._phases.state_of().cte("phase_state")
+            gone = (
+                delete(t).where(
+                    t.c.run_id == bindparam("run_id"), t.c.attempt_id == bindparam("attempt_id"),
+                    ~exists(select(literal(1)).select_from(state).where(
+                        self._phases.state_is_non_final(state.c[0]))))
+                .returning(t.c.run_id).cte("released"))
+            released = select(func.count()).select_from(gone).scalar_subquery()
+            self._pg_settle_stmt = self._phases.outcome_along([released.label("released")])
+        return self._pg_settle_stmt
+
     def _insert(self, *, if_absent: bool) -> Any:
         """INSERT of a new lease row (parameters: :meth:`Lease.params`); ``if_absent``: do
         nothing (rowcount 0) when the run already has one."""
@@ -331,6 +393,13 @@ class Leases:
         phases = self._phases
 
         def settle(execute: Execute) -> tuple[Outcome, bool | None]:
+            if not self._sqlite:  # read and release in one statement: one round trip
+                row = execute(self._pg_settle(), {"run_id": run_id, "attempt_id": attempt_id,
+                                                  "r": run_id, "p": phase_id}).first()
+                found = phases.outcome_of(row, 1)
+                if found.row is not None and not is_final_state(found.row[0]):
+                    return found, None
+                return found, bool(row.released)
             outcome = phases.outcome_with(execute, run_id, phase_id)
             if outcome.row is not None and not is_final_state(outcome.row[0]):
                 return outcome, None
@@ -449,6 +518,11 @@ class Leases:
 
 
 _WORKER = ", ".join(_WORKER_COLUMNS)
+
+
+def _lease_table() -> Any:
+    """``drainer_leases`` for statements built with SQLAlchemy's expression language."""
+    return table(LEASE_TABLE, *(column(name.strip()) for name in _COLUMNS.split(",")))
 
 
 def _maybe(kind: type[int] | type[float], value: Any) -> Any:

@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from sqlalchemy import bindparam, column, exists, func, inspect, select, table, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    column,
+    exists,
+    func,
+    inspect,
+    literal,
+    select,
+    table,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import String
@@ -245,6 +256,36 @@ class Phases:
             return Outcome(None, self._telemetry_with(execute, run_id, phase_id))
         count = int(row[2]) if len(row) > 2 and row[2] is not None else None
         return Outcome((self.schema.canonical(row[0]), row[1]), count)
+
+    def outcome_along(self, first: list[Any]) -> Any:
+        """One SELECT of the scalar expressions ``first``, then what :meth:`outcome_of`
+        reads: the phase (bound parameters ``r`` and ``p``) and its telemetry count, in a
+        row that is there whether or not the phase is. For PostgreSQL, where ``first`` are
+        the counts of data-modifying CTEs: a lease's claim or release and the read of its
+        phase in one statement, one round trip."""
+        one = select(literal(1).label("one")).subquery("one")
+        telemetry = self._telemetry_total()
+        columns = [*first, self._run, self._state, self._reason]
+        if telemetry is not None:
+            columns.append(telemetry.label("telemetry"))
+        return select(*columns).select_from(one.outerjoin(
+            self._table, and_(self._run == bindparam("r"), self._phase == bindparam("p"))))
+
+    def outcome_of(self, row: Any, start: int) -> Outcome:
+        """The :class:`Outcome` in ``row[start:]`` of an :meth:`outcome_along` statement."""
+        present, state, reason = row[start:start + 3]
+        telemetry = row[start + 3] if len(row) > start + 3 else None
+        return Outcome(None if present is None else (self.schema.canonical(state), reason),
+                       None if telemetry is None else int(telemetry))
+
+    def state_is_non_final(self, state: Any) -> Any:
+        """SQL: ``state`` (a column of the phases table's state) holds a non-final state."""
+        return state.in_(self.schema.non_final_db)
+
+    def state_of(self) -> Any:
+        """A SELECT of the phase's state (bound parameters ``r`` and ``p``)."""
+        return select(self._state).where(self._run == bindparam("r"),
+                                         self._phase == bindparam("p"))
 
     async def wait_final_state(self, run_id: str, phase_id: str, *, wait: float) -> Outcome:
         """Read a phase and its telemetry; while it is non-final, re-read it for up to
