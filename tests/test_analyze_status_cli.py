@@ -69,10 +69,10 @@ def test_status_shows_runs_queued_stale_and_resumable_sessions(env: Env) -> None
                             ("run-b", "P0", 0, "EXECUTING", None)])
     conn = sqlite3.connect(env.db)
     conn.execute("UPDATE phases SET updated_at = datetime('now', '-3 hours') "
-                 "WHERE run_id = 'run-b'")
+                 "WHERE run_id = 'run-b' OR phase_id = 'P0'")
     conn.commit()
     conn.close()
-    # An interrupted session: killed after its first attempt started.
+    # An interrupted session: killed after its first attempt started (run-a's lease stays).
     env.run_cli("run", *env.base_args(),
                 env=env.worker_env(DRAINER_CRASH_AT="before_spawn:1"))
     snapshot_dirs = list(env.sessions.glob("batch-drain-*"))
@@ -83,7 +83,10 @@ def test_status_shows_runs_queued_stale_and_resumable_sessions(env: Env) -> None
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "Runs with QUEUED phases: run-a (1)" in out
-    assert "run-b / P0: EXECUTING, 180 min" in out
+    assert "run-b / P0: EXECUTING, 180 min\n" in out
+    # What --restore-stale-after would leave alone: a phase whose run a drainer leases.
+    assert "run-a / P0: QUEUED, 180 min, its run leased by a drainer" in out
+    assert "drainer run --restore-stale-after 60 restores them" in out
     assert f"{session_id}: 0 attempt(s) done, 1 unfinished" in out
     assert f"resume: python -m drainer run --resume {session_id}" in out
     # Status writes nothing. (Compare content, not bytes: closing the last connection may

@@ -38,7 +38,10 @@ CASES = {
     "negative batch size": (["--batch-size", "-1"], "--batch-size"),
     "zero batch size": (["--batch-size", "0"], "--batch-size"),
     "negative timeout": (["--phase-timeout-seconds", "-5"], "--phase-timeout-seconds"),
-    "negative minutes": (["--max-total-minutes", "-1"], "--max-total-minutes"),
+    "negative minutes": (["--max-total-minutes", "-1"], "--max-total-minutes must be a "
+                         "positive number, got -1"),  # in the flag's unit, not seconds
+    "negative stale minutes": (["--restore-stale-after", "-5"], "--restore-stale-after must be "
+                               "a positive number, got -5"),
     "negative log cap": (["--max-log-bytes", "-1"], "--max-log-bytes"),
     "negative grace": (["--kill-grace-seconds", "-1"], "--kill-grace-seconds"),
     "negative attempts": (["--max-attempts-per-phase", "-2"], "--max-attempts-per-phase"),

@@ -59,7 +59,8 @@ def test_footer_summary_snapshot_analyze_and_html_agree_across_resumes(env: Env)
     by_phase = ",".join(f"{p}={k}" for p, k in kinds.items())
     args = [*env.base_args(), "--batch-size", "20", "--phase-timeout-seconds", "2",
             "--kill-grace-seconds", "0.5", "--stop-grace-seconds", "600",
-            "--max-fingerprint-repeats", "100"]
+            "--max-fingerprint-repeats", "100",
+            "--retry-backoff-seconds", "0"]  # the timed-out phase's retry comes at once
 
     # 1. kill -9 while the first worker runs: an attempt left unfinished.
     (env.out / "hang-next").write_text("")

@@ -287,6 +287,11 @@ class DrainConfig:
         True, "--skip-runs-with-queued", "leave QUEUED phases alone (default); their runs' "
         "FAILED phases drain; --no-skip-runs-with-queued drains them too", BACKLOG,
         kind=SWITCH, negative="--no-skip-runs-with-queued")
+    restore_stale_after: float | None = option(
+        None, "--restore-stale-after", "before picking, restore to FAILED the phases left "
+        "QUEUED, EXECUTING, GATE or CI_RUNNING for more than M minutes (by updated_at and the "
+        "database's clock) whose run no drainer leases (default: off)", BACKLOG, metavar="M",
+        parse=float, scale=60.0, check=_seconds(positive=True))
     allow_empty_db: bool = option(
         False, "--allow-empty-db", "run even if the database has no phases at all", BACKLOG,
         kind=SWITCH)
@@ -348,6 +353,12 @@ class DrainConfig:
     max_attempts_per_phase: int = option(
         2, "--max-attempts-per-phase", "attempts per phase in a session "
         "(default: %(default)s)", STOPS, metavar="N", parse=int, check=_whole(1))
+    retry_backoff: float = option(
+        30.0, "--retry-backoff-seconds", "a phase whose attempt timed out, was killed by a "
+        "signal, lost its lease or met a database error is retried in this session only "
+        "after S seconds, doubled for each attempt of it (at most 15 minutes, or S); other "
+        "work goes on meanwhile; 0: at once (default: %(default)s)", STOPS, metavar="S",
+        parse=float, check=_seconds(positive=False))
     max_fingerprint_repeats: int | None = option(
         3, "--max-fingerprint-repeats", "stop a run once its failure fingerprint was seen N "
         "times (default: %(default)s)", STOPS, metavar="N", parse=int, check=_whole(1))
@@ -403,7 +414,7 @@ class DrainConfig:
         for name, opt in OPTIONS.items():
             value = getattr(self, name)
             if opt.check is not None and value is not None:
-                opt.check(opt.flag, value)
+                opt.check(opt.flag, opt.shown(value))  # in the flag's unit
         _seconds(positive=False)("final_state_wait", self.final_state_wait)
         if self.api_url is not None:
             setattr_(self, "api_url", normalize_api_url(self.api_url))
@@ -464,6 +475,13 @@ class DrainConfig:
                     found.append(str(urlsplit(self.api_url).password))
         found += [value for key, value in self.env if _looks_secret(key) and value]
         return tuple(found)
+
+    def drains_run(self, run_id: str) -> bool:
+        """Whether this session may drain ``run_id`` (``--run-id``, ``--skip-run-prefix``)."""
+        if self.run_id is not None and run_id != self.run_id:
+            return False
+        return not run_id.startswith(self.skip_run_prefixes) if self.skip_run_prefixes \
+            else True
 
     def ids_too_long(self) -> Callable[[str, str], bool]:
         """Whether a phase's ids would make the worker's command line longer than the kernel

@@ -208,8 +208,30 @@ class SessionStopped:
                    stop_detail=data.get("stop_detail"))
 
 
+@dataclass(frozen=True, slots=True)
+class StaleRestored:
+    """``--restore-stale-after``: phases left non-final too long, with no drainer's lease on
+    their run, restored to FAILED before picking."""
+
+    kind: ClassVar[str] = "stale_restored"
+    older_than_minutes: float
+    #: (run, phase, state before, reason written) of each phase restored
+    phases: tuple[tuple[str, str, str, str], ...]
+
+    def to_journal(self) -> dict[str, Any]:
+        return {"type": self.kind, "older_than_minutes": self.older_than_minutes,
+                "phases": [{"run_id": r, "phase_id": p, "state": st, "reason": why}
+                           for r, p, st, why in self.phases]}
+
+    @classmethod
+    def from_journal(cls, data: dict[str, Any]) -> StaleRestored:
+        return cls(older_than_minutes=float(data["older_than_minutes"]),
+                   phases=tuple((str(x["run_id"]), str(x["phase_id"]), str(x["state"]),
+                                 str(x["reason"])) for x in data.get("phases") or ()))
+
+
 DrainEvent = AttemptStarted | AttemptFinished | RunStopped | SessionStopped
 """What an embedding application receives (``on_event``, ``Drainer.events()``, ``--json``)."""
 
 JournalEvent = (SessionStarted | SessionResumed | AttemptStarted | AttemptSpawned
-                | AttemptFinished | RunStopped | SessionStopped)
+                | AttemptFinished | RunStopped | SessionStopped | StaleRestored)

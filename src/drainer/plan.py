@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .backlog import open_backlog
+from .backlog import LEASE_TABLE, open_backlog
 from .config import DrainConfig
 from .errors import UsageError
 from .models import Attempt, PhaseRef, PhaseState
@@ -27,6 +27,9 @@ class Plan:
     picks: list[tuple[PhaseRef, int]]  #: phase, attempt number (2 and up: a retry)
     remaining: int  #: candidate phases the batch does not reach
     skipped: list[tuple[PhaseRef, str]]
+    #: with --restore-stale-after: (run, phase, state) of each phase a session would restore
+    #: first; None when the option is off or the phases table has no updated_at
+    stale: list[tuple[str, str, str]] | None = None
 
 
 def _failed_again(ref: PhaseRef, attempt_number: int) -> Attempt:
@@ -46,7 +49,13 @@ async def make_plan(config: DrainConfig) -> Plan:
                 "Pass --allow-empty-db to plan against it anyway"
             )
         await check_run_id(config.run_id, backlog.phases.runs_in,
-                           skip_queued=config.skip_runs_with_queued)
+                           skip_queued=config.skip_runs_with_queued,
+                           restoring=config.restore_stale_after is not None)
+        stale = None
+        if config.restore_stale_after is not None:
+            leases = LEASE_TABLE if await backlog.leases.has_table() else None
+            stale = await backlog.phases.stale(config.restore_stale_after, lease_table=leases,
+                                               runs=config.drains_run)
         selector = Selector(
             functools.partial(backlog.phases.load_candidates, run_id=config.run_id),
             max_attempts_per_phase=config.max_attempts_per_phase,
@@ -63,7 +72,7 @@ async def make_plan(config: DrainConfig) -> Plan:
             selector.observe(_failed_again(ref, number))
     reached = len({ref.key for ref, _ in picks})
     return Plan(counts=counts, picks=picks, remaining=selector.candidates - reached,
-                skipped=selector.skipped)
+                skipped=selector.skipped, stale=stale)
 
 
 def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
@@ -72,8 +81,21 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
         f"Plan (dry run, nothing is started or written) for {config.db.redacted}",
         f"  phases: {phases}",
         f"  sessions: {config.session_dir}{autopack_note(config)}",
-        f"Would drain, in order (batch size {config.batch_size}):",
     ]
+    if config.restore_stale_after is not None:
+        minutes = f"{config.restore_stale_after / 60:g}"
+        if plan.stale is None:
+            lines.append(f"Would restore (--restore-stale-after {minutes}): nothing, the phases "
+                         "table has no updated_at column")
+        else:
+            lines.append(f"Would restore to FAILED first (--restore-stale-after {minutes}): "
+                         f"{len(plan.stale) or 'no'} phase(s) left non-final for more than "
+                         f"{minutes} min whose run no drainer leases")
+            for run_id, phase_id, state in plan.stale[:SKIPPED_SHOWN]:
+                lines.append(f"  - {shown_id(run_id)} / {shown_id(phase_id)} [{state}]")
+            if len(plan.stale) > SKIPPED_SHOWN:
+                lines.append(f"  ... and {len(plan.stale) - SKIPPED_SHOWN} more")
+    lines.append(f"Would drain, in order (batch size {config.batch_size}):")
     if not plan.picks:
         lines.append("  (nothing: no candidate phases)")
     for n, (ref, attempt) in enumerate(plan.picks, start=1):

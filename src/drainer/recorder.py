@@ -29,6 +29,7 @@ from .events import (
     JournalEvent,
     RunStopped,
     SessionStopped,
+    StaleRestored,
 )
 from .journal import SessionFiles, hostname, iso, utcnow
 from .models import Attempt, LeakedProcess, PhaseRef, RunStop, SessionSummary, Totals
@@ -38,6 +39,7 @@ from .snapshot import Snapshot
 log = logging.getLogger("drainer")
 
 Echo = Callable[[str], None]
+STALE_SHOWN = 20  #: stale phases restored that the opening lines name one by one
 SNAPSHOT_INTERVAL = 2.0  #: the journal is the truth; the snapshot follows it on a timer
 SNAPSHOT_SMALL = 1 << 20  #: journal bytes under which every interval rewrites the snapshot
 SNAPSHOT_GROWTH = 0.25  #: past that, rewrite once the journal grew by this share
@@ -137,6 +139,22 @@ class Recorder:
         self.journal(event)
         self.echo(f"[STOP] run {shown_id(stop.run_id)}: {stop.reason} ({stop.detail})")
         self.emit(event)
+
+    def stale_restored(self, event: StaleRestored) -> None:
+        """``--restore-stale-after`` ran: journaled when it restored something, said
+        either way (each phase up to :data:`STALE_SHOWN`)."""
+        minutes = f"{event.older_than_minutes:g} min"
+        if not event.phases:
+            self.echo(f"[STALE] no phase left non-final for more than {minutes} without a "
+                      "drainer's lease")
+            return
+        self.journal(event)
+        self.echo(f"[STALE] restored {len(event.phases)} phase(s) left non-final for more "
+                  f"than {minutes} without a drainer's lease to FAILED:")
+        for run_id, phase_id, state, _reason in event.phases[:STALE_SHOWN]:
+            self.echo(f"  [STALE] {shown_id(run_id)} / {shown_id(phase_id)} (was {state})")
+        if len(event.phases) > STALE_SHOWN:
+            self.echo(f"  [STALE] ... and {len(event.phases) - STALE_SHOWN} more (journal)")
 
     def stopping(self, detail: str) -> None:
         self.echo(f"[STOP] {detail}")

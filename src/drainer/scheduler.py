@@ -11,6 +11,8 @@ attempt ended.
 
 from __future__ import annotations
 
+import math
+
 import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -159,15 +161,19 @@ class Scheduler:
                     # Runs another live drainer holds may be all that is left: look at the
                     # lease table (not the whole backlog) now and then, or when an attempt
                     # here ends, until those leases end or expire.
-                    with anyio.move_on_after(min(LEASED_POLL_INTERVAL, selector.lease_wait())):
+                    with anyio.move_on_after(min(LEASED_POLL_INTERVAL, selector.lease_wait(),
+                                                 selector.backoff_wait() or math.inf)):
                         await self._changed.wait()
                     with anyio.CancelScope(shield=True):
                         selector.leases_now(await self._attempts.leased_elsewhere())
                     continue
-                if self._running:
-                    # Only runs with an attempt in flight here are left: wait for one to end
-                    # (its run is free again, or a retry is due).
-                    await self._changed.wait()
+                backoff = selector.backoff_wait()
+                if self._running or backoff is not None:
+                    # Only runs with an attempt in flight here are left, or retries that
+                    # wait for their backoff: wait for an attempt to end (its run is free
+                    # again, or a retry is due) or for the first backoff to end.
+                    with anyio.move_on_after(math.inf if backoff is None else backoff):
+                        await self._changed.wait()
                     continue
                 return None
             with anyio.CancelScope(shield=True):

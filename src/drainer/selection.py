@@ -17,11 +17,13 @@ import re
 import zlib
 from array import array
 from collections.abc import Awaitable, Callable, Set
+from datetime import UTC, datetime
 
 import anyio
 
 from .errors import UsageError
 from .models import (
+    NON_FINAL_STATES,
     TIER_DEPRIORITISED,
     TIER_PROMISING,
     TIER_UNSAMPLED,
@@ -58,6 +60,12 @@ INDEX_REFRESH_INTERVAL = 300.0  #: reload candidates this often, to find newly F
 DRY_RELOAD_INTERVAL = 1.0  #: with runs in flight, an index out of untried phases reloads at
 #: most this often; and reloads never take more than 1/DRY_RELOAD_COST of the time
 DRY_RELOAD_COST = 10
+#: the longest wait of a retry for its backoff (unless --retry-backoff-seconds is longer)
+RETRY_BACKOFF_MAX = 900.0
+_DATABASE_ERROR = re.compile(
+    r"OperationalError|database is locked|could not connect|connection (?:refused|reset)|"
+    r"server closed the connection|connection (?:was |is )?closed|too many connections",
+    re.IGNORECASE)
 #: a run found leased elsewhere whose lease's end is unknown (or past) is left alone this long
 LEASE_RECHECK = 1.0
 QUEUED_SKIP = "QUEUED phase (left for its executor; --no-skip-runs-with-queued drains it)"
@@ -89,6 +97,35 @@ def failure_category(reason: str | None) -> int:
         if pattern.search(reason):
             return category
     return CATEGORY_OTHER
+
+
+def _seconds_since(stamp: str | None) -> float:
+    """Seconds since an ISO timestamp of the session files (0 when unknown or ahead)."""
+    if not stamp:
+        return 0.0
+    try:
+        then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - then).total_seconds())
+
+
+def is_passing_failure(attempt: Attempt) -> bool:
+    """A failure that may pass by itself, so a retry waits (``--retry-backoff-seconds``):
+    the attempt timed out, its worker was killed by a signal, it lost its lease, or the
+    worker's error is a database one (locked, connection refused or lost). Not an attempt
+    that drainer's own stop cancelled."""
+    if attempt.cancelled:
+        return False
+    if attempt.timed_out or attempt.lease_lost:
+        return True
+    code = attempt.subprocess_returncode
+    if code is not None and code < 0:
+        return True
+    error = attempt.worker_error or ""
+    return bool(error) and _DATABASE_ERROR.search(error) is not None
 
 
 def triage_tier(attempt: Attempt, *, fingerprint_seen_before: bool) -> int:
@@ -331,8 +368,10 @@ class CandidateIndex:
     def note_retry(self, queue: _RunQueue, i: int) -> None:
         heapq.heappush(self._retry_heap, (self.attempts[i], queue.key(i), queue.run_id, i))
 
-    def pick_retry(self, busy: Set[str], stopped: Set[str]) -> tuple[_RunQueue, int] | None:
-        """The phase to retry now (fewest attempts first, then priority), or None."""
+    def pick_retry(self, busy: Set[str], stopped: Set[str],
+                   waiting: Set[tuple[str, str]] = frozenset()) -> tuple[_RunQueue, int] | None:
+        """The phase to retry now (fewest attempts first, then priority), or None.
+        ``waiting``: phases whose retry is not due yet (backoff)."""
         deferred: list[tuple[int, OrderKey, str, int]] = []
         found: tuple[_RunQueue, int] | None = None
         while self._retry_heap:
@@ -342,7 +381,7 @@ class CandidateIndex:
             if self.attempts[i] != attempts or self.flags[i] != _LAST_FAILED \
                     or run_id in stopped:
                 continue  # stale (tried again since, drained elsewhere) or the run stopped
-            if run_id in busy:
+            if run_id in busy or (waiting and (run_id, queue.phase_id(i)) in waiting):
                 deferred.append(entry)
                 continue
             found = (queue, i)  # its attempt queues it again (note_retry) if it fails again
@@ -384,14 +423,20 @@ class Selector:
         dry_reload_cost: float = DRY_RELOAD_COST,
         too_long: TooLong | None = None,
         tie_salt: str = "",
+        retry_backoff: float = 0.0,
     ) -> None:
         """``too_long``: whether the worker's command line cannot hold a phase's ids
         (:meth:`DrainConfig.ids_too_long`); such phases are skipped, like ids with a NUL.
         ``tie_salt``: how runs of equal priority are ordered once another drainer is found
         draining the same backlog (:meth:`leased_elsewhere`): by :func:`run_tie` of it and
         the run id, so that drainers spread out; until then, and with no salt (``plan``),
-        by id."""
+        by id. ``retry_backoff``: a phase whose attempt failed for a passing reason
+        (:func:`is_passing_failure`) is retried only after that many seconds, doubled for
+        each attempt of it, at most :data:`RETRY_BACKOFF_MAX` (or ``retry_backoff``)."""
         self._load = load
+        self._retry_backoff = retry_backoff
+        #: phases whose retry waits for its backoff -> when it is due (anyio's clock)
+        self._backoff: dict[tuple[str, str], float] = {}
         self._load_changed = load_changed
         self._max_attempts = max_attempts_per_phase
         self._build = functools.partial(CandidateIndex.build,
@@ -461,13 +506,14 @@ class Selector:
             await self._reload()
             fresh = True
             found = self._index.pick(blocked, self._stopped)
+        waiting = self._waiting()
         if found is None:
-            found = self._index.pick_retry(blocked, self._stopped)
-        if found is None and not fresh and not blocked and self._reloads:
+            found = self._index.pick_retry(blocked, self._stopped, waiting)
+        if found is None and not fresh and not blocked and not waiting and self._reloads:
             # Nothing to pick and nothing in flight: one fresh look before "no candidates".
             await self._reload()
             found = self._index.pick(blocked, self._stopped) or self._index.pick_retry(
-                blocked, self._stopped)
+                blocked, self._stopped, waiting)
         if found is None:
             return None
         queue, i = found
@@ -481,6 +527,23 @@ class Selector:
         if where is not None and self._index is not None:
             return self._index.attempts[where[1]]
         return self._outside.get(ref.key, (0, 0))[0]
+
+    def _waiting(self) -> set[tuple[str, str]]:
+        """Phases whose retry is not due yet (ended backoffs are dropped)."""
+        if not self._backoff:
+            return set()
+        now = anyio.current_time()
+        for key in [k for k, due in self._backoff.items() if due <= now]:
+            del self._backoff[key]
+        return set(self._backoff)
+
+    def backoff_wait(self) -> float | None:
+        """Seconds until the first retry waiting for its backoff is due; None when none
+        waits (a retry picked meanwhile, or its phase drained elsewhere, still counts: the
+        caller only wakes up early)."""
+        if not self._backoff:
+            return None
+        return max(0.0, min(self._backoff.values()) - anyio.current_time())
 
     @property
     def waiting_on_leases(self) -> bool:
@@ -543,6 +606,14 @@ class Selector:
                 _LAST_FAILED if failed else 0)
             if failed and index.attempts[position] < self._max_attempts:
                 index.note_retry(queue, position)
+                if self._retry_backoff > 0 and is_passing_failure(attempt):
+                    tries = index.attempts[position]
+                    delay = min(self._retry_backoff * 2 ** (tries - 1),
+                                max(RETRY_BACKOFF_MAX, self._retry_backoff))
+                    # From the attempt's end: one replayed by --resume may be long past.
+                    delay -= _seconds_since(attempt.finished_at)
+                    if delay > 0:
+                        self._backoff[attempt.key] = anyio.current_time() + delay
         if index is not None and queue is not None:
             index.rerank(queue, tier)
 
@@ -558,6 +629,7 @@ class Selector:
         as its cost allows (another drainer may have drained more of the index)."""
         self._picked.pop(ref.run_id, None)
         self._drained_elsewhere = True
+        self._backoff.pop(ref.key, None)
         if self._load_changed is not None:
             self._gone.add(ref.key)
         where = self._locate(ref.run_id, ref.phase_id)
@@ -618,6 +690,8 @@ class Selector:
 
     def stop_run(self, run_id: str) -> None:
         self._stopped.add(run_id)
+        for key in [k for k in self._backoff if k[0] == run_id]:
+            del self._backoff[key]
 
     def invalidate(self) -> None:
         """The backlog changed (a swept lease restored a phase): reload at the next pick."""
@@ -730,17 +804,22 @@ class Selector:
         self._index = index
 
 
-async def check_run_id(run_id: str | None, runs_in: RunsIn, *, skip_queued: bool) -> None:
+async def check_run_id(run_id: str | None, runs_in: RunsIn, *, skip_queued: bool,
+                       restoring: bool = False) -> None:
     """``--run-id`` must name a run with a phase to drain: a typo is exit 2 with the nearest
-    run ids, not an empty session that exits 0."""
+    run ids, not an empty session that exits 0. ``restoring``: ``--restore-stale-after``
+    may make a non-final phase drainable."""
     if run_id is None:
         return
-    states = (PhaseState.FAILED,) if skip_queued else (PhaseState.FAILED, PhaseState.QUEUED)
+    states: tuple[PhaseState, ...] = (PhaseState.FAILED,) if skip_queued else (
+        PhaseState.FAILED, PhaseState.QUEUED)
+    if restoring:
+        states = (PhaseState.FAILED, *(PhaseState(s) for s in NON_FINAL_STATES))
     runs = await runs_in(states)
     if run_id in runs:
         return
     near = difflib.get_close_matches(run_id, runs, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(near)}?" if near else ""
-    what = " or QUEUED" if not skip_queued else ""
+    what = " or non-final" if restoring else " or QUEUED" if not skip_queued else ""
     raise UsageError(f"--run-id {run_id!r} names no run with FAILED{what} phases "
                      f"({len(runs)} run(s) have some){hint}")

@@ -18,10 +18,10 @@ import anyio
 from . import __version__, reaper
 from .apiserver import ApiServer, check_api_url, kill_orphaned_api_server, open_api_server
 from .attempt import AttemptRunner, check_worker_program
-from .backlog import Backlog, open_backlog
+from .backlog import LEASE_TABLE, Backlog, open_backlog
 from .config import DrainConfig
 from .errors import DrainerError, UsageError, drainer_error_in
-from .events import DrainEvent, SessionResumed, SessionStarted
+from .events import DrainEvent, SessionResumed, SessionStarted, StaleRestored
 from .journal import (
     Replay,
     SessionFiles,
@@ -117,7 +117,8 @@ class DrainSession:
             check_worker_program(cfg)
             if cfg.resume is None:  # a resumed session may have drained its run already
                 await check_run_id(cfg.run_id, backlog.phases.runs_in,
-                                   skip_queued=cfg.skip_runs_with_queued)
+                                   skip_queued=cfg.skip_runs_with_queued,
+                                   restoring=cfg.restore_stale_after is not None)
             if cfg.lanes > 1 and cfg.lane_workspaces == "none" and \
                     await anyio.to_thread.run_sync(is_git_workspace, cfg.workspace):
                 self._say(f"[WARN] {cfg.lanes} lanes share one git workspace "
@@ -196,7 +197,8 @@ class DrainSession:
             load_changed=functools.partial(backlog.phases.load_changed, run_id=cfg.run_id),
             max_attempts_per_phase=cfg.max_attempts_per_phase,
             skip_run_prefixes=cfg.skip_run_prefixes, skip_queued=cfg.skip_runs_with_queued,
-            too_long=cfg.ids_too_long(), tie_salt=self.session_id)
+            too_long=cfg.ids_too_long(), tie_salt=self.session_id,
+            retry_backoff=cfg.retry_backoff)
         attempts = AttemptRunner(cfg, backlog, self._files, recorder, host=self._host,
                                  api_url=api_url)
         scheduler = self._scheduler = Scheduler(
@@ -217,6 +219,8 @@ class DrainSession:
                 if replay.dangling:
                     selector.invalidate()  # the phases it restored are candidates again
             await backlog.leases.release_session(self.session_id)
+            if cfg.restore_stale_after is not None:
+                await self._restore_stale(backlog, recorder)
             await sweep_leases(attempts, selector)
             await self._gauge.start(self.session_id)
             spaces: list[LaneWorkspaces] = []
@@ -250,6 +254,25 @@ class DrainSession:
                 raise error from exc
             raise
         self._finish()
+
+    async def _restore_stale(self, backlog: Backlog, recorder: Recorder) -> None:
+        """``--restore-stale-after``: before picking, phases left non-final too long with no
+        drainer's lease on their run go back to FAILED (the worker's reason kept)."""
+        seconds = self.config.restore_stale_after
+        assert seconds is not None
+        minutes = seconds / 60
+
+        def note(state: str) -> str:
+            return (f"drainer: left {state} for more than {minutes:g} min with no drainer's "
+                    "lease (--restore-stale-after); restored to FAILED")
+
+        restored = await backlog.phases.restore_stale(seconds, note, lease_table=LEASE_TABLE,
+                                                      runs=self.config.drains_run)
+        if restored is None:
+            self._say("[WARN] --restore-stale-after needs the phases table's updated_at "
+                      "column, which this database lacks; nothing restored")
+            return
+        recorder.stale_restored(StaleRestored(minutes, tuple(restored)))
 
     async def _lane_workspaces(
         self, attempts: AttemptRunner, made: list[LaneWorkspaces]

@@ -95,9 +95,15 @@ def status_lines(
         ", ".join(f"{r} ({n})" for r, n in queued) if queued else "none"))
     lines.append(f"Stale non-final phases (not updated for {stale_minutes:g} min or more): "
                  + ("none" if not status.stale else str(len(status.stale))))
+    leased = {lease.run_id for lease, _age in status.leases}
     for run_id, phase_id, state, age in status.stale[:RUNS_SHOWN]:
         when = "age unknown" if age is None else f"{age:.0f} min"
-        lines.append(f"  {run_id} / {phase_id}: {state}, {when}")
+        held = ", its run leased by a drainer" if run_id in leased else ""
+        lines.append(f"  {run_id} / {phase_id}: {state}, {when}{held}")
+    if status.stale:
+        lines.append(f"  (drainer run --restore-stale-after {stale_minutes:g} restores them to "
+                     "FAILED before picking, but those whose run a drainer leases, and those "
+                     "of unknown age)")
     lines.append(f"Live leases (runs being drained now): {len(status.leases) or 'none'}")
     for lease, age in status.leases:
         lines.append(f"  {lease.run_id} / {lease.phase_id}: host {lease.host} pid {lease.pid}, "

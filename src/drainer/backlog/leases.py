@@ -192,6 +192,10 @@ class Leases:
             return False
         return set(_WORKER_COLUMNS) <= set(names)
 
+    async def has_table(self) -> bool:
+        """Whether ``drainer_leases`` exists (a backlog no drainer has run on has none)."""
+        return await self._has_table()
+
     async def _has_table(self) -> bool:
         try:
             return bool(await self._engine.run_sync(

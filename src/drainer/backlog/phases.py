@@ -8,6 +8,7 @@ canonical :class:`~drainer.models.PhaseState` names whatever the database stores
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,12 +178,7 @@ class Phases:
         full loads find it."""
         if not self.has_updated_at or self._updated is None:
             return None
-        ago = max(0.0, seconds) + CHANGES_MARGIN
-        if self._engine.db.is_sqlite:
-            since: Any = func.datetime("now", bindparam("ago", f"-{ago:.3f} seconds"))
-        else:
-            now = func.now() if self._updated_tz else func.timezone("UTC", func.now())
-            since = now - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("ago", ago))
+        since = self._ago(max(0.0, seconds) + CHANGES_MARGIN)
         changed_runs = select(self._run).where(self._updated >= since).distinct()
         if run_id is not None:
             changed_runs = changed_runs.where(self._run == run_id)
@@ -193,6 +189,81 @@ class Phases:
         # statements comes with its rows, and counts as changed.)
         found = await self._load(self._candidates(run_id).where(self._run.in_(changed_runs)))
         return found, runs.union(found.runs)
+
+    def _now(self) -> Any:
+        """SQL: the database's clock in ``updated_at``'s terms (UTC when the column has no
+        time zone, as Autopack writes it; not the server's local time)."""
+        if self._engine.db.is_sqlite or self._updated_tz:
+            return func.current_timestamp()  # SQLite's is UTC
+        return func.timezone("UTC", func.now())
+
+    def _ago(self, seconds: float) -> Any:
+        """SQL: the database's clock ``seconds`` ago, comparable with ``updated_at``."""
+        if self._engine.db.is_sqlite:
+            return func.datetime("now", bindparam("ago", f"-{seconds:.3f} seconds"))
+        return self._now() - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("ago", seconds))
+
+    def _stale(self, seconds: float, lease_table: str | None) -> list[Any]:
+        """Conditions: the phase is non-final, ``updated_at`` is more than ``seconds`` old,
+        and no drainer leases its run (``lease_table``: None when there is none yet)."""
+        assert self._updated is not None
+        where = [self._state.in_(self.schema.non_final_db), self._updated < self._ago(seconds)]
+        if lease_table is not None:
+            leases = table(lease_table, column("run_id"))
+            where.append(~exists().where(leases.c.run_id == self._run))
+        return where
+
+    async def stale(self, seconds: float, *, lease_table: str | None,
+                    runs: Callable[[str], bool] = lambda _run: True,
+                    ) -> list[tuple[str, str, str]] | None:
+        """Phases left non-final (QUEUED, EXECUTING, GATE, CI_RUNNING) for more than
+        ``seconds`` by ``updated_at`` and the database's clock, whose run no drainer leases
+        and ``runs`` accepts: ``(run, phase, state)`` by run and phase; None without
+        ``updated_at``."""
+        if not self.has_updated_at or self._updated is None:
+            return None
+        stmt = select(self._run, self._phase, self._state).where(
+            *self._stale(seconds, lease_table)).order_by(self._run, self._phase)
+        rows = await self._all("reading stale phases in", stmt)
+        return [(str(r[0]), str(r[1]), self.schema.canonical(r[2])) for r in rows
+                if runs(str(r[0]))]
+
+    async def restore_stale(
+        self, seconds: float, note: Callable[[str], str], *, lease_table: str,
+        runs: Callable[[str], bool] = lambda _run: True,
+    ) -> list[tuple[str, str, str, str]] | None:
+        """Restore every :meth:`stale` phase to FAILED in one transaction, each keeping its
+        worker's reason with ``note(state)`` added; each row is written only if it is still
+        stale then. ``(run, phase, state before, reason written)``; None without
+        ``updated_at``."""
+        if not self.has_updated_at or self._updated is None:
+            return None
+        where = self._stale(seconds, lease_table)
+        sc = self.schema
+        found = select(self._run, self._phase, self._state, self._reason).where(*where) \
+            .order_by(self._run, self._phase)
+        if not self._engine.db.is_sqlite:
+            found = found.with_for_update()
+
+        async def restore() -> list[tuple[str, str, str, str]]:
+            done: list[tuple[str, str, str, str]] = []
+            async with self._engine.write() as conn:
+                for run_id, phase_id, state, reason in (await conn.execute(found)).all():
+                    if not runs(str(run_id)):
+                        continue
+                    state = sc.canonical(state)
+                    written = with_note(reason, note(state))
+                    result = await conn.execute(
+                        update(self._table)
+                        .where(*where, self._run == run_id, self._phase == phase_id)
+                        .values({sc.state: sc.db(PhaseState.FAILED),
+                                 sc.failure_reason: written,
+                                 sc.updated_at: self._now()}))
+                    if result.rowcount:
+                        done.append((str(run_id), str(phase_id), state, written))
+            return done
+
+        return await self._engine.retry("restoring stale phases in", restore)
 
     def _candidates(self, run_id: str | None) -> Any:
         stmt = select(
@@ -380,7 +451,7 @@ class Phases:
         reason = with_note(row[0], note)
         values: dict[str, Any] = {sc.state: sc.db(PhaseState.FAILED), sc.failure_reason: reason}
         if self.has_updated_at and sc.updated_at:
-            values[sc.updated_at] = func.current_timestamp()
+            values[sc.updated_at] = self._now()
         result = await conn.execute(update(self._table).where(*where).values(**values))
         return reason if result.rowcount else None
 
