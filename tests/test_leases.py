@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from conftest import create_backlog
-from drainer.backlog import Backlog, Lease, open_backlog
+from drainer.backlog import Backlog, Claim, Lease, open_backlog
 from drainer.config import DEFAULT_TELEMETRY_TABLES
 from drainer.dburl import parse_database_url
 from drainer.errors import DatabaseError
@@ -419,3 +419,41 @@ async def test_on_postgresql_a_claim_and_an_end_are_one_statement_each_in_autoco
             assert seen == [("WITH", "AUTOCOMMIT")]
         finally:
             event.remove(sync_engine, "before_cursor_execute", count)
+
+
+async def test_on_postgresql_a_claim_reads_what_the_previous_holder_left(url: str) -> None:
+    """B claims while A releases: B's statement waits for A's delete of the lease, and its
+    snapshot predates what A's worker committed just before. B must read the phase as A
+    left it (COMPLETE), not as its snapshot shows it (FAILED): else it drains it again."""
+    if url.startswith("sqlite"):
+        pytest.skip("PostgreSQL only: SQLite's claims are serialised by its write lock")
+    import anyio
+    import asyncpg
+
+    async with store(url) as backlog:
+        assert (await backlog.leases.claim(_lease("run-a", "P2", "A"), ttl=60)).holder is None
+        releasing, worker, probe = [await asyncpg.connect(url) for _ in range(3)]
+        try:
+            release = releasing.transaction()
+            await release.start()
+            await releasing.execute("DELETE FROM drainer_leases WHERE run_id = 'run-a'")
+            found: list[Claim] = []
+
+            async def claim_b() -> None:
+                found.append(await backlog.leases.claim(_lease("run-a", "P2", "B"), ttl=60))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(claim_b)
+                # (The server's state, not an event of ours, says when B waits.)
+                while not await probe.fetchval(  # noqa: ASYNC110
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"):
+                    await anyio.sleep(0.01)  # until B's statement waits for A's delete
+                await worker.execute("UPDATE phases SET state = 'COMPLETE' "
+                                     "WHERE run_id = 'run-a' AND phase_id = 'P2'")
+                await release.commit()
+            [claim] = found
+            assert claim.holder is None and claim.phase == ("COMPLETE", "boom")
+        finally:
+            for conn in (releasing, worker, probe):
+                await conn.close()

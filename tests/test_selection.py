@@ -3,6 +3,7 @@ store loads them, and attempts as the scheduler finishes them."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from collections.abc import Iterable
@@ -459,3 +460,42 @@ async def test_loads_of_changes_do_not_put_off_the_full_reloads() -> None:
     await anyio.sleep(0.5)  # 1.1 s after the full load, 0.5 s after the load of changes
     assert await s.pick() is not None
     assert backlog.loads == 2
+
+
+async def test_a_retry_waits_for_its_backoff_even_when_a_reload_came_while_it_ran() -> None:
+    """The phase was EXECUTING under its worker when the index was reloaded, so the new
+    index lacks it: its timed-out attempt still sets the wait."""
+    backlog = Backlog([("a", "p", 0, None), ("b", "p", 0, None)])
+    s = Selector(backlog.load, max_attempts_per_phase=3, retry_backoff=30, dry_reload_cost=0)
+    a = await s.pick()
+    assert a is not None and a.run_id == "a"
+    backlog.failed = [r for r in backlog.failed if r[0] != "a"]  # EXECUTING meanwhile
+    s.invalidate()
+    b = await s.pick(busy={"a"})
+    assert b is not None and b.run_id == "b" and backlog.loads == 2
+    backlog.failed.append(("a", "p", 0, None))  # the timeout restored it
+    s.observe(dataclasses.replace(outcome(a), timed_out=True))
+    wait = s.backoff_wait()
+    assert wait is not None and wait > 25
+
+
+async def test_a_phase_drained_here_is_not_picked_again_after_a_load_of_changes() -> None:
+    """Its worker did not stamp updated_at, so a load of changes does not read its run
+    again: the old rows must not bring it back as never tried."""
+    backlog = Backlog([(f"r{i}", "p", 0, None) for i in range(4)])
+    s = Selector(backlog.load, load_changed=backlog.load_changed, max_attempts_per_phase=2,
+                 dry_reload_cost=0)
+    first = await s.pick()
+    assert first is not None and first.run_id == "r0"
+    s.observe(outcome(first, "COMPLETE"))
+    backlog.done(first, stamp=False)
+    second = await s.pick()
+    assert second is not None and second.run_id == "r1"
+    backlog.done(second)  # drained elsewhere meanwhile
+    s.remove(second)
+    picked = []
+    while (ref := await s.pick()) is not None and len(picked) < 5:
+        picked.append(ref.run_id)
+        s.observe(outcome(ref, "COMPLETE"))
+        backlog.done(ref, stamp=False)
+    assert backlog.changes == 1 and picked == ["r2", "r3"]

@@ -148,3 +148,26 @@ def test_a_session_restores_stale_phases_first_says_so_and_journals_them(env: En
         ("run-old", "P1-ok", "QUEUED")]
     assert event["phases"][0]["reason"].startswith("INFRA_RETRY | drainer: left QUEUED")
     assert os.path.exists(snapshot)
+
+
+@pytest.mark.anyio
+async def test_sqlite_timestamps_are_compared_as_times_not_as_text(tmp_path: Path) -> None:
+    """SQLite keeps ``updated_at`` as text of several shapes: an ISO stamp with a ``T`` of
+    three hours ago is stale and one of now is not ('T' sorts after ' ' as text); a number
+    is no timestamp drainer can read: never judged stale."""
+    db = create_backlog(tmp_path / "b.db", [(f"run-{n}", "P1", 0, "QUEUED", None)
+                                           for n in ("iso-old", "iso-new", "epoch")])
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE phases SET updated_at = strftime('%Y-%m-%dT%H:%M:%S', 'now', "
+                     "'-3 hours') WHERE run_id = 'run-iso-old'")
+        conn.execute("UPDATE phases SET updated_at = strftime('%Y-%m-%dT%H:%M:%f', 'now') "
+                     "WHERE run_id = 'run-iso-new'")
+        conn.execute("UPDATE phases SET updated_at = 1700000000 WHERE run_id = 'run-epoch'")
+    conn.close()
+    async with open_backlog(parse_database_url(f"sqlite:///{db}")) as backlog:
+        assert await backlog.phases.stale(3600, lease_table=None) == [
+            ("run-iso-old", "P1", "QUEUED")]
+        found = await backlog.phases.load_changed(0.0)
+        assert found is not None and "run-iso-new" in found[1]
+        assert "run-iso-old" not in found[1]

@@ -86,7 +86,7 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
         minutes = f"{config.restore_stale_after / 60:g}"
         if plan.stale is None:
             lines.append(f"Would restore (--restore-stale-after {minutes}): nothing, the phases "
-                         "table has no updated_at column")
+                         "table has no date-and-time updated_at column")
         else:
             lines.append(f"Would restore to FAILED first (--restore-stale-after {minutes}): "
                          f"{len(plan.stale) or 'no'} phase(s) left non-final for more than "

@@ -161,8 +161,9 @@ class Scheduler:
                     # Runs another live drainer holds may be all that is left: look at the
                     # lease table (not the whole backlog) now and then, or when an attempt
                     # here ends, until those leases end or expire.
+                    backoff = selector.backoff_wait()
                     with anyio.move_on_after(min(LEASED_POLL_INTERVAL, selector.lease_wait(),
-                                                 selector.backoff_wait() or math.inf)):
+                                                 math.inf if backoff is None else backoff)):
                         await self._changed.wait()
                     with anyio.CancelScope(shield=True):
                         selector.leases_now(await self._attempts.leased_elsewhere())

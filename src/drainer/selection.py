@@ -63,8 +63,9 @@ DRY_RELOAD_COST = 10
 #: the longest wait of a retry for its backoff (unless --retry-backoff-seconds is longer)
 RETRY_BACKOFF_MAX = 900.0
 _DATABASE_ERROR = re.compile(
-    r"OperationalError|database is locked|could not connect|connection (?:refused|reset)|"
-    r"server closed the connection|connection (?:was |is )?closed|too many connections",
+    r"database is locked|could not connect|connection (?:refused|reset)|"
+    r"server closed the connection|connection (?:was |is )?closed|too many connections|"
+    r"deadlock detected|could not serialize access",
     re.IGNORECASE)
 #: a run found leased elsewhere whose lease's end is unknown (or past) is left alone this long
 LEASE_RECHECK = 1.0
@@ -596,26 +597,36 @@ class Selector:
                 position = queue.position(attempt.phase_id)
         if queue is None or position is None:
             # Not in this load (a reload came while it ran): keep its count for the next.
-            attempts, _flags = self._outside.pop(attempt.key, (0, 0))
+            tries = self._outside.pop(attempt.key, (0, 0))[0] + 1
             if failed:
-                self._outside[attempt.key] = (attempts + 1, _LAST_FAILED)
+                self._outside[attempt.key] = (tries, _LAST_FAILED)
         else:
             assert index is not None
             index.attempts[position] += 1
+            tries = index.attempts[position]
             index.flags[position] = (index.flags[position] & _REMOVED) | (
                 _LAST_FAILED if failed else 0)
-            if failed and index.attempts[position] < self._max_attempts:
+            if failed and tries < self._max_attempts:
                 index.note_retry(queue, position)
-                if self._retry_backoff > 0 and is_passing_failure(attempt):
-                    tries = index.attempts[position]
-                    delay = min(self._retry_backoff * 2 ** (tries - 1),
-                                max(RETRY_BACKOFF_MAX, self._retry_backoff))
-                    # From the attempt's end: one replayed by --resume may be long past.
-                    delay -= _seconds_since(attempt.finished_at)
-                    if delay > 0:
-                        self._backoff[attempt.key] = anyio.current_time() + delay
+        if failed and tries < self._max_attempts:
+            self._back_off(attempt, tries)
+        elif self._load_changed is not None:
+            # Drained (or left final) here: a load of changes that does not read its run
+            # again (its writer did not stamp updated_at) must not bring it back as untried.
+            self._gone.add(attempt.key)
         if index is not None and queue is not None:
             index.rerank(queue, tier)
+
+    def _back_off(self, attempt: Attempt, tries: int) -> None:
+        """A failure that may pass: its retry waits, doubling per attempt, from its end (one
+        replayed by --resume may be long past)."""
+        if self._retry_backoff <= 0 or not is_passing_failure(attempt):
+            return
+        delay = min(self._retry_backoff * 2 ** (tries - 1),
+                    max(RETRY_BACKOFF_MAX, self._retry_backoff))
+        delay -= _seconds_since(attempt.finished_at)
+        if delay > 0:
+            self._backoff[attempt.key] = anyio.current_time() + delay
 
     def tier_of(self, run_id: str) -> int | None:
         return self._tiers.get(run_id)
@@ -744,12 +755,12 @@ class Selector:
                 self._load_changed = None  # the backlog cannot tell: full loads from now on
             else:
                 self._load_began = began
-                self._changes_seconds = anyio.current_time() - began
                 fresh, changed = found
+                # (The merge holds the old columns and the new ones at once, briefly: a
+                # list of references per column, not the phases' strings.)
                 return merge_changes(old, fresh, changed), changed
         candidates = await self._load()
         self._load_began = self._full_at = began
-        self._load_seconds = anyio.current_time() - began
         self._gone.clear()
         return candidates, None
 
@@ -779,6 +790,11 @@ class Selector:
                 if i is not None:
                     index.flags[i] |= _REMOVED
         self._loaded_at = anyio.current_time()
+        # What a load costs, the index's build included (the reload budget's unit).
+        if changed is None:
+            self._load_seconds = self._loaded_at - began
+        else:
+            self._changes_seconds = self._loaded_at - began
         self._stale = False
         in_flight.update((run_id, phase_id) for run_id, (phase_id, _) in self._picked.items())
         self._outside = {}
@@ -802,6 +818,16 @@ class Selector:
             if queue is not None:
                 index.rerank(queue, tier)
         self._index = index
+        if self._backoff:  # waits for retries that will not come (drained elsewhere) end
+            self._backoff = {key: due for key, due in self._backoff.items()
+                             if self._retryable(key)}
+
+    def _retryable(self, key: tuple[str, str]) -> bool:
+        """Whether ``key`` may still be retried (its last attempt left it FAILED)."""
+        where = self._locate(*key)
+        if where is not None and self._index is not None:
+            return self._index.flags[where[1]] == _LAST_FAILED
+        return self._outside.get(key, (0, 0))[1] == _LAST_FAILED
 
 
 async def check_run_id(run_id: str | None, runs_in: RunsIn, *, skip_queued: bool,

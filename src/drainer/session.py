@@ -269,8 +269,9 @@ class DrainSession:
         restored = await backlog.phases.restore_stale(seconds, note, lease_table=LEASE_TABLE,
                                                       runs=self.config.drains_run)
         if restored is None:
-            self._say("[WARN] --restore-stale-after needs the phases table's updated_at "
-                      "column, which this database lacks; nothing restored")
+            self._say("[WARN] --restore-stale-after needs a date-and-time updated_at "
+                      "column in the phases table, which this database lacks; nothing "
+                      "restored")
             return
         recorder.stale_restored(StaleRestored(minutes, tuple(restored)))
 

@@ -218,7 +218,11 @@ class Leases:
             if not self._sqlite:  # insert and read in one statement: one round trip
                 row = execute(self._pg_claim(), params).first()
                 if row.inserted:
-                    outcome = phases.outcome_of(row, 1)
+                    # A lease there when the statement began, gone by its insert: its
+                    # holder released the run meanwhile, maybe after its worker changed the
+                    # phase, which this statement's snapshot does not show. Read again.
+                    outcome = phases.outcome_with(execute, lease.run_id, lease.phase_id) \
+                        if row.released_meanwhile else phases.outcome_of(row, 2)
                     return Claim(holder=None, phase=outcome.row, telemetry=outcome.telemetry)
                 inserted = 0
             else:
@@ -320,7 +324,8 @@ class Leases:
 
     def _pg_claim(self) -> Any:
         """PostgreSQL: the lease inserted if the run has none, and the phase with its
-        telemetry read, in one statement (``inserted``: 1 or 0, then :meth:`Phases.outcome_of`;
+        telemetry read, in one statement (``inserted``: 1 or 0; ``released_meanwhile``: a
+        lease was there when the statement began; then :meth:`Phases.outcome_of`;
         parameters: :meth:`Lease.params`, ``r`` and ``p``)."""
         if self._pg_claim_stmt is None:
             t = _lease_table()
@@ -334,7 +339,11 @@ class Leases:
                 .on_conflict_do_nothing(index_elements=["run_id"])
                 .returning(t.c.run_id).cte("added"))
             inserted = select(func.count()).select_from(added).scalar_subquery()
-            self._pg_claim_stmt = self._phases.outcome_along([inserted.label("inserted")])
+            # (The CTE's insert is not visible to the rest of the statement: a lease seen
+            # here is one that was there when the statement began.)
+            held = exists().where(t.c.run_id == bindparam("run_id"))
+            self._pg_claim_stmt = self._phases.outcome_along(
+                [inserted.label("inserted"), held.label("released_meanwhile")])
         return self._pg_claim_stmt
 
     def _pg_settle(self) -> Any:

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.types import String
+from sqlalchemy.types import Date, DateTime, String
 
 from ..errors import DatabaseError
 from ..models import NON_FINAL_STATES, Candidates, PhaseState
@@ -65,6 +65,7 @@ class Phases:
         self.missing_telemetry_tables: tuple[str, ...] = ()
         self.has_updated_at = False
         self._updated_tz = False  #: ``updated_at`` holds time zones (else: UTC, as Autopack's)
+        self.ages_known = False
         self._telemetry_stmt: Any = None
         self._outcome_stmt: Any = None
         names = dict.fromkeys([*sc.required_columns, sc.updated_at or sc.state])
@@ -107,7 +108,12 @@ class Phases:
                     "(run and phase ids are compared and stored as text)"
                 )
         self.has_updated_at = bool(sc.updated_at) and sc.updated_at in phase_cols
-        self._updated_tz = bool(getattr(phase_cols.get(sc.updated_at or ""), "timezone", False))
+        kind = phase_cols.get(sc.updated_at or "")
+        self._updated_tz = bool(getattr(kind, "timezone", False))
+        #: ages can be judged from updated_at: any column on SQLite (see _stamp), a date
+        #: and time column elsewhere
+        self.ages_known = self.has_updated_at and (
+            self._engine.db.is_sqlite or isinstance(kind, DateTime | Date))
         self.telemetry_tables = tuple(t for t in self._wanted_telemetry if t in tables)
         self.missing_telemetry_tables = tuple(
             t for t in self._wanted_telemetry if t not in tables
@@ -176,10 +182,10 @@ class Phases:
         ``updated_at``. ``updated_at`` without a time zone is taken as UTC, as Autopack
         writes it. A writer that changes a phase without stamping it goes unseen here; the
         full loads find it."""
-        if not self.has_updated_at or self._updated is None:
+        if not self.ages_known or self._updated is None:
             return None
-        since = self._ago(max(0.0, seconds) + CHANGES_MARGIN)
-        changed_runs = select(self._run).where(self._updated >= since).distinct()
+        changed_runs = select(self._run).where(
+            self._age_below(max(0.0, seconds) + CHANGES_MARGIN)).distinct()
         if run_id is not None:
             changed_runs = changed_runs.where(self._run == run_id)
         runs = {str(r[0]) for r in await self._all("reading changed phases in", changed_runs)}
@@ -198,16 +204,28 @@ class Phases:
         return func.timezone("UTC", func.now())
 
     def _ago(self, seconds: float) -> Any:
-        """SQL: the database's clock ``seconds`` ago, comparable with ``updated_at``."""
+        """SQL: the database's clock ``seconds`` ago, comparable with ``updated_at`` (on
+        SQLite, as a Julian day: see :meth:`_stamp`)."""
         if self._engine.db.is_sqlite:
-            return func.datetime("now", bindparam("ago", f"-{seconds:.3f} seconds"))
+            return func.julianday("now", bindparam("ago", f"-{seconds:.3f} seconds"))
         return self._now() - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("ago", seconds))
+
+    def _stamp(self) -> Any:
+        """SQL: ``updated_at`` as :meth:`_ago` compares it. SQLite keeps timestamps as text
+        in several shapes (``2026-01-01 10:00:00.123456``, ``2026-01-01T10:00:00``):
+        compared as Julian days, not as strings; one it cannot read is NULL (no age)."""
+        assert self._updated is not None
+        return func.julianday(self._updated) if self._engine.db.is_sqlite else self._updated
+
+    def _age_below(self, seconds: float) -> Any:
+        """SQL: ``updated_at`` lies within the last ``seconds``."""
+        return self._stamp() >= self._ago(seconds)
 
     def _stale(self, seconds: float, lease_table: str | None) -> list[Any]:
         """Conditions: the phase is non-final, ``updated_at`` is more than ``seconds`` old,
         and no drainer leases its run (``lease_table``: None when there is none yet)."""
         assert self._updated is not None
-        where = [self._state.in_(self.schema.non_final_db), self._updated < self._ago(seconds)]
+        where = [self._state.in_(self.schema.non_final_db), self._stamp() < self._ago(seconds)]
         if lease_table is not None:
             leases = table(lease_table, column("run_id"))
             where.append(~exists().where(leases.c.run_id == self._run))
@@ -220,7 +238,7 @@ class Phases:
         ``seconds`` by ``updated_at`` and the database's clock, whose run no drainer leases
         and ``runs`` accepts: ``(run, phase, state)`` by run and phase; None without
         ``updated_at``."""
-        if not self.has_updated_at or self._updated is None:
+        if not self.ages_known or self._updated is None:
             return None
         stmt = select(self._run, self._phase, self._state).where(
             *self._stale(seconds, lease_table)).order_by(self._run, self._phase)
@@ -236,7 +254,7 @@ class Phases:
         worker's reason with ``note(state)`` added; each row is written only if it is still
         stale then. ``(run, phase, state before, reason written)``; None without
         ``updated_at``."""
-        if not self.has_updated_at or self._updated is None:
+        if not self.ages_known or self._updated is None:
             return None
         where = self._stale(seconds, lease_table)
         sc = self.schema
