@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -74,15 +75,23 @@ def note(state: str) -> str:
     return NOTE.format(state)
 
 
+async def stale(phases: Any, **kw: Any) -> list[tuple[str, str, str]]:
+    """Run, phase and state of each stale phase (more than an hour old)."""
+    return [(s.run_id, s.phase_id, s.state)
+            for s in await phases.stale(3600, lease_table=LEASE_TABLE, **kw) or []]
+
+
 @pytest.mark.anyio
 async def test_only_old_unleased_non_final_phases_are_restored(url: str) -> None:
     async with aged(url) as backlog:
         phases = backlog.phases
-        assert await phases.stale(3600, lease_table=LEASE_TABLE) == [
-            ("other-old", "P1-ok", "GATE"), ("run-old", "P1-ok", "QUEUED")]
-        assert await phases.stale(3600, lease_table=LEASE_TABLE,
-                                  runs=lambda r: r.startswith("run-")) == [
+        assert await stale(phases) == [("other-old", "P1-ok", "GATE"),
+                                        ("run-old", "P1-ok", "QUEUED")]
+        assert await stale(phases, runs=lambda r: r.startswith("run-")) == [
             ("run-old", "P1-ok", "QUEUED")]
+        assert await stale(phases, run_id="other-old") == [("other-old", "P1-ok", "GATE")]
+        [found] = await phases.stale(3600, lease_table=LEASE_TABLE, run_id="run-old") or []
+        assert (found.phase_index, found.reason) == (0, "INFRA_RETRY")
         restored = await phases.restore_stale(3600, note, lease_table=LEASE_TABLE,
                                               runs=lambda r: r.startswith("run-"))
         assert restored == [("run-old", "P1-ok", "QUEUED",
@@ -93,8 +102,7 @@ async def test_only_old_unleased_non_final_phases_are_restored(url: str) -> None
         assert await phases.read("run-done", "P1-ok") == ("COMPLETE", None)
         assert await phases.read("other-old", "P1-ok") == ("GATE", None)
         # Restored, it is fresh: nothing is stale twice.
-        assert await phases.stale(3600, lease_table=LEASE_TABLE,
-                                  runs=lambda r: r.startswith("run-")) == []
+        assert await stale(phases, runs=lambda r: r.startswith("run-")) == []
 
 
 @pytest.mark.anyio
@@ -125,6 +133,12 @@ def test_plan_lists_what_a_session_would_restore_and_changes_nothing(env: Env) -
     assert "  - run-old / P1-ok [QUEUED]" in proc.stdout
     assert "run-young" not in proc.stdout.split("Would drain")[0]
     assert "other-old" not in proc.stdout
+    # Restored first, they are in the order as FAILED phases, with the other candidate.
+    drains = proc.stdout.split("Would drain")[1].split("Skipped")[0]
+    assert [line.split(". ", 1)[1].split("  [")[0] for line in drains.splitlines()[1:4]] == [
+        "run-failed / P1-ok", "run-leased / P1-ok", "run-old / P1-ok"]
+    assert "[FAILED, index 0" in drains
+    assert "run-old" not in proc.stdout.split("Skipped")[1]  # not also a QUEUED phase
     assert file_digest(env.db) == before
 
 
@@ -166,8 +180,8 @@ async def test_sqlite_timestamps_are_compared_as_times_not_as_text(tmp_path: Pat
         conn.execute("UPDATE phases SET updated_at = 1700000000 WHERE run_id = 'run-epoch'")
     conn.close()
     async with open_backlog(parse_database_url(f"sqlite:///{db}")) as backlog:
-        assert await backlog.phases.stale(3600, lease_table=None) == [
-            ("run-iso-old", "P1", "QUEUED")]
+        assert [(s.run_id, s.state) for s in await backlog.phases.stale(
+            3600, lease_table=None) or []] == [("run-iso-old", "QUEUED")]
         found = await backlog.phases.load_changed(0.0)
         assert found is not None and "run-iso-new" in found[1]
         assert "run-iso-old" not in found[1]

@@ -9,12 +9,14 @@ read-only in effect (no WAL switch, no lease table, no session files).
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .backlog import LEASE_TABLE, open_backlog
+from .backlog import LEASE_TABLE, Stale, open_backlog
 from .config import DrainConfig
 from .errors import UsageError
-from .models import Attempt, PhaseRef, PhaseState
+from .models import Attempt, Candidates, PhaseRef, PhaseState
+from .reasons import stale_note, with_note
 from .report import autopack_note, shown_id
 from .selection import CATEGORY_NAMES, Selector, check_run_id, failure_category
 
@@ -27,9 +29,9 @@ class Plan:
     picks: list[tuple[PhaseRef, int]]  #: phase, attempt number (2 and up: a retry)
     remaining: int  #: candidate phases the batch does not reach
     skipped: list[tuple[PhaseRef, str]]
-    #: with --restore-stale-after: (run, phase, state) of each phase a session would restore
-    #: first; None when the option is off or the phases table has no updated_at
-    stale: list[tuple[str, str, str]] | None = None
+    #: with --restore-stale-after: each phase a session would restore first (its picks
+    #: count them as FAILED); None when the option is off or updated_at cannot tell
+    stale: list[Stale] | None = None
 
 
 def _failed_again(ref: PhaseRef, attempt_number: int) -> Attempt:
@@ -55,9 +57,14 @@ async def make_plan(config: DrainConfig) -> Plan:
         if config.restore_stale_after is not None:
             leases = LEASE_TABLE if await backlog.leases.has_table() else None
             stale = await backlog.phases.stale(config.restore_stale_after, lease_table=leases,
-                                               runs=config.drains_run)
+                                               run_id=config.run_id, runs=config.drains_run)
+        load = functools.partial(backlog.phases.load_candidates, run_id=config.run_id)
+        if stale and config.restore_stale_after is not None:
+            # Restored first, they drain as FAILED phases with drainer's note.
+            load = functools.partial(_with_restored, load, stale,
+                                     config.restore_stale_after / 60)
         selector = Selector(
-            functools.partial(backlog.phases.load_candidates, run_id=config.run_id),
+            load,
             max_attempts_per_phase=config.max_attempts_per_phase,
             skip_run_prefixes=config.skip_run_prefixes,
             skip_queued=config.skip_runs_with_queued, keep_skipped=True, reloads=False,
@@ -73,6 +80,18 @@ async def make_plan(config: DrainConfig) -> Plan:
     reached = len({ref.key for ref, _ in picks})
     return Plan(counts=counts, picks=picks, remaining=selector.candidates - reached,
                 skipped=selector.skipped, stale=stale)
+
+
+async def _with_restored(load: Callable[[], Awaitable[Candidates]], stale: list[Stale],
+                         minutes: float) -> Candidates:
+    """The candidates, with the stale phases a session would restore as FAILED first."""
+    found = await load()
+    restored = {(s.run_id, s.phase_id) for s in stale}
+    refs = [ref for run_id, (start, end) in found.runs.items() for i in range(start, end)
+            if (ref := found.ref(run_id, i)).key not in restored]  # (loaded as QUEUED)
+    refs += [PhaseRef(s.run_id, s.phase_id, s.phase_index, PhaseState.FAILED.value,
+                      with_note(s.reason, stale_note(s.state, minutes))) for s in stale]
+    return Candidates.of(refs)
 
 
 def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
@@ -91,8 +110,9 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
             lines.append(f"Would restore to FAILED first (--restore-stale-after {minutes}): "
                          f"{len(plan.stale) or 'no'} phase(s) left non-final for more than "
                          f"{minutes} min whose run no drainer leases")
-            for run_id, phase_id, state in plan.stale[:SKIPPED_SHOWN]:
-                lines.append(f"  - {shown_id(run_id)} / {shown_id(phase_id)} [{state}]")
+            for found in plan.stale[:SKIPPED_SHOWN]:
+                lines.append(f"  - {shown_id(found.run_id)} / {shown_id(found.phase_id)} "
+                             f"[{found.state}]")
             if len(plan.stale) > SKIPPED_SHOWN:
                 lines.append(f"  ... and {len(plan.stale) - SKIPPED_SHOWN} more")
     lines.append(f"Would drain, in order (batch size {config.batch_size}):")

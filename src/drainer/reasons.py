@@ -50,3 +50,9 @@ def with_note(reason: str | None, note: str) -> str:
 def is_code(text: str) -> bool:
     """True for a bare status code (``FAILED``), which says what happened but not why."""
     return _CODE.fullmatch(text.strip()) is not None
+
+
+def stale_note(state: str, minutes: float) -> str:
+    """drainer's note on a phase ``--restore-stale-after`` restored."""
+    return (f"{NOTE_START}left {state} for more than {minutes:g} min with no drainer's lease "
+            "(--restore-stale-after); restored to FAILED")

@@ -36,6 +36,7 @@ from .journal import (
 from .leaks import LeakGauge
 from .models import SessionStop, SessionSummary, StopReason, Totals
 from .policy import Policy, Sensors
+from .reasons import stale_note
 from .recorder import Echo, Recorder, make_echo
 from .report import header_lines
 from .scheduler import Scheduler, sweep_leases
@@ -261,13 +262,9 @@ class DrainSession:
         seconds = self.config.restore_stale_after
         assert seconds is not None
         minutes = seconds / 60
-
-        def note(state: str) -> str:
-            return (f"drainer: left {state} for more than {minutes:g} min with no drainer's "
-                    "lease (--restore-stale-after); restored to FAILED")
-
-        restored = await backlog.phases.restore_stale(seconds, note, lease_table=LEASE_TABLE,
-                                                      runs=self.config.drains_run)
+        restored = await backlog.phases.restore_stale(
+            seconds, functools.partial(stale_note, minutes=minutes), lease_table=LEASE_TABLE,
+            run_id=self.config.run_id, runs=self.config.drains_run)
         if restored is None:
             self._say("[WARN] --restore-stale-after needs a date-and-time updated_at "
                       "column in the phases table, which this database lacks; nothing "

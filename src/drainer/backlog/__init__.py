@@ -20,7 +20,7 @@ from ..models import Candidates, PhaseState
 from ..schema import Schema
 from ._engine import Engine, check_sqlite_file
 from .leases import LEASE_TABLE, Claim, Finished, Lease, Leases
-from .phases import Outcome, PhaseRow, Phases
+from .phases import Outcome, PhaseRow, Phases, Stale
 
 __all__ = [
     "LEASE_TABLE",
@@ -33,6 +33,7 @@ __all__ = [
     "Outcome",
     "PhaseRow",
     "PhaseStore",
+    "Stale",
     "open_backlog",
 ]
 

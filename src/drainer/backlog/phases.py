@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from sqlalchemy import (
@@ -43,6 +43,16 @@ CHANGES_MARGIN = 60.0
 FINAL_STATE_POLL_INTERVAL = 0.1
 
 PhaseRow = tuple[str, str | None]  #: (canonical state, last_failure_reason)
+
+
+class Stale(NamedTuple):
+    """A phase ``--restore-stale-after`` would restore, as it is now."""
+
+    run_id: str
+    phase_id: str
+    state: str
+    phase_index: int
+    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,42 +231,47 @@ class Phases:
         """SQL: ``updated_at`` lies within the last ``seconds``."""
         return self._stamp() >= self._ago(seconds)
 
-    def _stale(self, seconds: float, lease_table: str | None) -> list[Any]:
+    def _stale(self, seconds: float, lease_table: str | None,
+               run_id: str | None = None) -> list[Any]:
         """Conditions: the phase is non-final, ``updated_at`` is more than ``seconds`` old,
-        and no drainer leases its run (``lease_table``: None when there is none yet)."""
+        and no drainer leases its run (``lease_table``: None when there is none yet); of
+        ``run_id`` only, when given."""
         assert self._updated is not None
         where = [self._state.in_(self.schema.non_final_db), self._stamp() < self._ago(seconds)]
+        if run_id is not None:
+            where.append(self._run == run_id)
         if lease_table is not None:
             leases = table(lease_table, column("run_id"))
             where.append(~exists().where(leases.c.run_id == self._run))
         return where
 
     async def stale(self, seconds: float, *, lease_table: str | None,
-                    runs: Callable[[str], bool] = lambda _run: True,
-                    ) -> list[tuple[str, str, str]] | None:
+                    run_id: str | None = None,
+                    runs: Callable[[str], bool] = lambda _run: True) -> list[Stale] | None:
         """Phases left non-final (QUEUED, EXECUTING, GATE, CI_RUNNING) for more than
-        ``seconds`` by ``updated_at`` and the database's clock, whose run no drainer leases
-        and ``runs`` accepts: ``(run, phase, state)`` by run and phase; None without
-        ``updated_at``."""
+        ``seconds`` by ``updated_at`` and the database's clock, whose run no drainer leases,
+        of ``run_id`` when given, and that ``runs`` accepts; by run and phase. None without
+        a date-and-time ``updated_at``."""
         if not self.ages_known or self._updated is None:
             return None
-        stmt = select(self._run, self._phase, self._state).where(
-            *self._stale(seconds, lease_table)).order_by(self._run, self._phase)
+        stmt = select(self._run, self._phase, self._state, self._index, self._reason).where(
+            *self._stale(seconds, lease_table, run_id)).order_by(self._run, self._phase)
         rows = await self._all("reading stale phases in", stmt)
-        return [(str(r[0]), str(r[1]), self.schema.canonical(r[2])) for r in rows
-                if runs(str(r[0]))]
+        return [Stale(str(r[0]), str(r[1]), self.schema.canonical(r[2]),
+                      int(r[3]) if r[3] is not None else 0, r[4])
+                for r in rows if runs(str(r[0]))]
 
     async def restore_stale(
         self, seconds: float, note: Callable[[str], str], *, lease_table: str,
-        runs: Callable[[str], bool] = lambda _run: True,
+        run_id: str | None = None, runs: Callable[[str], bool] = lambda _run: True,
     ) -> list[tuple[str, str, str, str]] | None:
         """Restore every :meth:`stale` phase to FAILED in one transaction, each keeping its
         worker's reason with ``note(state)`` added; each row is written only if it is still
-        stale then. ``(run, phase, state before, reason written)``; None without
-        ``updated_at``."""
+        stale then. ``(run, phase, state before, reason written)``; None without a
+        date-and-time ``updated_at``."""
         if not self.ages_known or self._updated is None:
             return None
-        where = self._stale(seconds, lease_table)
+        where = self._stale(seconds, lease_table, run_id)
         sc = self.schema
         found = select(self._run, self._phase, self._state, self._reason).where(*where) \
             .order_by(self._run, self._phase)
