@@ -499,3 +499,35 @@ async def test_a_phase_drained_here_is_not_picked_again_after_a_load_of_changes(
         s.observe(outcome(ref, "COMPLETE"))
         backlog.done(ref, stamp=False)
     assert backlog.changes == 1 and picked == ["r2", "r3"]
+
+
+async def test_the_reload_budget_counts_the_index_build() -> None:
+    """A load's cost, which spaces the reloads a phase drained elsewhere brings forward,
+    includes building the index (at 100,000 phases it outweighs a load of changes)."""
+    import time
+
+    backlog = Backlog([(f"r{i}", "p", 0, None) for i in range(3)])
+    s = Selector(backlog.load, load_changed=backlog.load_changed, max_attempts_per_phase=2,
+                 dry_reload_cost=100)
+    build = s._build
+
+    def slow_build(*args: object, **kw: object) -> object:
+        time.sleep(0.05)  # an index that takes 50 ms to build
+        return build(*args, **kw)
+
+    s._build = slow_build  # type: ignore[method-assign]
+    first = await s.pick()
+    assert first is not None
+    backlog.done(first)
+    s.remove(first)
+    await s.pick()  # the load of changes, brought forward
+    assert backlog.changes == 1
+    second = await s.pick()
+    assert second is not None
+    backlog.done(second)
+    s.remove(second)
+    # 0.1 s later: far past 100 x what reading the changes took, but not 100 x the 50 ms
+    # of the whole load with its build: no load yet.
+    await anyio.sleep(0.1)
+    await s.pick()
+    assert backlog.changes == 1
