@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from conftest import PHASE, SCHEMA
 
@@ -101,3 +103,20 @@ def fetch_states(name: str) -> dict[tuple[str, str], tuple[str, str | None]]:
         return {(r[0], r[1]): (r[2], r[3]) for r in rows}
 
     return asyncio.run(go())
+
+
+@contextlib.contextmanager
+def backlog_url(backend: str, tmp_path: Path, phases: Iterable[PHASE]) -> Iterator[str]:
+    """The URL of a backlog holding ``phases``: a SQLite file under ``tmp_path``, or a fresh
+    PostgreSQL database (``require_server`` first), dropped afterwards."""
+    if backend == "sqlite":
+        from conftest import create_backlog
+
+        yield f"sqlite:///{create_backlog(tmp_path / 'backlog.db', phases)}"
+        return
+    require_server()
+    name = create_database(phases)
+    try:
+        yield f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        drop_database(name)

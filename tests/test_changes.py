@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from conftest import create_backlog
 from drainer.backlog import Backlog, open_backlog
 from drainer.dburl import parse_database_url
 from drainer.schema import Schema
@@ -25,17 +24,10 @@ PHASES = [("run-a", "P1", 0, "FAILED", None), ("run-a", "P2", 1, "FAILED", None)
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{create_backlog(tmp_path / 'backlog.db', PHASES)}"
-        return
-    from pg import ADMIN_URL, create_database, drop_database, require_server
+    from pg import backlog_url
 
-    require_server()
-    name = create_database(PHASES)
-    try:
-        yield f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        drop_database(name)
+    with backlog_url(request.param, tmp_path, PHASES) as found:
+        yield found
 
 
 @asynccontextmanager

@@ -38,17 +38,10 @@ def utc(ago: timedelta) -> datetime:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{create_backlog(tmp_path / 'backlog.db', PHASES)}"
-        return
-    from pg import ADMIN_URL, create_database, drop_database, require_server
+    from pg import backlog_url
 
-    require_server()
-    name = create_database(PHASES)
-    try:
-        yield f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        drop_database(name)
+    with backlog_url(request.param, tmp_path, PHASES) as found:
+        yield found
 
 
 @asynccontextmanager

@@ -160,7 +160,7 @@ class Leases:
                 # Something that does not take the lock (an older drainer, a migration tool)
                 # created it at the same moment: fine if the table is there now. (So is an
                 # older table this role does not own and so cannot alter.)
-                if not await self._has_table():
+                if not await self.has_table():
                     raise
         self.worker_columns = await self._has_worker_columns()
         if not self.worker_columns:
@@ -194,9 +194,6 @@ class Leases:
 
     async def has_table(self) -> bool:
         """Whether ``drainer_leases`` exists (a backlog no drainer has run on has none)."""
-        return await self._has_table()
-
-    async def _has_table(self) -> bool:
         try:
             return bool(await self._engine.run_sync(
                 lambda c: inspect(c).has_table(LEASE_TABLE)))
