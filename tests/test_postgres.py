@@ -406,7 +406,13 @@ def test_a_role_that_may_not_alter_an_older_lease_table_still_drains(env: Env) -
         proc = env.run_cli("run", *args, "--plain")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "drainer_leases has no worker_pid/worker_created columns" in proc.stdout
+        # Nor may it create drainer_attempts: it drains unrecorded, and says so.
+        assert "attempts are not recorded in the history" in proc.stdout
+        assert "CREATE TABLE IF NOT EXISTS drainer_attempts" in proc.stdout
         assert fetch_states(name)[("run-0", "P1-ok")][0] == "COMPLETE"
+        scoped = env.run_cli("run", *args, "--plain", "--attempts-scope", "history")
+        assert scoped.returncode == 2, scoped.stdout + scoped.stderr
+        assert "need the attempt history" in scoped.stderr
     finally:
         drop_database(name)
         asyncio.run(drop_role())

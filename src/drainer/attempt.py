@@ -21,7 +21,7 @@ from typing import Literal
 import anyio
 
 from . import proctree
-from .backlog import BacklogStore, Lease, PhaseRow
+from .backlog import BacklogStore, Entry, Lease, PhaseRow
 from .config import DrainConfig, render_command
 from .dburl import redact_text
 from .errors import DatabaseError, DrainerError, UsageError
@@ -38,9 +38,16 @@ from .fingerprint import (
 )
 from .journal import Dangling, SessionFiles, iso, utcnow
 from .models import Attempt, PhaseRef, PhaseState, is_final_state
-from .reasons import NOTE_START, is_code, note_part, worker_part
+from .reasons import NOTE_START, is_code, note_part, with_note, worker_part
 from .recorder import Recorder
 from .report import shown_id
+from .selection import (
+    CATEGORY_NAMES,
+    CATEGORY_NONE,
+    CATEGORY_OTHER,
+    CATEGORY_TIMEOUT,
+    failure_category,
+)
 from .sinks import TAIL_BYTES
 from .supervisor import AttemptSpec, ProcessResult, RssSampler, Supervisor
 from .worktrees import check_git_workspace
@@ -479,8 +486,11 @@ class AttemptRunner:
         *,
         host: str,
         api_url: str | None,
+        revision: str | None = None,
     ) -> None:
+        """``revision``: the workspace's, recorded with each attempt in the history."""
         self.config = config
+        self._revision = revision
         self._store = store
         self._files = files
         self._recorder = recorder
@@ -646,54 +656,114 @@ class AttemptRunner:
         """Read the outcome, restore a non-final phase and release the lease (one
         transaction), judge, record. After a lost lease the phase belongs to whoever took
         the run over: it is restored only if nobody leases the run now."""
-        cfg, ref = self.config, claimed.ref
-        phases, leases = self._store.phases, self._store.leases
-        clean_exit = result.returncode == 0 and not result.timed_out and not result.cancelled
         try:
             with anyio.fail_after(DB_CLEANUP_TIMEOUT):
-                # The common case, one round trip: the phase is final; read it, release.
-                outcome, held = await leases.finish_if_final(ref.run_id, ref.phase_id,
-                                                             claimed.attempt_id)
-                row, restored = outcome.row, False
-                if held is not None:
-                    lease_lost = lease_lost or not held
-                else:  # left non-final: look again (a clean exit), restore, release
-                    outcome = await phases.wait_final_state(
-                        ref.run_id, ref.phase_id,
-                        wait=cfg.final_state_wait if clean_exit else 0.0)
-                    row = outcome.row
-                    why = None
-                    if row is not None and not is_final_state(row[0]):
-                        why = restore_reason(result, row[0], cfg.phase_timeout_label,
-                                             lease_lost=lease_lost)
-                    finished = await leases.finish(ref.run_id, ref.phase_id,
-                                                   claimed.attempt_id, restore=why)
-                    lease_lost = lease_lost or not finished.held
-                    restored = finished.restored is not None
-                    if finished.restored is not None:
-                        row = (PhaseState.FAILED.value, finished.restored)
-                    elif why is not None:  # changed under us: read what it is now
-                        row = await phases.read(ref.run_id, ref.phase_id)
+                if self._store.keeps_history:
+                    attempt = await self._settle_recorded(started, result, claimed,
+                                                          lease_lost=lease_lost)
+                else:
+                    attempt = await self._settle_unrecorded(started, result, claimed,
+                                                            lease_lost=lease_lost)
         except TimeoutError:
             # Not journaled as finished: --resume reconciles this attempt.
+            ref = claimed.ref
             raise DatabaseError(
                 f"the database did not answer within {DB_CLEANUP_TIMEOUT:g}s while finishing "
                 f"{ref.run_id} / {ref.phase_id}; resume the session to reconcile it"
             ) from None
+        crash_point("after_exit")
+        self._recorder.attempt_finished(attempt)
+        return attempt
+
+    async def _settle_unrecorded(
+        self, started: Attempt, result: ProcessResult, claimed: Claimed, *, lease_lost: bool
+    ) -> Attempt:
+        """``--no-history``: read the phase and release the lease in one round trip when
+        the phase is final (the common case); else restore and release in one transaction."""
+        cfg, ref = self.config, claimed.ref
+        phases, leases = self._store.phases, self._store.leases
+        outcome, held = await leases.finish_if_final(ref.run_id, ref.phase_id,
+                                                     claimed.attempt_id)
+        row, restored = outcome.row, False
+        if held is not None:
+            lease_lost = lease_lost or not held
+        else:  # left non-final: look again (a clean exit), restore, release
+            outcome = await phases.wait_final_state(
+                ref.run_id, ref.phase_id, wait=cfg.final_state_wait if _clean(result) else 0.0)
+            row = outcome.row
+            why = None
+            if row is not None and not is_final_state(row[0]):
+                why = restore_reason(result, row[0], cfg.phase_timeout_label,
+                                     lease_lost=lease_lost)
+            finished = await leases.finish(ref.run_id, ref.phase_id, claimed.attempt_id,
+                                           restore=why)
+            lease_lost = lease_lost or not finished.held
+            restored = finished.restored is not None
+            if finished.restored is not None:
+                row = (PhaseState.FAILED.value, finished.restored)
+            elif why is not None:  # changed under us: read what it is now
+                row = await phases.read(ref.run_id, ref.phase_id)
+        return await self._judge(started, result, claimed, row=row, restored=restored,
+                                 telemetry_after=outcome.telemetry, lease_lost=lease_lost)
+
+    async def _settle_recorded(
+        self, started: Attempt, result: ProcessResult, claimed: Claimed, *, lease_lost: bool
+    ) -> Attempt:
+        """With the attempt history: read the phase, judge the attempt as if its lease held
+        (the common case), then restore (if needed), release and record its history row in
+        one transaction. Rarely the lease turns out lost there, or the phase changed: then
+        it is judged again and its row amended."""
+        cfg, ref = self.config, claimed.ref
+        phases, leases = self._store.phases, self._store.leases
+        outcome = await phases.read_outcome(ref.run_id, ref.phase_id)
+        row = outcome.row
+        if row is not None and not is_final_state(row[0]) and _clean(result):
+            outcome = await phases.wait_final_state(ref.run_id, ref.phase_id,
+                                                    wait=cfg.final_state_wait)
+            row = outcome.row
+        why = None
+        if row is not None and not is_final_state(row[0]):
+            why = restore_reason(result, row[0], cfg.phase_timeout_label, lease_lost=lease_lost)
+            row = (PhaseState.FAILED.value, with_note(row[1], why))
+        attempt = await self._judge(started, result, claimed, row=row,
+                                    restored=why is not None,
+                                    telemetry_after=outcome.telemetry, lease_lost=lease_lost)
+        finished = await leases.finish(ref.run_id, ref.phase_id, claimed.attempt_id,
+                                       restore=why, entry=self._entry(attempt, row))
+        lost = lease_lost or not finished.held
+        if lost == lease_lost and (why is None or finished.restored is not None):
+            return attempt
+        if finished.restored is not None:
+            row = (PhaseState.FAILED.value, finished.restored)
+        elif why is not None:  # changed under us: read what it is now
+            row = await phases.read(ref.run_id, ref.phase_id)
+        attempt = await self._judge(started, result, claimed, row=row,
+                                    restored=finished.restored is not None,
+                                    telemetry_after=outcome.telemetry, lease_lost=lost)
+        await self._store.history.amend(self._entry(attempt, row))
+        return attempt
+
+    async def _judge(self, started: Attempt, result: ProcessResult, claimed: Claimed, *,
+                     row: PhaseRow | None, restored: bool, telemetry_after: int | None,
+                     lease_lost: bool) -> Attempt:
+        cfg = self.config
         kept = None
         if row is not None and row[1] is not None and len(row[1]) > MAX_ERROR_CHARS:
             kept = await anyio.to_thread.run_sync(functools.partial(
                 keep_whole_reason, started.subprocess_stderr_path, row[1],
                 secrets=cfg.secrets, limit=cfg.max_log_bytes))
-        attempt = judge(
+        return judge(
             started, result, row=row, restored=restored,
-            telemetry_before=claimed.telemetry_before, telemetry_after=outcome.telemetry,
-            previous_reason=ref.last_failure_reason, timeout_label=cfg.phase_timeout_label,
-            secrets=cfg.secrets, finished_at=iso(utcnow()), lease_lost=lease_lost, kept=kept,
+            telemetry_before=claimed.telemetry_before, telemetry_after=telemetry_after,
+            previous_reason=claimed.ref.last_failure_reason,
+            timeout_label=cfg.phase_timeout_label, secrets=cfg.secrets,
+            finished_at=iso(utcnow()), lease_lost=lease_lost, kept=kept,
         )
-        crash_point("after_exit")
-        self._recorder.attempt_finished(attempt)
-        return attempt
+
+    def _entry(self, attempt: Attempt, row: PhaseRow | None) -> Entry:
+        return history_entry(attempt, row[1] if row is not None else None,
+                             session_id=self._session_id, host=self._host,
+                             revision=self._revision)
 
     # -- after a crash -------------------------------------------------------------------------
 
@@ -745,9 +815,42 @@ class AttemptRunner:
                 f"({len(killed)} leftover process(es) killed); phase now {state}", line,
                 f"(log: {record.subprocess_stderr_path})") if p),
         )
-        await self._store.leases.release(record.run_id, record.attempt_id)
+        if self._store.keeps_history:
+            await self._store.leases.finish(record.run_id, record.phase_id, record.attempt_id,
+                                            restore=None, entry=self._entry(attempt, row))
+        else:
+            await self._store.leases.release(record.run_id, record.attempt_id)
         self._recorder.attempt_reconciled(attempt)
         return attempt
+
+
+def _clean(result: ProcessResult) -> bool:
+    """The worker exited 0 by itself (its phase may still be on its way to a final state)."""
+    return result.returncode == 0 and not result.timed_out and not result.cancelled
+
+
+def history_entry(attempt: Attempt, reason: str | None, *, session_id: str, host: str,
+                  revision: str | None) -> Entry:
+    """An attempt as the history keeps it (pure). ``reason``: its phase's
+    ``last_failure_reason`` after it, which names the failure's category."""
+    category = None
+    if not attempt.success and not attempt.interrupted:
+        if attempt.timed_out:
+            category = CATEGORY_NAMES[CATEGORY_TIMEOUT]
+        else:
+            found = failure_category(reason)
+            if found in (CATEGORY_NONE, CATEGORY_OTHER) and attempt.worker_error:
+                found = failure_category(attempt.worker_error) or found
+            category = CATEGORY_NAMES[found]
+    return Entry(
+        attempt_id=attempt.attempt_id, session_id=session_id, host=host,
+        run_id=attempt.run_id, phase_id=attempt.phase_id,
+        attempt_number=attempt.attempt_number,
+        duration_seconds=round(attempt.subprocess_duration_seconds, 3),
+        outcome=attempt.outcome, final_state=attempt.final_state,
+        fingerprint=attempt.failure_fingerprint,
+        failure_category=category, telemetry_events=attempt.telemetry_events_collected,
+        exit_status=attempt.subprocess_returncode, revision=revision)
 
 
 def _last_error_line(*logs: str | None) -> str:

@@ -47,6 +47,8 @@ DEFAULT_SESSION_DIR = Path(".drainer/sessions")
 MIB = 1024 * 1024
 LEAK_POLICIES = ("kill", "report")
 LANE_WORKSPACES = ("none", "git-worktree")
+ATTEMPTS_SCOPES = ("session", "history")
+REVISION_PLACEHOLDERS = ("workspace", "python")
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -264,6 +266,7 @@ def _non_empty(flag: str, value: Any) -> None:
 
 
 BACKLOG, WORKER, STOPS, SESSION = "backlog", "worker", "stop conditions", "session"
+HISTORY = "attempt history"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -373,6 +376,23 @@ class DrainConfig:
         None, "--max-leaks", "stop the session when more than N processes have leaked "
         "(default: off)", STOPS, metavar="N", parse=int, check=_whole(0))
 
+    history: bool = option(
+        True, "--history", "record every finished attempt in the backlog's drainer_attempts "
+        "table, shared by every drainer and session (default); --no-history: record "
+        "nothing there", HISTORY, kind=SWITCH, negative="--no-history")
+    attempts_scope: str = option(
+        "session", "--attempts-scope", "what --max-attempts-per-phase counts: this "
+        "session's attempts (Autopack's way), or every attempt in the history, across "
+        "sessions and drainers (default: %(default)s)", HISTORY, choices=ATTEMPTS_SCOPES)
+    skip_unchanged: bool = option(
+        False, "--skip-unchanged", "skip a phase whose last attempt failed deterministically "
+        "(its fingerprint seen twice, or a collection/import error) at the workspace's "
+        "current revision; a new commit makes it eligible again", HISTORY, kind=SWITCH)
+    revision_command: str | Sequence[str] | None = option(
+        None, "--revision-command", "print the workspace's revision with this command "
+        "instead of git (run in the workspace, never by a shell; placeholders {workspace} "
+        "{python})", HISTORY, metavar="TEMPLATE", kind=TEMPLATE)
+
     session_dir: Path = option(
         DEFAULT_SESSION_DIR, "--session-dir", "where sessions are saved (default: "
         "%(default)s; Autopack users: .autonomous_runs/batch_drain_sessions)", SESSION,
@@ -432,6 +452,19 @@ class DrainConfig:
             if not any("{port}" in t for t in tokens):
                 raise UsageError("--api-command needs a {port} placeholder for the free port")
             setattr_(self, "api_command", tokens)
+        if self.revision_command is not None:
+            setattr_(self, "revision_command", split_command(
+                self.revision_command, allowed=REVISION_PLACEHOLDERS,
+                option="--revision-command"))
+        if self.attempts_scope not in ATTEMPTS_SCOPES:
+            raise UsageError(f"--attempts-scope must be one of {', '.join(ATTEMPTS_SCOPES)}")
+        if not self.history:
+            needs = [flag for flag, on in (
+                ("--attempts-scope history", self.attempts_scope == "history"),
+                ("--skip-unchanged", self.skip_unchanged)) if on]
+            if needs:
+                raise UsageError(f"{' and '.join(needs)} read the attempt history, which "
+                                 "--no-history turns off; drop one or the other")
         if self.lane_workspaces not in LANE_WORKSPACES:
             raise UsageError(f"--lane-workspaces must be one of {', '.join(LANE_WORKSPACES)}")
         if self.leak_policy not in LEAK_POLICIES:

@@ -18,6 +18,7 @@ import zlib
 from array import array
 from collections.abc import Awaitable, Callable, Set
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -34,6 +35,10 @@ from .models import (
     merge_changes,
 )
 from .reasons import note_part, worker_part
+from .revision import short as short_revision
+
+if TYPE_CHECKING:
+    from .backlog import PhaseHistory, Summary
 
 # Priority of a phase by its last failure reason (lower drains first). DESIGN.md §5:
 # none, collection/import, deliverable/missing, patch/no-op/manifest, other, timeout last.
@@ -129,6 +134,37 @@ def is_passing_failure(attempt: Attempt) -> bool:
     return bool(error) and _DATABASE_ERROR.search(error) is not None
 
 
+#: failure categories that a retry at the same revision will meet again
+DETERMINISTIC_CATEGORIES = (CATEGORY_NAMES[CATEGORY_COLLECTION],)
+#: outcomes and categories of a failure that may pass by itself
+TRANSIENT = ("timed out", CATEGORY_NAMES[CATEGORY_TIMEOUT])
+
+
+def unchanged_since(phase: PhaseHistory, revision: str) -> str | None:
+    """Why ``--skip-unchanged`` holds a phase back, or None: its last attempt failed at
+    ``revision`` with a deterministic failure (its fingerprint seen at least twice for the
+    phase, or a category in :data:`DETERMINISTIC_CATEGORIES`)."""
+    if phase.last_outcome != "failed" or phase.last_revision != revision:
+        return None
+    if phase.last_fingerprint_seen >= 2:
+        what = f"its fingerprint seen {phase.last_fingerprint_seen}x"
+    elif phase.last_category in DETERMINISTIC_CATEGORIES:
+        what = f"a {phase.last_category} error"
+    else:
+        return None
+    return f"unchanged since its last failure at {short_revision(revision)} ({what})"
+
+
+def history_preferred(summary: Summary) -> set[str]:
+    """Runs that go first among equals: the run's latest attempt in the history succeeded,
+    or each of its phases there last failed only for a passing reason (a timeout)."""
+    passing: dict[str, bool] = {}
+    for (run_id, _phase), phase in summary.phases.items():
+        ok = phase.last_outcome in TRANSIENT or phase.last_category in TRANSIENT
+        passing[run_id] = passing.get(run_id, True) and ok
+    return summary.runs_ok | {run for run, ok in passing.items() if ok}
+
+
 def triage_tier(attempt: Attempt, *, fingerprint_seen_before: bool) -> int:
     """The tier a run's first attempt (its sample) earns it: sample-first triage.
 
@@ -164,6 +200,7 @@ def run_tie(salt: str, run_id: str) -> int:
     return zlib.crc32(run_id.encode("utf-8", "surrogatepass"), zlib.crc32(salt.encode()))
 
 
+_PREFERRED = 1 << 32  #: taken off a preferred run's tie-break (run_tie is below it)
 _REMOVED = 1  #: drained by someone else meanwhile: not a candidate any more
 _LAST_FAILED = 2  #: its last attempt this session left it FAILED (a retry may follow)
 _SCAN = 32  #: runs with more phases than this get a phase-id map for lookups
@@ -292,9 +329,10 @@ class CandidateIndex:
         keep_skipped: bool = True,
         too_long: TooLong | None = None,
         tie_salt: str = "",
+        preferred: Set[str] = frozenset(),
     ) -> CandidateIndex:
         """The index of one load; it takes the candidates' columns over (sorted in place).
-        ``tie_salt``: see :func:`run_tie`."""
+        ``tie_salt``: see :func:`run_tie`; ``preferred`` runs go first among equals."""
         skipped: list[tuple[PhaseRef, str]] = []
         index = cls(candidates, skipped)
         queued = candidates.queued
@@ -324,8 +362,8 @@ class CandidateIndex:
                     skipped.append(entry)
             if live:
                 index.size += live
-                queue = index.runs[run_id] = _RunQueue(run_id, index, start, end, failed,
-                                                       run_tie(tie_salt, run_id))
+                tie = run_tie(tie_salt, run_id) - (_PREFERRED if run_id in preferred else 0)
+                queue = index.runs[run_id] = _RunQueue(run_id, index, start, end, failed, tie)
                 index.push(queue)
         skipped.sort(key=lambda item: (item[0].run_id, item[0].phase_index, item[0].phase_id))
         return index
@@ -393,6 +431,7 @@ class CandidateIndex:
 
 
 Load = Callable[[], Awaitable[Candidates]]
+ReadHistory = Callable[[], Awaitable["Summary"]]
 #: ``load_changed(seconds)``: the runs changed within the last ``seconds`` and their
 #: candidates, or None when the backlog cannot tell (see ``Phases.load_changed``)
 LoadChanged = Callable[[float], Awaitable[tuple[Candidates, set[str]] | None]]
@@ -425,6 +464,9 @@ class Selector:
         too_long: TooLong | None = None,
         tie_salt: str = "",
         retry_backoff: float = 0.0,
+        history: ReadHistory | None = None,
+        attempts_scope: str = "session",
+        revision: str | None = None,
     ) -> None:
         """``too_long``: whether the worker's command line cannot hold a phase's ids
         (:meth:`DrainConfig.ids_too_long`); such phases are skipped, like ids with a NUL.
@@ -433,8 +475,23 @@ class Selector:
         the run id, so that drainers spread out; until then, and with no salt (``plan``),
         by id. ``retry_backoff``: a phase whose attempt failed for a passing reason
         (:func:`is_passing_failure`) is retried only after that many seconds, doubled for
-        each attempt of it, at most :data:`RETRY_BACKOFF_MAX` (or ``retry_backoff``)."""
+        each attempt of it, at most :data:`RETRY_BACKOFF_MAX` (or ``retry_backoff``).
+
+        ``history`` reads the attempt history (of other sessions' attempts) at each full
+        load: runs it shows promising go first among equals (:func:`history_preferred`);
+        with ``attempts_scope`` "history" a phase's attempts there count towards
+        ``max_attempts_per_phase``; given the workspace's ``revision`` (``--skip-unchanged``),
+        a phase that failed deterministically at that revision is held back
+        (:func:`unchanged_since`)."""
         self._load = load
+        self._history = history
+        self._scope_history = attempts_scope == "history"
+        self._revision = revision
+        #: from the history at the last full load: other sessions' attempts per phase
+        #: (``--attempts-scope history``), phases held back and why, runs that go first
+        self._prior: dict[tuple[str, str], int] = {}
+        self._held_back: dict[tuple[str, str], str] = {}
+        self._preferred: set[str] = set()
         self._retry_backoff = retry_backoff
         #: phases whose retry waits for its backoff -> when it is due (anyio's clock)
         self._backoff: dict[tuple[str, str], float] = {}
@@ -606,9 +663,9 @@ class Selector:
             tries = index.attempts[position]
             index.flags[position] = (index.flags[position] & _REMOVED) | (
                 _LAST_FAILED if failed else 0)
-            if failed and tries < self._max_attempts:
+            if failed and self._may_retry(attempt.key, tries):
                 index.note_retry(queue, position)
-        if failed and tries < self._max_attempts:
+        if failed and self._may_retry(attempt.key, tries):
             self._back_off(attempt, tries)
         elif self._load_changed is not None:
             # Drained (or left final) here: a load of changes that does not read its run
@@ -759,6 +816,7 @@ class Selector:
                 # (The merge holds the old columns and the new ones at once, briefly: a
                 # list of references per column, not the phases' strings.)
                 return merge_changes(old, fresh, changed), changed
+        await self._read_history()
         candidates = await self._load()
         self._load_began = self._full_at = began
         self._gone.clear()
@@ -779,8 +837,11 @@ class Selector:
         self._drained_elsewhere = False  # (a claim during the load sets it again)
         began = anyio.current_time()
         candidates, changed = await self._candidates(old, began)
-        index = self._build(candidates, tie_salt=self._tie_salt if self._spread else "")
+        index = self._build(candidates, tie_salt=self._tie_salt if self._spread else "",
+                            preferred=self._preferred)
         del old, candidates
+        if self._held_back:
+            self._hold_back(index)
         if changed is not None:
             # Phases found drained elsewhere stay out, unless their run was read afresh (a
             # writer that does not stamp ``updated_at`` leaves the rest of the old load).
@@ -807,7 +868,7 @@ class Selector:
                 continue
             index.attempts[i] = attempts
             index.flags[i] = (index.flags[i] & _REMOVED) | (flags & _LAST_FAILED)
-            if index.flags[i] == _LAST_FAILED and attempts < self._max_attempts:
+            if index.flags[i] == _LAST_FAILED and self._may_retry(key, attempts):
                 index.note_retry(found, i)
         self._picked = {
             run_id: (phase_id, found.position(phase_id) if (found := index.runs.get(run_id))
@@ -821,6 +882,43 @@ class Selector:
         if self._backoff:  # waits for retries that will not come (drained elsewhere) end
             self._backoff = {key: due for key, due in self._backoff.items()
                              if self._retryable(key)}
+
+    def _may_retry(self, key: tuple[str, str], tries: int) -> bool:
+        """Whether a phase tried ``tries`` times this session may be tried again (with
+        ``--attempts-scope history``, other sessions' attempts count too)."""
+        return tries + self._prior.get(key, 0) < self._max_attempts
+
+    async def _read_history(self) -> None:
+        """At a full load: what the history says (see ``__init__``)."""
+        if self._history is None:
+            return
+        summary = await self._history()
+        self._preferred = history_preferred(summary)
+        self._prior, self._held_back = {}, {}
+        for key, phase in summary.phases.items():
+            if self._scope_history and phase.attempts:
+                self._prior[key] = phase.attempts
+                if phase.attempts >= self._max_attempts:
+                    self._held_back[key] = (
+                        f"attempted {phase.attempts} time(s) in earlier sessions "
+                        f"(--attempts-scope history, --max-attempts-per-phase "
+                        f"{self._max_attempts})")
+                    continue
+            if self._revision is not None:
+                why = unchanged_since(phase, self._revision)
+                if why is not None:
+                    self._held_back[key] = why
+
+    def _hold_back(self, index: CandidateIndex) -> None:
+        """Take the phases the history holds back out of a new index."""
+        for (run_id, phase_id), why in self._held_back.items():
+            queue = index.runs.get(run_id)
+            i = queue.position(phase_id) if queue is not None else None
+            if queue is None or i is None or index.flags[i] & _REMOVED:
+                continue
+            index.flags[i] |= _REMOVED
+            index.size -= 1
+            index.skipped.append((queue.ref(i), why))
 
     def _retryable(self, key: tuple[str, str]) -> bool:
         """Whether ``key`` may still be retried (its last attempt left it FAILED)."""

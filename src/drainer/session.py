@@ -39,6 +39,7 @@ from .policy import Policy, Sensors
 from .reasons import stale_note
 from .recorder import Echo, Recorder, make_echo
 from .report import header_lines
+from .revision import workspace_revision
 from .scheduler import Scheduler, sweep_leases
 from .selection import Selector, check_run_id
 from .signals import watch_signals
@@ -128,6 +129,7 @@ class DrainSession:
                           "own worktree")
             if cfg.api_url is not None:
                 await check_api_url(cfg.api_url)
+            revision = await self._revision()
             replay = self._find_replay()
             for line in header_lines(cfg, self.session_id, counts, self._policy.describe()):
                 self._say(line)
@@ -147,7 +149,7 @@ class DrainSession:
             # The shared API server starts before the first write: if it never answers, the
             # session ends with exit 2 and nothing changed.
             async with open_api_server(cfg, self.session_id) as api:
-                await self._drain(backlog, replay, api)
+                await self._drain(backlog, replay, api, revision)
                 if api.log is not None and api.log.failed:
                     self._say(f"[WARN] the API server's log was given up: {api.log.failed}")
         return self.summary()
@@ -174,10 +176,32 @@ class DrainSession:
                   f"{len(replay.dangling)} to reconcile")
         return replay
 
-    async def _drain(self, backlog: Backlog, replay: Replay | None, api: ApiServer) -> None:
+    async def _revision(self) -> str | None:
+        """The workspace's revision, for the history (None: not a git work tree), read
+        before anything is written; ``--skip-unchanged`` cannot do without one."""
+        cfg = self.config
+        if not cfg.history:
+            return None
+        revision = await anyio.to_thread.run_sync(functools.partial(
+            workspace_revision, cfg.workspace, cfg.revision_command, cfg.python))
+        if revision is None and cfg.skip_unchanged:
+            raise UsageError(f"--skip-unchanged compares the workspace's revision, but "
+                             f"--workspace {cfg.workspace} is not a git work tree; give "
+                             "--revision-command to print one")
+        return revision
+
+    async def _drain(self, backlog: Backlog, replay: Replay | None, api: ApiServer,
+                     revision: str | None) -> None:
         """From the first write on: journal, reconcile, drain, and always finish cleanly."""
         cfg = self.config
-        await backlog.prepare_for_writes()
+        await backlog.prepare_for_writes(history=cfg.history)
+        if backlog.history_problem is not None:
+            if cfg.attempts_scope == "history" or cfg.skip_unchanged:
+                raise UsageError(f"{backlog.history_problem}; --attempts-scope history and "
+                                 "--skip-unchanged need the attempt history")
+            self._say(f"[WARN] {backlog.history_problem}: attempts are not recorded in the "
+                      f"history (pass --no-history to say so; the database's owner can "
+                      f"create it: {backlog.history.ddl})")
         self._files.create()
         if not backlog.leases.worker_columns:
             self._say("[WARN] drainer_leases has no worker_pid/worker_created columns and this "
@@ -199,9 +223,13 @@ class DrainSession:
             max_attempts_per_phase=cfg.max_attempts_per_phase,
             skip_run_prefixes=cfg.skip_run_prefixes, skip_queued=cfg.skip_runs_with_queued,
             too_long=cfg.ids_too_long(), tie_salt=self.session_id,
-            retry_backoff=cfg.retry_backoff)
+            retry_backoff=cfg.retry_backoff,
+            history=functools.partial(backlog.history.summary, other_than=self.session_id,
+                                      run_id=cfg.run_id) if cfg.history else None,
+            attempts_scope=cfg.attempts_scope,
+            revision=revision if cfg.skip_unchanged else None)
         attempts = AttemptRunner(cfg, backlog, self._files, recorder, host=self._host,
-                                 api_url=api_url)
+                                 api_url=api_url, revision=revision)
         scheduler = self._scheduler = Scheduler(
             cfg, selector=selector, policy=self._policy, attempts=attempts, recorder=recorder,
             leaks=self._gauge)

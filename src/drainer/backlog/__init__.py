@@ -16,24 +16,31 @@ from typing import Protocol
 import anyio
 
 from ..dburl import DatabaseURL
+from ..errors import DatabaseError
 from ..models import Candidates, PhaseState
 from ..schema import Schema
 from ._engine import Engine, check_sqlite_file
+from .history import HISTORY_TABLE, Entry, History, PhaseHistory, Summary
 from .leases import LEASE_TABLE, Claim, Finished, Lease, Leases
 from .phases import Outcome, PhaseRow, Phases, Stale
 
 __all__ = [
+    "HISTORY_TABLE",
     "LEASE_TABLE",
     "Backlog",
     "BacklogStore",
     "Claim",
+    "Entry",
     "Finished",
+    "History",
     "Lease",
     "LeaseStore",
     "Outcome",
+    "PhaseHistory",
     "PhaseRow",
     "PhaseStore",
     "Stale",
+    "Summary",
     "open_backlog",
 ]
 
@@ -51,6 +58,7 @@ class PhaseStore(Protocol):
     async def load_changed(self, seconds: float, *, run_id: str | None = None
                            ) -> tuple[Candidates, set[str]] | None: ...
     async def read(self, run_id: str, phase_id: str) -> PhaseRow | None: ...
+    async def read_outcome(self, run_id: str, phase_id: str) -> Outcome: ...
     async def wait_final_state(self, run_id: str, phase_id: str, *, wait: float) -> Outcome: ...
     async def runs_in(self, states: tuple[PhaseState, ...]) -> list[str]: ...
     async def restore_failed(self, run_id: str, phase_id: str, note: str) -> str | None: ...
@@ -65,7 +73,7 @@ class LeaseStore(Protocol):
     async def renew(self, run_id: str, attempt_id: str, ttl: float,
                     worker: tuple[int, float | None] | None = None) -> bool: ...
     async def finish(self, run_id: str, phase_id: str, attempt_id: str, *,
-                     restore: str | None) -> Finished: ...
+                     restore: str | None, entry: Entry | None = None) -> Finished: ...
     async def finish_if_final(self, run_id: str, phase_id: str,
                               attempt_id: str) -> tuple[Outcome, bool | None]: ...
     async def release(self, run_id: str, attempt_id: str) -> None: ...
@@ -84,7 +92,11 @@ class BacklogStore(Protocol):
     def phases(self) -> PhaseStore: ...
     @property
     def leases(self) -> LeaseStore: ...
-    async def prepare_for_writes(self) -> None: ...
+    @property
+    def history(self) -> History: ...
+    @property
+    def keeps_history(self) -> bool: ...
+    async def prepare_for_writes(self, *, history: bool = True) -> None: ...
 
 
 class Backlog:
@@ -96,13 +108,32 @@ class Backlog:
         self.engine = Engine(db)
         self.phases = Phases(self.engine, schema or Schema(), tuple(telemetry_tables))
         self.leases = Leases(self.engine, self.phases)
+        self.history = History(self.engine, LEASE_TABLE)
+        #: why the history could not be created (then attempts go unrecorded)
+        self.history_problem: str | None = None
 
-    async def prepare_for_writes(self) -> None:
+    @property
+    def keeps_history(self) -> bool:
+        """Whether finished attempts are recorded in ``drainer_attempts`` this session."""
+        return self.leases.history is not None
+
+    async def prepare_for_writes(self, *, history: bool = True) -> None:
         """Called once input is known good: SQLite gets WAL so workers and drainer coexist,
-        and the lease table is created if missing."""
+        and the lease table (and, with ``history``, the attempt history) is created if
+        missing."""
         if self.db.is_sqlite:
             await self.engine.set_wal()
         await self.leases.ensure_table()
+        if history:
+            try:
+                await self.history.ensure_table()
+            except DatabaseError as exc:
+                if exc.transient:
+                    raise
+                # (A role that may use the backlog but not create tables in it.)
+                self.history_problem = str(exc)
+                return
+            self.leases.history = self.history
 
     async def aclose(self) -> None:
         await self.engine.aclose()

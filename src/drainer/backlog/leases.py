@@ -8,7 +8,7 @@ it in one transaction. Expiry is judged by the database's clock.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..errors import DatabaseError
 from ..models import is_final_state
 from ._engine import Engine, Execute
+from .history import Entry, History
 from .phases import Outcome, PhaseRow, Phases
 
 LEASE_TABLE = "drainer_leases"
@@ -123,6 +124,9 @@ class Leases:
         self._holder_stmt: tuple[str, Any] | None = None
         self._pg_claim_stmt: Any = None
         self._pg_settle_stmt: Any = None
+        self._pg_record_stmt: Any = None
+        #: ``drainer_attempts``, when the session keeps a history (:meth:`finish` records)
+        self.history: History | None = None
         self._elsewhere_stmt = text(
             f"SELECT run_id, expires_at - {self._now} AS remaining FROM {LEASE_TABLE} "
             "WHERE session_id <> :session_id")
@@ -373,17 +377,42 @@ class Leases:
         )
 
     async def finish(
-        self, run_id: str, phase_id: str, attempt_id: str, *, restore: str | None
+        self, run_id: str, phase_id: str, attempt_id: str, *, restore: str | None,
+        entry: Entry | None = None,
     ) -> Finished:
         """After an attempt, in one transaction: release our lease and, given ``restore``,
-        set the phase to FAILED with that reason if it is still non-final. The phase is ours
+        set the phase to FAILED with that reason if it is still non-final; given ``entry``
+        (and a history), record the attempt in ``drainer_attempts``. The phase is ours
         to write only while the lease is: if it is gone (taken over, or swept), the phase is
         restored only when no drainer leases the run at all, and never if one does."""
+        params = {"run_id": run_id, "attempt_id": attempt_id}
+        history = self.history if entry is not None else None
+        if history is not None and restore is None:  # the common case: one round trip
+            assert entry is not None
+
+            def record(execute: Execute) -> Finished:
+                if not self._sqlite:
+                    row = execute(self._pg_record(history), {**asdict(entry), **params}).first()
+                    added, held = bool(row.added), bool(row.held)
+                else:
+                    added = history.insert_with(execute, entry)  # (reads the lease: first)
+                    held = bool(execute(self._delete_stmt, params).rowcount)
+                # (not added: a retry whose first try committed, lease release included)
+                return Finished(held=held or not added, restored=None)
+
+            return await self._engine.retry(
+                "finishing an attempt in",
+                lambda: self._engine.run(record, write=True, transaction=self._sqlite))
 
         async def settle() -> Finished:
             # A lone release is one statement: no explicit transaction needed.
-            async with self._engine.write(single=restore is None) as conn:
-                held = await self._delete(conn, run_id, attempt_id)
+            async with self._engine.write(single=restore is None and history is None) as conn:
+                added = True
+                if history is not None:  # (reads the lease: before its delete)
+                    assert entry is not None
+                    result = await conn.execute(history.insert_stmt, asdict(entry))
+                    added = bool(result.rowcount)
+                held = await self._delete(conn, run_id, attempt_id) or not added
                 restored = None
                 if restore is not None:
                     restored = await self._phases.restore_in(
@@ -392,6 +421,20 @@ class Leases:
             return Finished(held=held, restored=restored)
 
         return await self._engine.retry("finishing an attempt in", settle)
+
+    def _pg_record(self, history: History) -> Any:
+        """PostgreSQL: our lease deleted and the attempt's row inserted, in one statement
+        (``held``, ``added``: 1 or 0; parameters: the entry's fields, ``run_id``,
+        ``attempt_id``). The insert reads the lease's start in the statement's snapshot,
+        from before the delete."""
+        if self._pg_record_stmt is None:
+            self._pg_record_stmt = text(
+                f"WITH released AS (DELETE FROM {LEASE_TABLE} WHERE run_id = "
+                f"{history.param('run_id')} AND attempt_id = {history.param('attempt_id')} "
+                "RETURNING run_id), added AS ("
+                f"{history.insert_sql} RETURNING attempt_id) SELECT (SELECT count(*) FROM "
+                "released) AS held, (SELECT count(*) FROM added) AS added")
+        return self._pg_record_stmt
 
     async def finish_if_final(
         self, run_id: str, phase_id: str, attempt_id: str

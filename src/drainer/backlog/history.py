@@ -1,0 +1,302 @@
+"""drainer's own table ``drainer_attempts``: one row per finished attempt, kept across
+sessions and shared by every drainer on the backlog (DESIGN.md §6, README "Attempt history").
+
+A row is written in the transaction that settles its attempt (see :meth:`Leases.finish`):
+the attempt's lease is deleted and its row inserted together, so a crash leaves either both
+(the attempt is settled and counted) or neither (``--resume`` reconciles it and writes it
+then). Rows are keyed by ``attempt_id``: a retried write after a lost answer inserts nothing.
+Start and end are the database's clock, in epoch seconds: the start is when the lease was
+taken, the end when the row was written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+
+from ._engine import Engine, Execute
+
+HISTORY_TABLE = "drainer_attempts"
+# Advisory lock key taken while creating HISTORY_TABLE on PostgreSQL ("drainhst" in ASCII).
+_HISTORY_DDL_LOCK = 0x647261696E687374
+#: the columns, in order, with their SQL types (the README documents each)
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("attempt_id", "VARCHAR(64) PRIMARY KEY"),
+    ("session_id", "VARCHAR(64) NOT NULL"),
+    ("host", "VARCHAR(255) NOT NULL"),
+    ("run_id", "TEXT NOT NULL"),
+    ("phase_id", "TEXT NOT NULL"),
+    ("attempt_number", "INTEGER NOT NULL"),
+    ("started_at", "DOUBLE PRECISION"),
+    ("finished_at", "DOUBLE PRECISION NOT NULL"),
+    ("duration_seconds", "DOUBLE PRECISION NOT NULL"),
+    ("outcome", "VARCHAR(16) NOT NULL"),
+    ("final_state", "VARCHAR(64)"),
+    ("fingerprint", "TEXT"),
+    ("failure_category", "VARCHAR(32)"),
+    ("telemetry_events", "INTEGER"),
+    ("exit_status", "INTEGER"),
+    ("revision", "VARCHAR(128)"),
+)
+_NAMES = tuple(name for name, _ in COLUMNS)
+#: the numeric columns' parameter types on PostgreSQL (the others are TEXT)
+_PG_TYPES = {name: "INTEGER" if kind.startswith("INTEGER") else "DOUBLE PRECISION"
+             for name, kind in COLUMNS if kind.startswith(("INTEGER", "DOUBLE"))}
+#: outcomes that do not count as an attempt of the phase (drainer never saw it end)
+NOT_COUNTED = ("interrupted",)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One attempt as the history keeps it (``started_at`` and ``finished_at`` are the
+    database's to fill in)."""
+
+    attempt_id: str
+    session_id: str
+    host: str
+    run_id: str
+    phase_id: str
+    attempt_number: int
+    duration_seconds: float
+    outcome: str
+    final_state: str | None
+    fingerprint: str | None
+    failure_category: str | None
+    telemetry_events: int | None
+    exit_status: int | None
+    revision: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row of ``drainer_attempts`` as read back."""
+
+    attempt_id: str
+    session_id: str
+    host: str
+    run_id: str
+    phase_id: str
+    attempt_number: int
+    started_at: float | None
+    finished_at: float
+    duration_seconds: float
+    outcome: str
+    final_state: str | None
+    fingerprint: str | None
+    failure_category: str | None
+    telemetry_events: int | None
+    exit_status: int | None
+    revision: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class PhaseHistory:
+    """What the history says about one phase: attempts counted (``interrupted`` ones left
+    out; of other sessions, when asked), and its last attempt's outcome, fingerprint,
+    category and revision, with how often that fingerprint was seen for the phase."""
+
+    attempts: int = 0
+    last_outcome: str | None = None
+    last_fingerprint: str | None = None
+    last_category: str | None = None
+    last_revision: str | None = None
+    last_fingerprint_seen: int = 0
+
+
+@dataclass(slots=True)
+class Summary:
+    """The history as the selector reads it at each full load: per phase, and the runs
+    whose latest counted attempt succeeded."""
+
+    phases: dict[tuple[str, str], PhaseHistory]
+    runs_ok: set[str]
+
+
+class History:
+    """Writes and reads of ``drainer_attempts``."""
+
+    def __init__(self, engine: Engine, lease_table: str) -> None:
+        self._engine = engine
+        self._sqlite = engine.db.is_sqlite
+        now = engine.now_sql
+        p = self.param
+        values = ", ".join(
+            f"COALESCE((SELECT acquired_at FROM {lease_table} WHERE run_id = {p('run_id')} AND "
+            f"attempt_id = {p('attempt_id')}), {now} - {p('duration_seconds')})"
+            if name == "started_at" else now if name == "finished_at" else p(name)
+            for name in _NAMES)
+        verb = "INSERT OR IGNORE INTO" if self._sqlite else "INSERT INTO"
+        conflict = "" if self._sqlite else " ON CONFLICT (attempt_id) DO NOTHING"
+        #: the row of an attempt, its start read from its lease (run it before the lease's
+        #: delete); parameters: :class:`Entry`'s fields
+        self.insert_sql = (f"{verb} {HISTORY_TABLE} ({', '.join(_NAMES)}) "
+                           f"VALUES ({values}){conflict}")
+        self.insert_stmt = text(self.insert_sql)
+
+    def param(self, name: str) -> str:
+        """A bound parameter of an :class:`Entry` field; typed on PostgreSQL, where one
+        parameter used in several places (a VARCHAR column here, TEXT there) must have one
+        type."""
+        if self._sqlite:
+            return f":{name}"
+        return f"CAST(:{name} AS {_PG_TYPES.get(name, 'TEXT')})"
+
+    @property
+    def ddl(self) -> str:
+        """The statements that create the table and its index."""
+        return (f"CREATE TABLE IF NOT EXISTS {HISTORY_TABLE} ("
+                + ", ".join(f"{name} {kind}" for name, kind in COLUMNS) + "); "
+                f"CREATE INDEX IF NOT EXISTS {HISTORY_TABLE}_phase "
+                f"ON {HISTORY_TABLE} (run_id, phase_id)")
+
+    async def ensure_table(self) -> None:
+        with self._engine.errors(f"creating {HISTORY_TABLE} in"):
+            try:
+                async with self._engine.write() as conn:
+                    if not self._sqlite:  # see Leases.ensure_table
+                        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                           {"key": _HISTORY_DDL_LOCK})
+                    for statement in self.ddl.split("; "):
+                        await conn.execute(text(statement))
+            except (IntegrityError, ProgrammingError):
+                if not await self.has_table():
+                    raise
+
+    async def has_table(self) -> bool:
+        try:
+            return bool(await self._engine.run_sync(
+                lambda c: inspect(c).has_table(HISTORY_TABLE)))
+        except SQLAlchemyError:
+            return False
+
+    def insert_with(self, execute: Execute, entry: Entry) -> bool:
+        """Insert ``entry`` as part of a round trip; False when its row was there already
+        (a retry whose first try committed)."""
+        return bool(execute(self.insert_stmt, asdict(entry)).rowcount)
+
+    async def amend(self, entry: Entry) -> None:
+        """Correct the row of an attempt judged again after its settle (its lease turned out
+        lost): outcome, state, fingerprint and category."""
+        stmt = text(f"UPDATE {HISTORY_TABLE} SET outcome = :outcome, final_state = "
+                    ":final_state, fingerprint = :fingerprint, failure_category = "
+                    ":failure_category WHERE attempt_id = :attempt_id")
+        params = {k: getattr(entry, k) for k in ("outcome", "final_state", "fingerprint",
+                                                  "failure_category", "attempt_id")}
+
+        async def update() -> None:
+            await self._engine.run(lambda execute: execute(stmt, params), write=True)
+
+        await self._engine.retry("recording an attempt in", update)
+
+    async def size(self) -> tuple[int, int, int] | None:
+        """(rows, sessions, phases) in the history; None when there is no table yet."""
+        if not await self.has_table():
+            return None
+        stmt = text(f"SELECT count(*), count(DISTINCT session_id), (SELECT count(*) FROM "
+                    f"(SELECT DISTINCT run_id, phase_id FROM {HISTORY_TABLE}) AS p) "
+                    f"FROM {HISTORY_TABLE}")
+
+        async def read() -> tuple[int, int, int]:
+            row = await self._engine.run(lambda execute: execute(stmt).first())
+            return int(row[0]), int(row[1]), int(row[2])
+
+        return await self._engine.retry("reading the attempt history in", read)
+
+    async def summary(self, *, other_than: str | None = None,
+                      run_id: str | None = None) -> Summary:
+        """Every phase in the history (of ``run_id`` only, when given); attempt counts come
+        from the sessions other than ``other_than`` (this session counts its own). Empty
+        when there is no table yet."""
+        if not await self.has_table():
+            return Summary({}, set())
+        where, params = _where(None, run_id)
+        stmt = text(
+            f"SELECT run_id, phase_id, outcome, fingerprint, failure_category, revision, "
+            f"session_id, finished_at FROM {HISTORY_TABLE}{where} "
+            "ORDER BY run_id, phase_id, finished_at, attempt_id")
+
+        async def read() -> Summary:
+            rows = await self._engine.run(lambda execute: execute(stmt, params).all())
+            return _summarise(rows, other_than)
+
+        return await self._engine.retry("reading the attempt history in", read)
+
+    async def rows(self, *, run_id: str | None = None) -> list[Row]:
+        """Every row (of ``run_id`` only, when given), oldest first."""
+        if not await self.has_table():
+            return []
+        where, params = _where(None, run_id)
+        stmt = text(f"SELECT {', '.join(_NAMES)} FROM {HISTORY_TABLE}{where} "
+                    "ORDER BY finished_at, attempt_id")
+
+        async def read() -> list[Row]:
+            found = await self._engine.run(lambda execute: execute(stmt, params).all())
+            return [_row(r) for r in found]
+
+        return await self._engine.retry("reading the attempt history in", read)
+
+
+def _where(other_than: str | None, run_id: str | None) -> tuple[str, dict[str, Any]]:
+    parts, params = [], {}
+    if other_than is not None:
+        parts.append("session_id <> :me")
+        params["me"] = other_than
+    if run_id is not None:
+        parts.append("run_id = :run_id")
+        params["run_id"] = run_id
+    return (" WHERE " + " AND ".join(parts) if parts else ""), params
+
+
+def _row(r: Any) -> Row:
+    return Row(attempt_id=str(r[0]), session_id=str(r[1]), host=str(r[2]), run_id=str(r[3]),
+               phase_id=str(r[4]), attempt_number=int(r[5]),
+               started_at=None if r[6] is None else float(r[6]), finished_at=float(r[7]),
+               duration_seconds=float(r[8]), outcome=str(r[9]), final_state=r[10],
+               fingerprint=r[11], failure_category=r[12],
+               telemetry_events=None if r[13] is None else int(r[13]),
+               exit_status=None if r[14] is None else int(r[14]), revision=r[15])
+
+
+def _summarise(rows: list[Any], other_than: str | None) -> Summary:
+    found: dict[tuple[str, str], PhaseHistory] = {}
+    latest: dict[str, tuple[float, bool]] = {}  # run -> (its latest attempt's end, ok)
+    for key, group in _groups(rows):
+        seen: dict[str, int] = {}
+        phase = PhaseHistory()
+        for _run, _phase, outcome, fingerprint, category, revision, session, end in group:
+            if outcome in NOT_COUNTED:
+                continue
+            if session != other_than:
+                phase.attempts += 1
+            phase.last_outcome, phase.last_fingerprint = outcome, fingerprint
+            phase.last_category, phase.last_revision = category, revision
+            if fingerprint:
+                seen[fingerprint] = seen.get(fingerprint, 0) + 1
+            if key[0] not in latest or float(end) >= latest[key[0]][0]:
+                latest[key[0]] = (float(end), outcome == "ok")
+        if phase.last_outcome is not None:
+            phase.last_fingerprint_seen = seen.get(phase.last_fingerprint or "", 0)
+            found[key] = phase
+    return Summary(found, {run for run, (_end, ok) in latest.items() if ok})
+
+
+def _groups(rows: list[Any]) -> Iterator[tuple[tuple[str, str], list[Any]]]:
+    group: list[Any] = []
+    key: tuple[str, str] | None = None
+    for row in rows:
+        k = (str(row[0]), str(row[1]))
+        if k != key and group:
+            assert key is not None
+            yield key, group
+            group = []
+        key = k
+        group.append(row)
+    if group and key is not None:
+        yield key, group

@@ -1,0 +1,81 @@
+"""The workspace's revision, recorded with each attempt in the history and compared by
+``--skip-unchanged``: ``git rev-parse HEAD``, with ``+dirty.<hash>`` when the tree has
+changes (a hash of the diff, and of untracked files by size and change time: the same edits
+give the same revision, other edits another), or the first line ``--revision-command``
+prints. Read once per session, before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import render_command
+from .errors import UsageError
+
+REVISION_TIMEOUT = 60.0  #: a revision command (or git) that takes longer is an error
+MAX_REVISION_CHARS = 128  #: the history's column width
+
+
+def workspace_revision(workspace: Path, command: Sequence[str] | None = None,
+                       python: str = "python3") -> str | None:
+    """The revision of ``workspace``; None when it is not a git work tree (and no command is
+    given). A command that fails or prints nothing is a usage error."""
+    if command is not None:
+        argv = render_command(command, {"workspace": str(workspace.resolve()),
+                                        "python": python})
+        out = _run(argv, workspace, what="--revision-command")
+        line = out.strip().splitlines()[0].strip() if out.strip() else ""
+        if not line:
+            raise UsageError(f"--revision-command {' '.join(argv)!r} printed nothing")
+        return line[:MAX_REVISION_CHARS]
+    head = _git(workspace, "rev-parse", "--verify", "HEAD")
+    if head is None:
+        return None
+    status = _git(workspace, "status", "--porcelain", "--untracked-files=all")
+    if not status:
+        return head.strip()
+    digest = hashlib.sha1(status.encode())
+    digest.update((_git(workspace, "diff", "HEAD", "--binary") or "").encode())
+    for line in status.splitlines():  # untracked files count by size and change time
+        if line.startswith("?? "):
+            with contextlib.suppress(OSError):
+                st = (workspace / line[3:]).stat()
+                digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{head.strip()}+dirty.{digest.hexdigest()[:12]}"
+
+
+def short(revision: str | None) -> str:
+    """A revision as messages show it (a git hash cut to 7 characters)."""
+    if not revision:
+        return "an unknown revision"
+    head, _, dirty = revision.partition("+")
+    if len(head) == 40 and all(c in "0123456789abcdef" for c in head):
+        head = head[:7]
+    return head + ("+" + dirty if dirty else "")
+
+
+def _git(workspace: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(workspace), *args], capture_output=True,
+                              text=True, timeout=REVISION_TIMEOUT, check=False,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _run(argv: list[str], workspace: Path, *, what: str) -> str:
+    try:
+        done = subprocess.run(argv, cwd=workspace, capture_output=True, text=True,
+                              timeout=REVISION_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"{what} {argv[0]!r} could not run: {exc}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [""])[-1]
+        raise UsageError(f"{what} {' '.join(argv)!r} exited with status {done.returncode}"
+                         + (f": {last}" if last else ""))
+    return done.stdout
