@@ -12,12 +12,15 @@ import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import anyio
+
 from .backlog import LEASE_TABLE, Stale, open_backlog
 from .config import DrainConfig
 from .errors import UsageError
 from .models import Attempt, Candidates, PhaseRef, PhaseState
 from .reasons import stale_note, with_note
 from .report import autopack_note, shown_id
+from .revision import session_revision
 from .selection import CATEGORY_NAMES, Selector, check_run_id, failure_category
 
 SKIPPED_SHOWN = 50
@@ -63,12 +66,17 @@ async def make_plan(config: DrainConfig) -> Plan:
             # Restored first, they drain as FAILED phases with drainer's note.
             load = functools.partial(_with_restored, load, stale,
                                      config.restore_stale_after / 60)
+        revision = await anyio.to_thread.run_sync(session_revision, config)
         selector = Selector(
             load,
             max_attempts_per_phase=config.max_attempts_per_phase,
             skip_run_prefixes=config.skip_run_prefixes,
             skip_queued=config.skip_runs_with_queued, keep_skipped=True, reloads=False,
-            too_long=config.ids_too_long())
+            too_long=config.ids_too_long(),
+            history=functools.partial(backlog.history.summary, run_id=config.run_id)
+            if config.history else None,
+            attempts_scope=config.attempts_scope,
+            revision=revision if config.skip_unchanged else None)
         picks: list[tuple[PhaseRef, int]] = []
         while len(picks) < config.batch_size:
             ref = await selector.pick()

@@ -13,11 +13,24 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import render_command
+from .config import DrainConfig, render_command
 from .errors import UsageError
 
 REVISION_TIMEOUT = 60.0  #: a revision command (or git) that takes longer is an error
 MAX_REVISION_CHARS = 128  #: the history's column width
+
+
+def session_revision(config: DrainConfig) -> str | None:
+    """The revision a session records (None with ``--no-history``, or outside git with no
+    command); ``--skip-unchanged`` cannot do without one (a usage error)."""
+    if not config.history:
+        return None
+    revision = workspace_revision(config.workspace, config.revision_command, config.python)
+    if revision is None and config.skip_unchanged:
+        raise UsageError(f"--skip-unchanged compares the workspace's revision, but "
+                         f"--workspace {config.workspace} is not a git work tree; give "
+                         "--revision-command to print one")
+    return revision
 
 
 def workspace_revision(workspace: Path, command: Sequence[str] | None = None,

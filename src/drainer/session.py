@@ -39,7 +39,7 @@ from .policy import Policy, Sensors
 from .reasons import stale_note
 from .recorder import Echo, Recorder, make_echo
 from .report import header_lines
-from .revision import workspace_revision
+from .revision import session_revision
 from .scheduler import Scheduler, sweep_leases
 from .selection import Selector, check_run_id
 from .signals import watch_signals
@@ -129,7 +129,7 @@ class DrainSession:
                           "own worktree")
             if cfg.api_url is not None:
                 await check_api_url(cfg.api_url)
-            revision = await self._revision()
+            revision = await anyio.to_thread.run_sync(session_revision, cfg)
             replay = self._find_replay()
             for line in header_lines(cfg, self.session_id, counts, self._policy.describe()):
                 self._say(line)
@@ -175,20 +175,6 @@ class DrainSession:
         self._say(f"[RESUME] session {self.session_id}: {replay.done} attempt(s) done, "
                   f"{len(replay.dangling)} to reconcile")
         return replay
-
-    async def _revision(self) -> str | None:
-        """The workspace's revision, for the history (None: not a git work tree), read
-        before anything is written; ``--skip-unchanged`` cannot do without one."""
-        cfg = self.config
-        if not cfg.history:
-            return None
-        revision = await anyio.to_thread.run_sync(functools.partial(
-            workspace_revision, cfg.workspace, cfg.revision_command, cfg.python))
-        if revision is None and cfg.skip_unchanged:
-            raise UsageError(f"--skip-unchanged compares the workspace's revision, but "
-                             f"--workspace {cfg.workspace} is not a git work tree; give "
-                             "--revision-command to print one")
-        return revision
 
     async def _drain(self, backlog: Backlog, replay: Replay | None, api: ApiServer,
                      revision: str | None) -> None:

@@ -1,0 +1,289 @@
+"""The attempt history (``drainer_attempts``): one row per finished attempt, shared by every
+drainer and session on a backlog; ``--attempts-scope history`` and ``--skip-unchanged`` read
+it. Real drainers, real workers, on SQLite files and the local PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from conftest import Env, journal_results
+from drainer.backlog import HISTORY_TABLE, open_backlog
+from drainer.backlog.history import Row
+from drainer.dburl import parse_database_url
+
+# A worker for both databases, driven by its phase id's last part: "ok" completes the
+# phase, "import" fails it with an import error (deterministic), "fail" with an assertion.
+WORKER = textwrap.dedent(
+    """
+    import asyncio, os, sqlite3, sys
+    run_id, phase_id = sys.argv[1], sys.argv[2]
+    kind = phase_id.rsplit("-", 1)[1]
+    state = "COMPLETE" if kind == "ok" else "FAILED"
+    reason = {"ok": None, "import": "ImportError: cannot import name 'X' from 'pkg'",
+              "fail": "AssertionError: totals differ"}[kind]
+    url = os.environ["DATABASE_URL"]
+    sql = "UPDATE phases SET state = {s}, last_failure_reason = {s} WHERE run_id = {s} AND phase_id = {s}"
+    if url.startswith("sqlite:///"):
+        db = sqlite3.connect(url[len("sqlite:///"):], timeout=30)
+        db.execute(sql.format(s="?"), (state, reason, run_id, phase_id))
+        db.commit()
+    else:
+        import asyncpg
+        async def main():
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(sql.replace("{s}", "${}").format(1, 2, 3, 4),
+                                   state, reason, run_id, phase_id)
+            finally:
+                await conn.close()
+        asyncio.run(main())
+    if kind != "ok":
+        print(reason, file=sys.stderr)
+    sys.exit(0 if kind == "ok" else 1)
+    """
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_url(backend: str, tmp_path: Path) -> Iterator[Any]:
+    """``make_url(phases)``: a fresh backlog on the test's database, dropped afterwards."""
+    from contextlib import ExitStack
+
+    from pg import backlog_url
+
+    with ExitStack() as stack:
+        yield lambda phases: stack.enter_context(backlog_url(backend, tmp_path, phases))
+
+
+def args(env: Env, url: str, *more: str, plain: bool = True) -> list[str]:
+    worker = env.tmp / "history_worker.py"
+    worker.write_text(WORKER)
+    return ["--database-url", url, "--command", f"{sys.executable} {worker} {{run_id}} "
+            "{phase_id}", "--session-dir", str(env.sessions), "--phase-timeout-seconds", "60",
+            "--retry-backoff-seconds", "0", "--batch-size", "100", *more,
+            *(["--plain"] if plain else [])]
+
+
+def history(url: str) -> list[Row]:
+    async def read() -> list[Row]:
+        async with open_backlog(parse_database_url(url)) as backlog:
+            return await backlog.history.rows()
+
+    return anyio.run(read)
+
+
+def sessions(env: Env) -> dict[str, list[dict[str, Any]]]:
+    """Each session's attempt records, from its journal."""
+    return {snap.stem: journal_results(env.sessions / snap.stem)
+            for snap in sorted(env.sessions.glob("batch-drain-*.json"))}
+
+
+def check_rows_match_journals(rows: list[Row], journals: dict[str, list[dict[str, Any]]]
+                              ) -> None:
+    """Exactly one row per journaled attempt, with the journal's facts."""
+    by_id = {r.attempt_id: r for r in rows}
+    assert len(by_id) == len(rows)
+    records = [(s, rec) for s, recs in journals.items() for rec in recs]
+    assert sorted(by_id) == sorted(rec["attempt_id"] for _, rec in records)
+    for session, rec in records:
+        row = by_id[rec["attempt_id"]]
+        assert (row.session_id, row.run_id, row.phase_id) == (session, rec["run_id"],
+                                                              rec["phase_id"])
+        assert row.attempt_number == rec["attempt_number"]
+        assert row.outcome == ("ok" if rec["success"] else "failed")
+        assert row.final_state == rec["final_state"]
+        assert row.fingerprint == rec["failure_fingerprint"]
+        assert row.exit_status == rec["subprocess_returncode"]
+        assert row.telemetry_events == rec["telemetry_events_collected"]
+        assert row.duration_seconds == pytest.approx(rec["subprocess_duration_seconds"],
+                                                     abs=0.002)
+        assert row.started_at is not None and row.started_at <= row.finished_at
+        assert row.host
+
+
+PHASES = [(f"run-{i}", f"P1-{kind}", 0, "FAILED", None)
+          for i, kind in enumerate(["ok", "fail", "import", "ok", "fail", "ok"])]
+
+
+def test_two_drainers_and_two_sessions_share_one_history_with_exact_counts(
+        env: Env, make_url: Any) -> None:
+    url = make_url(PHASES)
+    # Two drainers at once, each with two lanes, then a third session after them.
+    both = [subprocess.Popen([sys.executable, "-m", "drainer", "run",
+                              *args(env, url, "--lanes", "2")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env.worker_env(), cwd=env.tmp) for _ in range(2)]
+    for proc in both:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 1), out + err  # (failed attempts: 1)
+    third = env.run_cli("run", *args(env, url))
+    assert third.returncode in (0, 1), third.stdout + third.stderr
+    journals = sessions(env)
+    assert len(journals) == 3
+    rows = history(url)
+    check_rows_match_journals(rows, journals)
+    # Session scope (Autopack's way): a session tries a failing phase at most twice; the
+    # third, alone, tried each twice more. A phase completes once, whoever drains it.
+    last = max(journals, key=lambda s: min(r["started_at"] for r in journals[s]))
+    for session in journals:
+        tries = Counter((r.run_id, r.phase_id) for r in rows if r.session_id == session)
+        for run_id, phase_id, *_ in PHASES:
+            if phase_id.endswith("ok"):
+                continue
+            assert tries[(run_id, phase_id)] == 2 if session == last \
+                else tries[(run_id, phase_id)] <= 2, (session, tries)
+    per_phase = Counter((r.run_id, r.phase_id) for r in rows)
+    assert all(per_phase[(run_id, phase_id)] == 1 for run_id, phase_id, *_ in PHASES
+               if phase_id.endswith("ok"))
+    categories = {r.phase_id: r.failure_category for r in rows}
+    assert categories == {"P1-ok": None, "P1-fail": "other", "P1-import": "collection/import"}
+
+
+def test_attempts_scope_history_counts_attempts_across_sessions(env: Env, make_url: Any
+                                                                ) -> None:
+    url = make_url([("run-a", "P1-fail", 0, "FAILED", None),
+                    ("run-b", "P1-ok", 0, "FAILED", None)])
+    first = env.run_cli("run", *args(env, url))
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert Counter(r.phase_id for r in history(url)) == {"P1-fail": 2, "P1-ok": 1}
+    scoped = ["--attempts-scope", "history", "--max-attempts-per-phase"]
+    plan = env.run_cli("plan", *args(env, url, *scoped, "2", plain=False))
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "attempted 2 time(s) in earlier sessions" in plan.stdout
+    second = env.run_cli("run", *args(env, url, *scoped, "2"))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert len(history(url)) == 3  # nothing tried: both attempts are spent
+    third = env.run_cli("run", *args(env, url, *scoped, "3"))
+    assert third.returncode == 1, third.stdout + third.stderr
+    assert Counter(r.phase_id for r in history(url)) == {"P1-fail": 3, "P1-ok": 1}
+    # The session scope is unchanged: two more.
+    fourth = env.run_cli("run", *args(env, url))
+    assert fourth.returncode == 1
+    assert Counter(r.phase_id for r in history(url)) == {"P1-fail": 5, "P1-ok": 1}
+
+
+def git(repo: Path, *argv: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True,
+                          text=True, env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                                          "GIT_COMMITTER_NAME": "t",
+                                          "GIT_COMMITTER_EMAIL": "t@t", "HOME": "/nonexistent",
+                                          "PATH": "/usr/bin:/bin"}).stdout.strip()
+
+
+def test_skip_unchanged_skips_at_the_same_commit_and_drains_after_a_new_one(
+        env: Env, make_url: Any) -> None:
+    repo = env.tmp / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "code.py").write_text("x = 1\n")
+    git(repo, "add", "code.py")
+    git(repo, "commit", "-qm", "one")
+    head = git(repo, "rev-parse", "HEAD")
+    url = make_url([("run-a", "P1-import", 0, "FAILED", None),
+                    ("run-b", "P1-fail", 0, "FAILED", None)])
+    once = ["--workspace", str(repo), "--max-attempts-per-phase", "1"]
+
+    def tried(*more: str) -> list[str]:
+        before = {r.attempt_id for r in history(url)}
+        proc = env.run_cli("run", *args(env, url, *once, *more))
+        assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+        return sorted(r.phase_id for r in history(url) if r.attempt_id not in before)
+
+    assert tried() == ["P1-fail", "P1-import"]
+    assert {r.revision for r in history(url)} == {head}
+    # The import error is deterministic at once; the assertion only once seen twice.
+    assert tried("--skip-unchanged") == ["P1-fail"]
+    assert tried("--skip-unchanged") == []
+    plan = env.run_cli("plan", *args(env, url, *once, "--skip-unchanged", plain=False))
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert f"unchanged since its last failure at {head[:7]} (a collection/import error)" \
+        in plan.stdout
+    assert f"unchanged since its last failure at {head[:7]} (its fingerprint seen 2x)" \
+        in plan.stdout
+    # Uncommitted edits are a revision of their own; so is a new commit.
+    (repo / "code.py").write_text("x = 2\n")
+    assert tried("--skip-unchanged") == ["P1-fail", "P1-import"]
+    dirty = {r.revision for r in history(url)} - {head}
+    assert len(dirty) == 1 and dirty.pop().startswith(head + "+dirty.")
+    git(repo, "commit", "-qam", "two")
+    assert tried("--skip-unchanged") == ["P1-fail", "P1-import"]
+    # Without --skip-unchanged nothing is held back.
+    assert tried() == ["P1-fail", "P1-import"]
+
+
+def test_a_revision_command_names_the_revision(env: Env, make_url: Any) -> None:
+    url = make_url([("run-a", "P1-import", 0, "FAILED", None)])
+    printer = f"{sys.executable} -c \"print('build-42')\""
+    proc = env.run_cli("run", *args(env, url, "--revision-command", printer,
+                                    "--max-attempts-per-phase", "1"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [r.revision for r in history(url)] == ["build-42"]
+    again = env.run_cli("run", *args(env, url, "--revision-command", printer,
+                                     "--skip-unchanged"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(history(url)) == 1
+
+
+def test_no_history_records_nothing_and_bad_revision_input_changes_nothing(
+        env: Env, make_url: Any, backend: str) -> None:
+    url = make_url([("run-a", "P1-ok", 0, "FAILED", None)])
+    for bad, says in [
+        (["--no-history", "--skip-unchanged"], "--skip-unchanged read the attempt history"),
+        (["--no-history", "--attempts-scope", "history"], "--attempts-scope history read"),
+        (["--skip-unchanged"], "is not a git work tree"),
+        (["--revision-command", "false"], "--revision-command 'false' exited with status 1"),
+        (["--revision-command", "true", "--skip-unchanged"], "printed nothing"),
+        (["--attempts-scope", "sessions"], "invalid choice: 'sessions'"),
+    ]:
+        proc = env.run_cli("run", *args(env, url, *bad))
+        assert proc.returncode == 2, (bad, proc.stdout + proc.stderr)
+        assert says in proc.stderr, (bad, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not has_table(url, HISTORY_TABLE)
+    proc = env.run_cli("run", *args(env, url, "--no-history"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not has_table(url, HISTORY_TABLE)
+
+
+def has_table(url: str, name: str) -> bool:
+    async def check() -> bool:
+        async with open_backlog(parse_database_url(url)) as backlog:
+            return await backlog.history.has_table() if name == HISTORY_TABLE else False
+
+    return anyio.run(check)
+
+
+def test_an_attempt_interrupted_by_a_crash_is_recorded_once_when_resumed(
+        env: Env, make_url: Any) -> None:
+    url = make_url([("run-a", "P1-ok", 0, "FAILED", None),
+                    ("run-b", "P1-fail", 0, "FAILED", None)])
+    crashed = env.run_cli("run", *args(env, url, "--max-attempts-per-phase", "1"),
+                          env=env.worker_env(DRAINER_CRASH_AT="worker_running:1"))
+    assert crashed.returncode == -9, crashed.stdout + crashed.stderr
+    assert history(url) == []  # drainer died while its worker ran: nothing settled yet
+    resumed = env.run_cli("run", *args(env, url, "--resume", "latest",
+                                       "--max-attempts-per-phase", "1"))
+    assert resumed.returncode == 1, resumed.stdout + resumed.stderr
+    rows = history(url)
+    (session, records), = sessions(env).items()
+    assert sorted(r.attempt_id for r in rows) == sorted(r["attempt_id"] for r in records)
+    interrupted = [r for r in rows if r.outcome == "interrupted"]
+    assert len(interrupted) == 1 and interrupted[0].session_id == session
+    # It counts for nothing: its phase was attempted again, and drained.
+    again = [r for r in rows if r.phase_id == interrupted[0].phase_id and r is not
+             interrupted[0]]
+    assert len(again) == 1 and again[0].outcome in ("ok", "failed")
