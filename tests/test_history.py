@@ -287,3 +287,44 @@ def test_an_attempt_interrupted_by_a_crash_is_recorded_once_when_resumed(
     again = [r for r in rows if r.phase_id == interrupted[0].phase_id and r is not
              interrupted[0]]
     assert len(again) == 1 and again[0].outcome in ("ok", "failed")
+
+
+def test_analyze_history_and_status_show_the_history(env: Env, make_url: Any) -> None:
+    hostile = 'run-<b>&"x"'
+    url = make_url([(hostile, "P1-fail", 0, "FAILED", None), ("run-b", "P1-ok", 0, "FAILED", None)])
+    assert "Attempt history (drainer_attempts): none yet" in env.run_cli(
+        "status", "--database-url", url, "--session-dir", str(env.sessions)).stdout
+    for _ in range(2):
+        proc = env.run_cli("run", *args(env, url, "--max-attempts-per-phase", "1"))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = history(url)
+    assert len(rows) == 3  # the failing phase once per session, the other once
+    status = env.run_cli("status", "--database-url", url, "--session-dir", str(env.sessions))
+    assert status.returncode == 0, status.stderr
+    assert "Attempt history (drainer_attempts): 3 attempt(s) of 2 phase(s) in 2 session(s)" \
+        in status.stdout
+    import json
+
+    out = env.run_cli("analyze", "--history", "--database-url", url, "--json",
+                      "--html", str(env.tmp / "history.html"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["totals"]["attempts"] == 3 and report["totals"]["sessions"] == 2
+    assert report["totals"]["outcomes"]["failed"] == 2 and report["totals"]["outcomes"]["ok"] == 1
+    assert set(sessions(env)) == {s["session_id"] for s in report["sessions"]}
+    assert [s["session_id"] for s in report["sessions"]] == list(
+        dict.fromkeys(r.session_id for r in rows))  # oldest first
+    assert report["by_run"][hostile]["trend"] == ["0/1", "0/1"]
+    first = report["by_phase"][0]
+    assert (first["run_id"], first["attempts"], first["trend"]) == (hostile, 2, [["failed", 2]])
+    fingerprint = rows[0].fingerprint if rows[0].run_id == hostile else rows[1].fingerprint
+    assert first["fingerprints_by_revision"] == {"unknown": {fingerprint: 2}}
+    page = (env.tmp / "history.html").read_text()
+    assert 'id="chart-history-sessions"' in page
+    assert "run-&lt;b&gt;&amp;&quot;x&quot;" in page and hostile not in page
+    text = env.run_cli("analyze", "--history", "--database-url", url, "--run-id", hostile)
+    assert text.returncode == 0, text.stderr
+    assert f"{hostile} / P1-fail: 2 attempt(s) in 2 session(s): failed x2" in text.stdout
+    assert "run-b" not in text.stdout
+    missing = env.run_cli("analyze", "--history", env=env.worker_env())
+    assert missing.returncode == 2 and "--database-url" in missing.stderr

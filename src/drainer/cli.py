@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--json", action="store_true", help="print the analysis as JSON")
     an.add_argument("--html", metavar="PATH",
                     help="also write a self-contained HTML report with charts to PATH")
+    an.add_argument("--history", action="store_true",
+                    help="analyse the backlog's attempt history (drainer_attempts) across "
+                         "sessions and drainers instead of one session: per run and phase, "
+                         "attempts, the outcome trend, fingerprints by revision; needs "
+                         "--database-url or DATABASE_URL")
+    _add_option(an, "database_url", OPTIONS["database_url"])
+    _add_option(an, "run_id", OPTIONS["run_id"])
     st = _sub(sub, "status", help="backlog by run, QUEUED and stale phases, sessions",
               description="Show the backlog's phases by state per run, runs with QUEUED "
                           "phases, stale non-final phases, and incomplete sessions with how "
@@ -209,7 +216,10 @@ def _run(args: argparse.Namespace) -> int:
     given = _given(args)
     file = find_config_file(getattr(args, "config", None), workspace_of(given, environ))
     if args.cmd == "analyze":
-        values, _ = resolve(given, environ, file, names=("session_dir",), strict=False)
+        values, _ = resolve(given, environ, file,
+                            names=("session_dir", "database_url", "run_id"), strict=False)
+        if getattr(args, "history", False):
+            return _analyze_history(args, values)
         return _analyze(args, values.get("session_dir", default_of("session_dir")))
     if args.cmd == "status":
         values, _ = resolve(given, environ, file, names=("database_url", "session_dir"),
@@ -347,6 +357,45 @@ def _analyze(args: argparse.Namespace, session_dir: Path) -> int:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         for line in render_text(report):
+            _echo(line)
+    return EXIT_OK
+
+
+def _analyze_history(args: argparse.Namespace, values: dict[str, Any]) -> int:
+    import anyio
+
+    from .backlog import open_backlog
+    from .dburl import parse_database_url
+    from .history_report import history_report, history_text
+
+    url = values.get("database_url")
+    if not url:
+        raise UsageError("analyze --history reads the backlog: pass --database-url URL or "
+                         "set DATABASE_URL")
+    db = parse_database_url(url)
+    run_id = values.get("run_id")
+
+    async def read() -> Any:
+        async with open_backlog(db) as backlog:
+            return await backlog.history.rows(run_id=run_id)
+
+    report = history_report(anyio.run(read), db.redacted, run_id=run_id)
+    html = getattr(args, "html", None)
+    if html is not None:
+        from .report_html import render_history_html
+
+        out = Path(html)
+        try:
+            out.write_text(render_history_html(report), encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write --html {out}: {exc.strerror}") from exc
+        print(f"HTML report written to {out}", file=sys.stderr)
+    if getattr(args, "json", False):
+        import orjson
+
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        for line in history_text(report):
             _echo(line)
     return EXIT_OK
 

@@ -363,3 +363,79 @@ def render_html(session: LoadedSession, report: dict[str, Any]) -> str:
         f"<h1>{_e(title)}</h1>", header,
         *(f"<h2>{_e(heading)}</h2>\n{body}" for heading, body in sections),
         "</body>", "</html>", ""])
+
+
+#: the history's outcomes as the charts colour them
+HISTORY_COLOURS = {"ok": COLOURS["success"], "failed": COLOURS["failed"],
+                   "timed out": COLOURS["timeout"], "cancelled": COLOURS["stopped"],
+                   "interrupted": UNKNOWN_COLOUR}
+
+
+def _history_sessions(report: dict[str, Any]) -> str:
+    """One stacked bar per session (oldest at the top): its attempts by outcome."""
+    sessions = report["sessions"]
+    if not sessions:
+        return '<p class="note">No attempts recorded.</p>'
+    most = max(s["attempts"] for s in sessions)
+    row, left = 24, 260
+    parts = []
+    for i, s in enumerate(sessions):
+        y = 8 + row * i
+        parts.append(_text(left - 8, y + 15, s["session_id"], "end"))
+        x = float(left)
+        for name, n in s["outcomes"].items():
+            if n:
+                w = (WIDTH - left - 60) * n / most
+                parts.append(_rect(x, y + 2, w, row - 6, HISTORY_COLOURS.get(name, BAR_COLOUR),
+                                   f"{s['session_id']}: {n} {name}", "outcome"))
+                x += w
+        parts.append(_text(x + 6, y + 15, str(s["attempts"])))
+    bottom = 8 + row * len(sessions)
+    parts.append(_line(left, bottom, WIDTH - 60, bottom))
+    parts += _legend([(colour, name) for name, colour in HISTORY_COLOURS.items()], left,
+                     bottom + 12)
+    return _svg("chart-history-sessions", "Attempts per session, by outcome", bottom + 34,
+                parts)
+
+
+def render_history_html(report: dict[str, Any]) -> str:
+    """``analyze --history`` (the report of :func:`~drainer.history_report.history_report`)
+    as one self-contained HTML document."""
+    t = report["totals"]
+    scope = f" (run {report['run_id']})" if report.get("run_id") else ""
+    title = f"drainer attempt history: {report['source']}{scope}"
+    totals = _table(["figure", "value"], [
+        ["attempts", t["attempts"]], *[[name, n] for name, n in t["outcomes"].items()],
+        ["phases", t["phases"]], ["runs", t["runs"]], ["sessions", t["sessions"]],
+        ["hosts", t["hosts"]], ["first attempt ended", t["first_finished_at"]],
+        ["last attempt ended", t["last_finished_at"]],
+        ["worker time (seconds)", t["duration_seconds"]]], "tn")
+    sessions = _table(
+        ["session", "hosts", "first attempt ended", "attempts", *OUTCOME_ORDER_H, "revisions"],
+        [[s["session_id"], ", ".join(s["hosts"]), s["first_finished_at"], s["attempts"],
+          *[s["outcomes"].get(o, 0) for o in OUTCOME_ORDER_H], ", ".join(s["revisions"])]
+         for s in report["sessions"]], "ttt" + "n" * (1 + len(OUTCOME_ORDER_H)) + "f")
+    runs = _table(
+        ["run", "attempts", "phases", "sessions", "successes/attempts per session",
+         "last revision"],
+        [[run, r["attempts"], r["phases"], r["sessions"], " -> ".join(r["trend"]),
+          r["last_revision"] or "unknown"] for run, r in report["by_run"].items()], "tnnntf")
+    phases = _table(
+        ["run / phase", "attempts", "sessions", "outcome trend", "fingerprints by revision"],
+        [[f"{p['run_id']} / {p['phase_id']}", p["attempts"], p["sessions"],
+          " -> ".join(f"{o} x{n}" if n > 1 else o for o, n in p["trend"]),
+          "; ".join(f"{rev}: {fp} ({n}x)" for rev, prints in
+                    p["fingerprints_by_revision"].items() for fp, n in prints.items())]
+         for p in report["by_phase"]], "tnntf")
+    sections = [("Totals", totals), ("Sessions", _history_sessions(report) + sessions),
+                ("Runs", runs),
+                (f"Phases (most attempts first; top {report['phases_shown']})", phases)]
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{_e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+        f"<h1>{_e(title)}</h1>",
+        *(f"<h2>{_e(heading)}</h2>\n{body}" for heading, body in sections),
+        "</body>", "</html>", ""])
+
+
+OUTCOME_ORDER_H = tuple(HISTORY_COLOURS)

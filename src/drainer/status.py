@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .backlog import Lease, open_backlog
+from .backlog import HISTORY_TABLE, Lease, open_backlog
 from .config import DEFAULT_TELEMETRY_TABLES
 from .dburl import DatabaseURL
 from .errors import SessionError
@@ -29,6 +29,8 @@ class Status:
     sessions: list[Replay]
     unreadable_sessions: list[tuple[Path, str]]
     leases: list[tuple[Lease, float]]
+    #: the attempt history's rows, sessions and phases; None: no history table yet
+    history: tuple[int, int, int] | None = None
 
 
 def _as_datetime(value: Any) -> datetime | None:
@@ -50,6 +52,7 @@ async def collect_status(
         by_run = await backlog.phases.counts_by_run()
         rows, db_now = await backlog.phases.non_final()
         leases = await backlog.leases.live()
+        history = await backlog.history.size()
     now = _as_datetime(db_now)
     stale: list[tuple[str, str, str, float | None]] = []
     for run_id, phase_id, state, updated in rows:
@@ -65,7 +68,7 @@ async def collect_status(
         except SessionError as exc:
             unreadable.append((journal, str(exc)))
     return Status(by_run=by_run, stale=stale, sessions=sessions, unreadable_sessions=unreadable,
-                  leases=leases)
+                  leases=leases, history=history)
 
 
 def status_lines(
@@ -108,6 +111,12 @@ def status_lines(
     for lease, age in status.leases:
         lines.append(f"  {lease.run_id} / {lease.phase_id}: host {lease.host} pid {lease.pid}, "
                      f"session {lease.session_id}, held {age:.0f}s")
+    if status.history is None:
+        lines.append(f"Attempt history ({HISTORY_TABLE}): none yet")
+    else:
+        rows, sessions, phases = status.history
+        lines.append(f"Attempt history ({HISTORY_TABLE}): {rows} attempt(s) of {phases} "
+                     f"phase(s) in {sessions} session(s) (drainer analyze --history shows it)")
     incomplete = [s for s in status.sessions if not s.complete]
     lines.append(f"Sessions in {session_dir}: {len(status.sessions)}, "
                  f"incomplete: {len(incomplete)}")
