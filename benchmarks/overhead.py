@@ -28,6 +28,9 @@ Before the rounds, every loop of every pair runs once untimed over the first
   run`` runs it (the process is its workers' child subreaper, worker exits watched through
   pidfds); the wall time of ``anyio.run(drain, ...)`` (event loop, engine, schema check,
   session files and final snapshot included).
+* **unrecorded**: the same with ``history=False`` (``--no-history``): no row in
+  ``drainer_attempts`` per attempt. ``history_ms`` = (drainer - unrecorded) / attempts is
+  what the history costs (target: at most 1 ms per attempt), ``history_cpu_ms`` its CPU.
 * **parallel**: GNU parallel ``--will-cite -j1``, when a GNU ``parallel`` is on PATH (else
   skipped with a note). It reads one line per phase (``run_id TAB phase_id TAB attempt_id``,
   written before the clock starts) with ``--colsep``; each job is
@@ -81,14 +84,14 @@ and the JSON records, per backend, the median cost of one ``os.open(O_CREAT)`` o
 file in a fresh subdirectory there (``file_create``: wall and CPU microseconds, 500 calls);
 the table's footer prints it.
 
-Cost of the defaults: 3 rounds x 200 attempts x 3 loops x (3 workers' start-up + overhead),
+Cost of the defaults: 3 rounds x 200 attempts x 4 loops x (3 workers' start-up + overhead),
 one to two minutes on a 2-core machine (the noop worker dominates); ``--backend postgres``
 adds about as much again.
 
 Usage::
 
     python benchmarks/overhead.py [--attempts 200] [--rounds 3]
-                                  [--loops drainer,plain,parallel]
+                                  [--loops drainer,unrecorded,plain,parallel]
                                   [--worker noop,true,sqlite3] [--backend sqlite[,postgres]]
                                   [--dir DIR] [--json PATH|-]
 
@@ -129,7 +132,7 @@ from _common import print_table as _print_table
 
 DEFAULT_ATTEMPTS = 200
 DEFAULT_ROUNDS = 3
-LOOPS = ("drainer", "plain", "parallel")
+LOOPS = ("drainer", "unrecorded", "plain", "parallel")
 WORKERS = ("noop", "true", "sqlite3")
 BACKENDS = ("sqlite", "postgres")
 WORKER_ALIASES = {"noop": "noop", "python": "noop", "true": "true",
@@ -140,6 +143,7 @@ DEFAULT_JSON = Path(tempfile.gettempdir()) / "drainer-bench-overhead.json"
 PG_ADMIN_URL = os.environ.get("DRAINER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 TARGET_RATIO = 1.10  #: for a Python worker (noop), SQLite
 TARGET_CPU_MS = 3.0  #: drainer's CPU per attempt with /bin/true (SQLite, one lane)
+TARGET_HISTORY_MS = 1.0  #: what recording each attempt in the history may add (wall)
 PHASE_TIMEOUT = 60.0
 FILE_PROBES = 500  #: os.open(O_CREAT) calls timed per backend
 WARMUP_ATTEMPTS = 5  #: phases per untimed warm-up loop
@@ -437,7 +441,8 @@ def plain_loop(template: Sequence[str], url: str, keys: Keys, cwd: Path) -> Resu
 
 
 def drainer_loop(
-    template: Sequence[str], url: str, attempts: int, session_dir: Path, cwd: Path
+    template: Sequence[str], url: str, attempts: int, session_dir: Path, cwd: Path,
+    *, history: bool = True,
 ) -> Result:
     """One drain session, one lane; the wall time of ``anyio.run(drain)``. As under
     ``python -m drainer run``: the process is its workers' child subreaper, and worker exits
@@ -460,6 +465,7 @@ def drainer_loop(
         max_attempts_per_phase=1,
         max_fingerprint_repeats=None,
         max_timeouts_per_run=None,
+        history=history,
     )
 
     async def run() -> SessionSummary:
@@ -546,9 +552,10 @@ def run_loop(loop: str, pair: Pair, keys: Keys, workdir: Path, tag: str,
             pair.argv = template
         if loop == "plain":
             result = plain_loop(template, url, keys, workdir)
-        elif loop == "drainer":
+        elif loop in ("drainer", "unrecorded"):
             session_dir = workdir / f"sessions-{tag}"
-            result = drainer_loop(template, url, len(keys), session_dir, workdir)
+            result = drainer_loop(template, url, len(keys), session_dir, workdir,
+                                  history=loop == "drainer")
             shutil.rmtree(session_dir, ignore_errors=True)
         else:
             assert parallel is not None
@@ -626,11 +633,11 @@ def run_problems(loop: str, result: Result, kind: str, attempts: int) -> list[st
     if loop == "parallel" and result["exit_code"] != 0:
         problems.append(f"parallel: exit code {result['exit_code']}: "
                         f"{result['stderr_tail'][-200:]!r}")
-    if loop == "drainer":
+    if loop in ("drainer", "unrecorded"):
         if result["attempts"] != attempts:
-            problems.append(f"drainer: {result['attempts']} attempts, expected {attempts}")
+            problems.append(f"{loop}: {result['attempts']} attempts, expected {attempts}")
         if kind != "true" and result["succeeded"] != attempts:
-            problems.append(f"drainer: {result['succeeded']} succeeded, expected {attempts}")
+            problems.append(f"{loop}: {result['succeeded']} succeeded, expected {attempts}")
     return problems
 
 
@@ -654,6 +661,10 @@ def summarize(pair: Pair, attempts: int, rounds: int) -> dict[str, Any]:
     parallel_cpu = per_attempt(median("parallel", "children_cpu_s"))
     problems = [p for loop, runs in pair.runs.items() for r in runs
                 for p in run_problems(loop, r, pair.kind, attempts)]
+    unrecorded_s = median("unrecorded", "wall_s")
+    unrecorded_cpu = per_attempt(median("unrecorded", "cpu_s"))
+    history_ms = (None if drainer_s is None or unrecorded_s is None
+                  else (drainer_s - unrecorded_s) / attempts * 1000)
     ratio = quotient(drainer_s, plain_s)
     ratio_parallel = quotient(drainer_s, parallel_s)
     on_sqlite = pair.backend == "sqlite"
@@ -673,6 +684,13 @@ def summarize(pair: Pair, attempts: int, rounds: int) -> dict[str, Any]:
         "plain_ms": per_attempt(plain_s),
         "drainer_ms": per_attempt(drainer_s),
         "parallel_ms": per_attempt(parallel_s),
+        "unrecorded_ms": per_attempt(unrecorded_s),
+        "unrecorded_cpu_ms": unrecorded_cpu,
+        "history_ms": history_ms,
+        "history_cpu_ms": (None if drainer_cpu is None or unrecorded_cpu is None
+                           else drainer_cpu - unrecorded_cpu),
+        "history_target_ms": TARGET_HISTORY_MS if history_ms is not None else None,
+        "meets_history": history_ms <= TARGET_HISTORY_MS if history_ms is not None else None,
         "in_worker_ms": per_attempt(median("drainer", "in_worker_s")),
         "plain_cpu_ms": per_attempt(median("plain", "cpu_s")),
         "drainer_cpu_ms": drainer_cpu,
@@ -700,6 +718,7 @@ def summarize(pair: Pair, attempts: int, rounds: int) -> dict[str, Any]:
         "check_problems": problems[:10],
         "plain_rounds_s": [r["wall_s"] for r in pair.runs.get("plain", [])],
         "drainer_rounds_s": [r["wall_s"] for r in pair.runs.get("drainer", [])],
+        "unrecorded_rounds_s": [r["wall_s"] for r in pair.runs.get("unrecorded", [])],
         "parallel_rounds_s": [r["wall_s"] for r in pair.runs.get("parallel", [])],
         "plain_rounds": pair.runs.get("plain", []),
         "drainer_rounds": pair.runs.get("drainer", []),
@@ -720,6 +739,7 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("d/plain", "ratio", "{:.2f}"),
     ("d/parallel", "ratio_parallel", "{:.2f}"),
     ("overhead ms", "overhead_ms", "{:.2f}"),
+    ("history ms", "history_ms", "{:.2f}"),
     ("ratio ok", "meets_ratio", "{}"),
     ("cpu ok", "meets_cpu", "{}"),
     ("< parallel", "below_parallel", "{}"),
@@ -762,6 +782,11 @@ def verdicts(row: dict[str, Any]) -> str:
     if row["meets_ratio"] is not None:
         parts.append(f"ratio {row['ratio']:.2f} {'meets' if row['meets_ratio'] else 'MISSES'}"
                      f" the <= {TARGET_RATIO} target")
+    if row["meets_history"] is not None:
+        parts.append(f"the history adds {row['history_ms']:.2f} ms/attempt ("
+                     f"{row['history_cpu_ms']:.2f} CPU): "
+                     f"{'meets' if row['meets_history'] else 'MISSES'} the <= "
+                     f"{TARGET_HISTORY_MS:g} ms target")
     if row["below_parallel"] is not None:
         parts.append(f"drainer {row['drainer_ms']:.2f} vs GNU parallel {row['parallel_ms']:.2f}"
                      f" ms/attempt: {'meets' if row['below_parallel'] else 'MISSES'} the "
@@ -805,8 +830,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "reported (default: %(default)s)")
     parser.add_argument("--loops", type=choices("--loops", {n: n for n in LOOPS}),
                         default=list(LOOPS),
-                        help="loops to run: drainer, plain, parallel (GNU parallel -j1), "
-                             "comma separated (default: drainer,plain,parallel)")
+                        help="loops to run: drainer, unrecorded (drainer --no-history), "
+                             "plain, parallel (GNU parallel -j1), comma separated "
+                             "(default: drainer,unrecorded,plain,parallel)")
     parser.add_argument("--worker", type=choices("--worker", WORKER_ALIASES),
                         default=list(WORKERS),
                         help="workers: noop (alias python), true, sqlite3 (aliases cli, psql: "
@@ -939,6 +965,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu_applies_to": "true (/bin/true) on SQLite: drainer's own CPU per attempt",
             "below_parallel_applies_to": "every row where GNU parallel ran: drainer's wall "
                                          "ms per attempt below parallel -j1's",
+            "history_ms_at_most": TARGET_HISTORY_MS,
+            "history_applies_to": "every row where the unrecorded loop ran: drainer minus "
+                                  "drainer --no-history, wall ms per attempt (issue 13)",
             "source": "shared/TARGETS.md: <= 3 ms of drainer CPU per attempt (/bin/true, "
                       "SQLite, one lane); per-attempt cost vs a plain loop <= 1.10x",
         },

@@ -62,7 +62,9 @@ def _check_overhead_report(report: Any, backend: str, workers: set[str]) -> None
         assert any(s.get("loop") == "parallel" for s in skipped), skipped
     for row in rows.values():
         assert row["backend"] == backend and row["checks_ok"] is True, row["check_problems"]
-        assert row["loops"] == ["drainer", "plain", "parallel"][:3 if with_parallel else 2]
+        assert row["loops"] == ["drainer", "unrecorded", "plain", "parallel"][
+            :4 if with_parallel else 3]
+        assert row["history_ms"] is not None and row["meets_history"] is not None
         assert (row["below_parallel"] is None) is not with_parallel
         assert len(row["drainer_rounds_s"]) == len(row["plain_rounds_s"]) == 1
     assert report["file_create"][backend]["calls"] == 500
