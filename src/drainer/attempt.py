@@ -715,7 +715,7 @@ class AttemptRunner:
         it is judged again and its row amended."""
         cfg, ref = self.config, claimed.ref
         phases, leases = self._store.phases, self._store.leases
-        outcome = await phases.read_outcome(ref.run_id, ref.phase_id)
+        outcome = await phases.read_outcome(ref.run_id, ref.phase_id, writer=True)
         row = outcome.row
         if row is not None and not is_final_state(row[0]) and _clean(result):
             outcome = await phases.wait_final_state(ref.run_id, ref.phase_id,

@@ -11,7 +11,6 @@ taken, the end when the row was written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,6 +47,7 @@ _PG_TYPES = {name: "INTEGER" if kind.startswith("INTEGER") else "DOUBLE PRECISIO
              for name, kind in COLUMNS if kind.startswith(("INTEGER", "DOUBLE"))}
 #: outcomes that do not count as an attempt of the phase (drainer never saw it end)
 NOT_COUNTED = ("interrupted",)
+_NOT_COUNTED_SQL = ", ".join(f"'{outcome}'" for outcome in NOT_COUNTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,19 +212,31 @@ class History:
     async def summary(self, *, other_than: str | None = None,
                       run_id: str | None = None) -> Summary:
         """Every phase in the history (of ``run_id`` only, when given); attempt counts come
-        from the sessions other than ``other_than`` (this session counts its own). Empty
-        when there is no table yet."""
+        from the sessions other than ``other_than`` (this session counts its own). One row
+        per phase comes back: the database ranks and counts. Empty when there is no table
+        yet."""
         if not await self.has_table():
             return Summary({}, set())
-        where, params = _where(None, run_id)
+        me = ":me" if self._sqlite else "CAST(:me AS TEXT)"
+        only = " AND run_id = :run_id" if run_id is not None else ""
         stmt = text(
-            f"SELECT run_id, phase_id, outcome, fingerprint, failure_category, revision, "
-            f"session_id, finished_at FROM {HISTORY_TABLE}{where} "
-            "ORDER BY run_id, phase_id, finished_at, attempt_id")
+            "SELECT run_id, phase_id, outcome, fingerprint, failure_category, revision, "
+            "others, seen, run_rank FROM (SELECT run_id, phase_id, outcome, fingerprint, "
+            "failure_category, revision, "
+            f"SUM(CASE WHEN session_id = {me} THEN 0 ELSE 1 END) "
+            "OVER (PARTITION BY run_id, phase_id) AS others, "
+            "COUNT(*) OVER (PARTITION BY run_id, phase_id, fingerprint) AS seen, "
+            "ROW_NUMBER() OVER (PARTITION BY run_id, phase_id "
+            "ORDER BY finished_at DESC, attempt_id DESC) AS phase_rank, "
+            "ROW_NUMBER() OVER (PARTITION BY run_id "
+            "ORDER BY finished_at DESC, attempt_id DESC) AS run_rank "
+            f"FROM {HISTORY_TABLE} WHERE outcome NOT IN ({_NOT_COUNTED_SQL}){only}) AS h "
+            "WHERE phase_rank = 1")
+        params = {"me": other_than, **({"run_id": run_id} if run_id is not None else {})}
 
         async def read() -> Summary:
             rows = await self._engine.run(lambda execute: execute(stmt, params).all())
-            return _summarise(rows, other_than)
+            return _summarise(rows)
 
         return await self._engine.retry("reading the attempt history in", read)
 
@@ -264,39 +276,16 @@ def _row(r: Any) -> Row:
                exit_status=None if r[14] is None else int(r[14]), revision=r[15])
 
 
-def _summarise(rows: list[Any], other_than: str | None) -> Summary:
-    found: dict[tuple[str, str], PhaseHistory] = {}
-    latest: dict[str, tuple[float, bool]] = {}  # run -> (its latest attempt's end, ok)
-    for key, group in _groups(rows):
-        seen: dict[str, int] = {}
-        phase = PhaseHistory()
-        for _run, _phase, outcome, fingerprint, category, revision, session, end in group:
-            if outcome in NOT_COUNTED:
-                continue
-            if session != other_than:
-                phase.attempts += 1
-            phase.last_outcome, phase.last_fingerprint = outcome, fingerprint
-            phase.last_category, phase.last_revision = category, revision
-            if fingerprint:
-                seen[fingerprint] = seen.get(fingerprint, 0) + 1
-            if key[0] not in latest or float(end) >= latest[key[0]][0]:
-                latest[key[0]] = (float(end), outcome == "ok")
-        if phase.last_outcome is not None:
-            phase.last_fingerprint_seen = seen.get(phase.last_fingerprint or "", 0)
-            found[key] = phase
-    return Summary(found, {run for run, (_end, ok) in latest.items() if ok})
-
-
-def _groups(rows: list[Any]) -> Iterator[tuple[tuple[str, str], list[Any]]]:
-    group: list[Any] = []
-    key: tuple[str, str] | None = None
-    for row in rows:
-        k = (str(row[0]), str(row[1]))
-        if k != key and group:
-            assert key is not None
-            yield key, group
-            group = []
-        key = k
-        group.append(row)
-    if group and key is not None:
-        yield key, group
+def _summarise(rows: list[Any]) -> Summary:
+    """:meth:`History.summary`'s rows (one per phase, its last counted attempt) as a
+    :class:`Summary`."""
+    phases: dict[tuple[str, str], PhaseHistory] = {}
+    runs_ok: set[str] = set()
+    for run, phase, outcome, fingerprint, category, revision, others, seen, run_rank in rows:
+        phases[(str(run), str(phase))] = PhaseHistory(
+            attempts=int(others), last_outcome=str(outcome), last_fingerprint=fingerprint,
+            last_category=category, last_revision=revision,
+            last_fingerprint_seen=int(seen) if fingerprint is not None else 0)
+        if int(run_rank) == 1 and outcome == "ok":
+            runs_ok.add(str(run))
+    return Summary(phases, runs_ok)

@@ -336,11 +336,14 @@ class Phases:
         rows = await self._all("reading a phase from", stmt)
         return None if not rows else (self.schema.canonical(rows[0][0]), rows[0][1])
 
-    async def read_outcome(self, run_id: str, phase_id: str) -> Outcome:
-        """A phase's state, reason and telemetry count, in one statement."""
+    async def read_outcome(self, run_id: str, phase_id: str, *, writer: bool = False
+                           ) -> Outcome:
+        """A phase's state, reason and telemetry count, in one statement. ``writer``: on
+        the connection writes use (SQLite: when a write follows at once, one connection's
+        page cache is refreshed after the worker's writes instead of two)."""
         async def read() -> Outcome:
             return await self._engine.run(
-                lambda execute: self.outcome_with(execute, run_id, phase_id))
+                lambda execute: self.outcome_with(execute, run_id, phase_id), write=writer)
 
         return await self._engine.retry("reading a phase from", read)
 
