@@ -24,7 +24,7 @@ from drainer.dburl import parse_database_url
 # phase, "import" fails it with an import error (deterministic), "fail" with an assertion.
 WORKER = textwrap.dedent(
     """
-    import asyncio, os, sqlite3, sys
+    import asyncio, os, sqlite3, sys, time
     run_id, phase_id = sys.argv[1], sys.argv[2]
     kind = phase_id.rsplit("-", 1)[1]
     state = "COMPLETE" if kind == "ok" else "FAILED"
@@ -46,6 +46,7 @@ WORKER = textwrap.dedent(
             finally:
                 await conn.close()
         asyncio.run(main())
+    time.sleep(float(os.environ.get("WORKER_SLEEP", "0")))
     if kind != "ok":
         print(reason, file=sys.stderr)
     sys.exit(0 if kind == "ok" else 1)
@@ -174,6 +175,24 @@ def test_attempts_scope_history_counts_attempts_across_sessions(env: Env, make_u
     fourth = env.run_cli("run", *args(env, url))
     assert fourth.returncode == 1
     assert Counter(r.phase_id for r in history(url)) == {"P1-fail": 5, "P1-ok": 1}
+
+
+def test_attempts_scope_history_holds_for_two_drainers_at_once(env: Env, make_url: Any
+                                                              ) -> None:
+    """Checked under each claim's lease, where no other drainer can add an attempt: two
+    drainers together make exactly N attempts of a failing phase, never 2N."""
+    phases = [(f"run-{i}", "P1-fail", 0, "FAILED", None) for i in range(6)]
+    url = make_url(phases)
+    both = [subprocess.Popen([sys.executable, "-m", "drainer", "run", *args(
+        env, url, "--lanes", "2", "--attempts-scope", "history")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env.worker_env(WORKER_SLEEP="0.2"), cwd=env.tmp) for _ in range(2)]
+    for proc in both:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, out + err
+    rows = history(url)
+    check_rows_match_journals(rows, sessions(env))
+    assert Counter(r.run_id for r in rows) == {run_id: 2 for run_id, *_ in phases}
 
 
 def git(repo: Path, *argv: str) -> str:

@@ -81,7 +81,15 @@ class Leased:
     elsewhere: dict[str, float] | None = None
 
 
-ClaimOutcome = Claimed | Leased | Literal["gone"]
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """``--attempts-scope history``: under the claim, the history showed the phase out of
+    attempts (``others``: those of other sessions); the run was given back."""
+
+    others: int
+
+
+ClaimOutcome = Claimed | Leased | Spent | Literal["gone"]
 GONE: Literal["gone"] = "gone"  #: the phase is no longer drainable (done meanwhile)
 
 
@@ -508,8 +516,11 @@ class AttemptRunner:
     def use_lane_workspaces(self, paths: dict[int, Path]) -> None:
         self._workspaces = dict(paths)
 
-    async def claim(self, ref: PhaseRef) -> ClaimOutcome:
-        """Claim the run's lease and re-read the phase under it."""
+    async def claim(self, ref: PhaseRef, *, tried: int | None = None) -> ClaimOutcome:
+        """Claim the run's lease and re-read the phase under it. ``tried`` (with
+        ``--attempts-scope history``): the phase's attempts this session; under the lease,
+        where no other drainer can add one, the history's count is checked against
+        ``--max-attempts-per-phase`` too."""
         attempt_id = str(uuid.uuid4())
         lease = Lease(run_id=ref.run_id, session_id=self._session_id, attempt_id=attempt_id,
                       phase_id=ref.phase_id, host=self._host, pid=os.getpid())
@@ -534,6 +545,12 @@ class AttemptRunner:
             # Drained meanwhile (another drainer, or the executor): give the run back.
             await self._store.leases.release(ref.run_id, attempt_id)
             return GONE
+        if tried is not None and self._store.keeps_history:
+            others = await self._store.history.count(ref.run_id, ref.phase_id,
+                                                     other_than=self._session_id)
+            if tried + others >= self.config.max_attempts_per_phase:
+                await self._store.leases.release(ref.run_id, attempt_id)
+                return Spent(others)
         state, reason = claim.phase
         return Claimed(ref=dataclasses.replace(ref, state=state, last_failure_reason=reason),
                        attempt_id=attempt_id, telemetry_before=claim.telemetry)

@@ -17,7 +17,7 @@ import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .attempt import AttemptRunner, Claimed, Leased
+from .attempt import AttemptRunner, Claimed, Leased, Spent
 from .config import DrainConfig
 from .errors import DrainerError
 from .leaks import LeakGauge
@@ -56,6 +56,8 @@ class Scheduler:
         self._changed = anyio.Condition()
         self._idle = config.lanes
         self._running: dict[str, str] = {}  #: run id -> attempt id, for attempts in flight
+        #: --attempts-scope history: each claim checks the history's count under the lease
+        self._history_scope = config.attempts_scope == "history"
         self.stop_reason: StopReason | None = None
         self.stop_detail: str | None = None
 
@@ -177,8 +179,9 @@ class Scheduler:
                         await self._changed.wait()
                     continue
                 return None
+            tried = selector.attempts_of(ref) if self._history_scope else None
             with anyio.CancelScope(shield=True):
-                outcome = await self._attempts.claim(ref)
+                outcome = await self._attempts.claim(ref, tried=tried)
             self._recorder.claims += 1
             if isinstance(outcome, Claimed):
                 if self._picking.cancel_called:  # a stop arrived while we claimed
@@ -192,6 +195,8 @@ class Scheduler:
                 selector.leased_elsewhere(ref.run_id, outcome.remaining)
                 if outcome.elsewhere:
                     selector.leased_now(outcome.elsewhere)
+            elif isinstance(outcome, Spent):
+                selector.spent(ref, outcome.others)
             else:
                 selector.remove(ref)
 

@@ -704,6 +704,16 @@ class Selector:
         if where is not None and self._index is not None:
             self._index.flags[where[1]] |= _REMOVED
 
+    def spent(self, ref: PhaseRef, others: int) -> None:
+        """``--attempts-scope history``: a claim found ``ref`` out of attempts, ``others``
+        of them by other sessions (some since the last load): no candidate any more."""
+        self._picked.pop(ref.run_id, None)
+        self._prior[ref.key] = others
+        self._backoff.pop(ref.key, None)
+        where = self._locate(ref.run_id, ref.phase_id)
+        if where is not None and self._index is not None:
+            self._index.flags[where[1]] |= _REMOVED
+
     def leased_elsewhere(self, run_id: str, remaining: float | None = None) -> None:
         """Another live drainer holds ``run_id``, for ``remaining`` seconds at most: leave
         the run alone until then (or until :meth:`leases_now` finds its lease ended). No

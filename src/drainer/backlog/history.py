@@ -240,6 +240,20 @@ class History:
 
         return await self._engine.retry("reading the attempt history in", read)
 
+    async def count(self, run_id: str, phase_id: str, *, other_than: str) -> int:
+        """The attempts of one phase in the history by sessions other than ``other_than``
+        (``interrupted`` ones left out)."""
+        stmt = text(f"SELECT count(*) FROM {HISTORY_TABLE} WHERE run_id = :run_id AND "
+                    f"phase_id = :phase_id AND session_id <> :me AND outcome NOT IN "
+                    f"({_NOT_COUNTED_SQL})")
+        params = {"run_id": run_id, "phase_id": phase_id, "me": other_than}
+
+        async def read() -> int:
+            return int(await self._engine.run(
+                lambda execute: execute(stmt, params).scalar_one()))
+
+        return await self._engine.retry("reading the attempt history in", read)
+
     async def rows(self, *, run_id: str | None = None) -> list[Row]:
         """Every row (of ``run_id`` only, when given), oldest first."""
         if not await self.has_table():
