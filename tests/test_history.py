@@ -347,3 +347,69 @@ def test_analyze_history_and_status_show_the_history(env: Env, make_url: Any) ->
     assert "run-b" not in text.stdout
     missing = env.run_cli("analyze", "--history", env=env.worker_env())
     assert missing.returncode == 2 and "--database-url" in missing.stderr
+
+
+def test_a_dirty_workspace_in_any_encoding_has_a_revision(env: Env, make_url: Any) -> None:
+    """A diff holds files in their own encoding: a modified Latin-1 file once crashed every
+    run and plan (the history is on by default)."""
+    from drainer.revision import workspace_revision
+
+    repo = env.tmp / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "latin1.txt").write_bytes(b"caf\xe9\n")
+    git(repo, "add", "latin1.txt")
+    git(repo, "commit", "-qm", "one")
+    head = git(repo, "rev-parse", "HEAD")
+    assert workspace_revision(repo) == head
+    (repo / "latin1.txt").write_bytes(b"th\xe9\n")
+    (repo / "new \xe9.txt".encode().decode("utf-8", "surrogateescape")).write_bytes(b"\xff")
+    dirty = workspace_revision(repo)
+    assert dirty is not None and dirty.startswith(head + "+dirty.")
+    assert workspace_revision(repo) == dirty  # the same edits, the same revision
+    (repo / "latin1.txt").write_bytes(b"\xe0 la\n")
+    assert workspace_revision(repo) not in (dirty, head)
+    url = make_url([("run-a", "P1-ok", 0, "FAILED", None)])
+    for command in ("plan", "run"):
+        proc = env.run_cli(command, *args(env, url, "--workspace", str(repo),
+                                          plain=command == "run"))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_retried_settle_never_restores_a_phase_another_drainer_took(make_url: Any) -> None:
+    """The settle's answer is lost after it committed, and it is tried again (Engine.retry)
+    while another drainer has claimed the run and its worker set the phase EXECUTING: the
+    retry finds its history row, and leaves that phase alone."""
+    url = make_url([("run-a", "P1-fail", 0, "EXECUTING", None)])
+    anyio.run(retried_settle, url)
+
+
+async def retried_settle(url: str) -> None:
+    from sqlalchemy import text as sql
+
+    from drainer.backlog import Entry, Lease
+
+    entry = Entry(attempt_id="a1", session_id="s1", host="h", run_id="run-a",
+                  phase_id="P1-fail", attempt_number=1, duration_seconds=1.0,
+                  outcome="failed", final_state="FAILED", fingerprint="f",
+                  failure_category="other", telemetry_events=None, exit_status=1,
+                  revision=None)
+    async with open_backlog(parse_database_url(url)) as backlog:
+        await backlog.prepare_for_writes()
+        leases = backlog.leases
+
+        def lease(session: str, attempt: str) -> Lease:
+            return Lease(run_id="run-a", session_id=session, attempt_id=attempt,
+                         phase_id="P1-fail", host="h", pid=1)
+
+        assert (await leases.claim(lease("s1", "a1"), 60)).holder is None
+        why = "drainer: worker exited with status 1; restored"
+        first = await leases.finish("run-a", "P1-fail", "a1", restore=why, entry=entry)
+        assert first.held and first.restored is not None
+        assert (await leases.claim(lease("s2", "b1"), 60)).holder is None
+        async with backlog.engine.write() as conn:
+            await conn.execute(sql("UPDATE phases SET state = 'EXECUTING'"))
+        again = await leases.finish("run-a", "P1-fail", "a1", restore=why, entry=entry)
+        assert again.restored is None
+        assert (await backlog.phases.read("run-a", "P1-fail"))[0] == "EXECUTING"
+        assert len(await backlog.history.rows()) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,17 +49,18 @@ def workspace_revision(workspace: Path, command: Sequence[str] | None = None,
     head = _git(workspace, "rev-parse", "--verify", "HEAD")
     if head is None:
         return None
-    status = _git(workspace, "status", "--porcelain", "--untracked-files=all")
+    name = head.decode("ascii", "replace").strip()
+    status = _git(workspace, "status", "--porcelain", "-z", "--untracked-files=all")
     if not status:
-        return head.strip()
-    digest = hashlib.sha1(status.encode())
-    digest.update((_git(workspace, "diff", "HEAD", "--binary") or "").encode())
-    for line in status.splitlines():  # untracked files count by size and change time
-        if line.startswith("?? "):
+        return name
+    digest = hashlib.sha1(status)
+    digest.update(_git(workspace, "diff", "HEAD", "--binary") or b"")
+    for entry in status.split(b"\0"):  # untracked files count by size and change time
+        if entry.startswith(b"?? "):
             with contextlib.suppress(OSError):
-                st = (workspace / line[3:]).stat()
+                st = (workspace / os.fsdecode(entry[3:])).stat()
                 digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    return f"{head.strip()}+dirty.{digest.hexdigest()[:12]}"
+    return f"{name}+dirty.{digest.hexdigest()[:12]}"
 
 
 def short(revision: str | None) -> str:
@@ -71,11 +73,11 @@ def short(revision: str | None) -> str:
     return head + ("+" + dirty if dirty else "")
 
 
-def _git(workspace: Path, *args: str) -> str | None:
+def _git(workspace: Path, *args: str) -> bytes | None:
+    """What git prints, as bytes (a diff holds files in any encoding); None on failure."""
     try:
         done = subprocess.run(["git", "-C", str(workspace), *args], capture_output=True,
-                              text=True, timeout=REVISION_TIMEOUT, check=False,
-                              stdin=subprocess.DEVNULL)
+                              timeout=REVISION_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout if done.returncode == 0 else None
@@ -83,12 +85,13 @@ def _git(workspace: Path, *args: str) -> str | None:
 
 def _run(argv: list[str], workspace: Path, *, what: str) -> str:
     try:
-        done = subprocess.run(argv, cwd=workspace, capture_output=True, text=True,
+        done = subprocess.run(argv, cwd=workspace, capture_output=True,
                               timeout=REVISION_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UsageError(f"{what} {argv[0]!r} could not run: {exc}") from None
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [""])[-1]
+        err = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        last = err[-1] if err else ""
         raise UsageError(f"{what} {' '.join(argv)!r} exited with status {done.returncode}"
                          + (f": {last}" if last else ""))
-    return done.stdout
+    return done.stdout.decode("utf-8", "replace")

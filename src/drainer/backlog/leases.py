@@ -412,7 +412,12 @@ class Leases:
                     assert entry is not None
                     result = await conn.execute(history.insert_stmt, asdict(entry))
                     added = bool(result.rowcount)
-                held = await self._delete(conn, run_id, attempt_id) or not added
+                if not added:
+                    # A retry whose first try committed (its answer lost): that try released
+                    # the lease and restored the phase if it had to; since then the run may
+                    # be another drainer's, whose phase this must not touch.
+                    return Finished(held=True, restored=None)
+                held = await self._delete(conn, run_id, attempt_id)
                 restored = None
                 if restore is not None:
                     restored = await self._phases.restore_in(
