@@ -413,3 +413,24 @@ async def retried_settle(url: str) -> None:
         assert again.restored is None
         assert (await backlog.phases.read("run-a", "P1-fail"))[0] == "EXECUTING"
         assert len(await backlog.history.rows()) == 1
+
+
+def test_an_attempt_settled_just_before_a_crash_is_journaled_as_the_history_says(
+        env: Env, make_url: Any) -> None:
+    """Killed after the settle committed, before the journal line: --resume journals the
+    attempt as recorded (not as interrupted), and counts it, so the journal and the history
+    agree and the phase gets no more attempts than the limit."""
+    url = make_url([("run-b", "P1-fail", 0, "FAILED", None)])
+    crashed = env.run_cli("run", *args(env, url, "--max-attempts-per-phase", "2"),
+                          env=env.worker_env(DRAINER_CRASH_AT="after_exit:1"))
+    assert crashed.returncode == -9, crashed.stdout + crashed.stderr
+    assert [r.outcome for r in history(url)] == ["failed"]
+    resumed = env.run_cli("run", *args(env, url, "--resume", "latest",
+                                       "--max-attempts-per-phase", "2"))
+    assert resumed.returncode == 1, resumed.stdout + resumed.stderr
+    assert "attempt settled (failed) just before drainer stopped" in resumed.stdout
+    (_session, records), = sessions(env).items()
+    journal = {r["attempt_id"]: "interrupted" if r["interrupted"] else
+               "ok" if r["success"] else "failed" for r in records}
+    assert journal == {r.attempt_id: r.outcome for r in history(url)}
+    assert list(journal.values()) == ["failed", "failed"]

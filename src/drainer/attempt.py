@@ -15,6 +15,7 @@ import re
 import shutil
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,7 @@ import anyio
 
 from . import proctree
 from .backlog import BacklogStore, Entry, Lease, PhaseRow
+from .backlog.history import Row as HistoryRow
 from .config import DrainConfig, render_command
 from .dburl import redact_text
 from .errors import DatabaseError, DrainerError, UsageError
@@ -37,7 +39,7 @@ from .fingerprint import (
     zero_yield_reason,
 )
 from .journal import Dangling, SessionFiles, iso, utcnow
-from .models import Attempt, PhaseRef, PhaseState, is_final_state
+from .models import Attempt, LeakedProcess, PhaseRef, PhaseState, is_final_state
 from .reasons import NOTE_START, is_code, note_part, with_note, worker_part
 from .recorder import Recorder
 from .report import shown_id
@@ -799,6 +801,14 @@ class AttemptRunner:
         killed = await anyio.to_thread.run_sync(functools.partial(
             proctree.kill_leftovers, record.attempt_id, dangling.pid, dangling.create_time,
             grace=self.config.kill_grace_period))
+        if self._store.keeps_history:
+            settled = await self._store.history.get(record.attempt_id)
+            if settled is not None:
+                # Settled (lease released, phase restored if needed, row written) just
+                # before drainer stopped, but not journaled: journal it as recorded.
+                attempt = settled_attempt(record, settled, tuple(killed))
+                self._recorder.attempt_reconciled(attempt)
+                return attempt
         phases = self._store.phases
         ours = await self._store.leases.renew(record.run_id, record.attempt_id,
                                               self.config.lease_ttl)
@@ -868,6 +878,25 @@ def history_entry(attempt: Attempt, reason: str | None, *, session_id: str, host
         fingerprint=attempt.failure_fingerprint,
         failure_category=category, telemetry_events=attempt.telemetry_events_collected,
         exit_status=attempt.subprocess_returncode, revision=revision)
+
+
+def settled_attempt(record: Attempt, row: HistoryRow,
+                    killed: tuple[LeakedProcess, ...] = ()) -> Attempt:
+    """A started attempt found settled in the history but never journaled as finished (a
+    crash in between), as its history row says it ended (pure)."""
+    finished_at = iso(datetime.fromtimestamp(row.finished_at, UTC))
+    success = row.outcome == "ok"
+    return dataclasses.replace(
+        record, final_state=row.final_state, success=success,
+        timed_out=row.outcome == "timed out", cancelled=row.outcome == "cancelled",
+        failure_fingerprint=row.fingerprint, subprocess_returncode=row.exit_status,
+        subprocess_duration_seconds=row.duration_seconds,
+        telemetry_events_collected=row.telemetry_events, finished_at=finished_at,
+        timestamp=finished_at, leaked_processes=killed,
+        error_message=None if success else (
+            f"drainer: {row.outcome}, phase {row.final_state}; settled just before drainer "
+            f"stopped, so this record comes from the attempt history (drainer_attempts) | "
+            f"(log: {record.subprocess_stderr_path})"))
 
 
 def _last_error_line(*logs: str | None) -> str:

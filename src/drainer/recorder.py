@@ -124,10 +124,11 @@ class Recorder:
         """An attempt a crash left unfinished, now settled by ``--resume``."""
         self.journal(AttemptFinished(session_id=self.session_id, attempt=attempt))
         self.totals.add(attempt)
+        what = "interrupted attempt" if attempt.interrupted else \
+            f"attempt settled ({attempt.outcome}) just before drainer stopped"
         self.echo(f"[RECONCILED] {shown_id(attempt.run_id)} / {shown_id(attempt.phase_id)}: "
-                  "interrupted attempt, "
-                  f"phase {attempt.final_state}, {len(attempt.leaked_processes)} process(es) "
-                  "killed")
+                  f"{what}, phase {attempt.final_state}, {len(attempt.leaked_processes)} "
+                  "process(es) killed")
 
     def replayed(self, attempt: Attempt) -> None:
         """An attempt of the session's earlier part, read back from its journal."""

@@ -34,7 +34,7 @@ from .journal import (
     utcnow,
 )
 from .leaks import LeakGauge
-from .models import SessionStop, SessionSummary, StopReason, Totals
+from .models import Attempt, SessionStop, SessionSummary, StopReason, Totals
 from .policy import Policy, Sensors
 from .reasons import stale_note
 from .recorder import Echo, Recorder, make_echo
@@ -230,7 +230,9 @@ class DrainSession:
                                                 config=cfg.to_json()))
                 await self._replay(replay, selector, recorder, scheduler)
                 for dangling in replay.dangling:
-                    await attempts.reconcile(dangling)
+                    settled = await attempts.reconcile(dangling)
+                    if not settled.interrupted:  # it ended: it counts as replayed ones do
+                        self._count(settled, selector, recorder, scheduler)
                 if replay.dangling:
                     selector.invalidate()  # the phases it restored are candidates again
             await backlog.leases.release_session(self.session_id)
@@ -352,16 +354,30 @@ class DrainSession:
             self._gauge.add_attempt(attempt)
             if attempt.interrupted:
                 continue  # counts toward nothing: --batch-size, attempts per phase, rules
-            started_stop = policy.started()
-            run_stops, session_stop = policy.observe(attempt)
-            stop = stop or started_stop or session_stop
-            selector.observe(attempt, fingerprint_seen_before=policy.fingerprints.seen_before(
-                attempt.failure_fingerprint))
-            for run_stop in run_stops:  # fired but never journaled (a crash in between)
-                selector.stop_run(run_stop.run_id)
-                recorder.run_stopped(run_stop)
+            stop = stop or self._observe(attempt, selector, recorder)
         if stop is not None:
             scheduler.stop(stop.reason, stop.detail)
+
+    def _count(self, attempt: Attempt, selector: Selector, recorder: Recorder,
+               scheduler: Scheduler) -> None:
+        """An attempt found ended while resuming: the stop rules and the selector learn it."""
+        stop = self._observe(attempt, selector, recorder)
+        if stop is not None:
+            scheduler.stop(stop.reason, stop.detail)
+
+    def _observe(self, attempt: Attempt, selector: Selector,
+                 recorder: Recorder) -> SessionStop | None:
+        """An ended attempt of the session's earlier part, as the drain would have learnt it:
+        the session stop it brings, if any."""
+        policy = self._policy
+        started_stop = policy.started()
+        run_stops, session_stop = policy.observe(attempt)
+        selector.observe(attempt, fingerprint_seen_before=policy.fingerprints.seen_before(
+            attempt.failure_fingerprint))
+        for run_stop in run_stops:  # fired but never journaled (a crash in between)
+            selector.stop_run(run_stop.run_id)
+            recorder.run_stopped(run_stop)
+        return started_stop or session_stop
 
     def _on_signal(self, name: str, count: int) -> None:
         assert self._scheduler is not None and self._recorder is not None

@@ -240,6 +240,18 @@ class History:
 
         return await self._engine.retry("reading the attempt history in", read)
 
+    async def get(self, attempt_id: str) -> Row | None:
+        """The row of one attempt, if it was recorded."""
+        stmt = text(f"SELECT {', '.join(_NAMES)} FROM {HISTORY_TABLE} "
+                    "WHERE attempt_id = :attempt_id")
+
+        async def read() -> Row | None:
+            found = await self._engine.run(
+                lambda execute: execute(stmt, {"attempt_id": attempt_id}).first())
+            return None if found is None else _row(found)
+
+        return await self._engine.retry("reading the attempt history in", read)
+
     async def count(self, run_id: str, phase_id: str, *, other_than: str) -> int:
         """The attempts of one phase in the history by sessions other than ``other_than``
         (``interrupted`` ones left out)."""
