@@ -44,6 +44,12 @@ def test_custom_schema_example_drains_a_backlog_with_other_names(tmp_path: Path)
     plan = subprocess.run([sys.executable, "-m", "drainer", "plan", "--database-url",
                            "sqlite:///backlog.db"], capture_output=True, text=True, cwd=work)
     assert plan.returncode == 0 and "(nothing: no candidate phases)" in plan.stdout
+    # The history reads the same table names (the config file's [schema]).
+    history = subprocess.run([sys.executable, "-m", "drainer", "analyze", "--history",
+                              "--database-url", "sqlite:///backlog.db"],
+                             capture_output=True, text=True, cwd=work)
+    assert history.returncode == 0, history.stderr
+    assert "attempts: 6 (ok 6) of 6 phase(s)" in history.stdout
 
 
 def test_autopack_example_config_drives_a_run(tmp_path: Path) -> None:

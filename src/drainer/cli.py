@@ -219,7 +219,7 @@ def _run(args: argparse.Namespace) -> int:
         values, _ = resolve(given, environ, file,
                             names=("session_dir", "database_url", "run_id"), strict=False)
         if getattr(args, "history", False):
-            return _analyze_history(args, values)
+            return _analyze_history(args, values, schema_of(file).get("schema"))
         return _analyze(args, values.get("session_dir", default_of("session_dir")))
     if args.cmd == "status":
         values, _ = resolve(given, environ, file, names=("database_url", "session_dir"),
@@ -361,7 +361,7 @@ def _analyze(args: argparse.Namespace, session_dir: Path) -> int:
     return EXIT_OK
 
 
-def _analyze_history(args: argparse.Namespace, values: dict[str, Any]) -> int:
+def _analyze_history(args: argparse.Namespace, values: dict[str, Any], schema: Any) -> int:
     import anyio
 
     from .backlog import open_backlog
@@ -376,7 +376,7 @@ def _analyze_history(args: argparse.Namespace, values: dict[str, Any]) -> int:
     run_id = values.get("run_id")
 
     async def read() -> Any:
-        async with open_backlog(db) as backlog:
+        async with open_backlog(db, schema=schema) as backlog:
             return await backlog.history.rows(run_id=run_id)
 
     report = history_report(anyio.run(read), db.redacted, run_id=run_id)
