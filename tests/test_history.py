@@ -4,6 +4,7 @@ it. Real drainers, real workers, on SQLite files and the local PostgreSQL."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -434,3 +435,34 @@ def test_an_attempt_settled_just_before_a_crash_is_journaled_as_the_history_says
                "ok" if r["success"] else "failed" for r in records}
     assert journal == {r.attempt_id: r.outcome for r in history(url)}
     assert list(journal.values()) == ["failed", "failed"]
+
+
+def test_the_summary_counts_a_fingerprint_at_the_last_attempts_revision(make_url: Any) -> None:
+    """--skip-unchanged's "seen twice" is at the same revision: once at A and once at B is
+    once at B."""
+    url = make_url([("run-a", "P1-fail", 0, "FAILED", None)])
+    anyio.run(summary_by_revision, url)
+
+
+async def summary_by_revision(url: str) -> None:
+    from drainer.backlog import Entry
+
+    def entry(n: int, revision: str) -> Entry:
+        return Entry(attempt_id=f"a{n}", session_id=f"s{n}", host="h", run_id="run-a",
+                     phase_id="P1-fail", attempt_number=1, duration_seconds=1.0,
+                     outcome="failed", final_state="FAILED", fingerprint="same",
+                     failure_category="other", telemetry_events=None, exit_status=1,
+                     revision=revision)
+
+    async with open_backlog(parse_database_url(url)) as backlog:
+        await backlog.prepare_for_writes()
+        history_ = backlog.history
+        seen = []
+        for n, revision in enumerate(["rev-a", "rev-b", "rev-b"]):
+            row = entry(n, revision)
+            await backlog.engine.run(
+                functools.partial(history_.insert_with, entry=row), write=True)
+            summary = await history_.summary(other_than="s0")
+            phase = summary.phases[("run-a", "P1-fail")]
+            seen.append((phase.last_revision, phase.last_fingerprint_seen, phase.attempts))
+        assert seen == [("rev-a", 1, 0), ("rev-b", 1, 1), ("rev-b", 2, 2)]

@@ -8,7 +8,7 @@ import pytest
 
 from drainer.backlog import PhaseHistory, Summary
 from drainer.models import Attempt, Candidates, PhaseRef
-from drainer.selection import Selector, history_preferred, unchanged_since
+from drainer.selection import Selector, history_preferred, run_tie, unchanged_since
 
 pytestmark = pytest.mark.anyio
 REV = "a" * 40
@@ -85,3 +85,55 @@ async def test_runs_promising_in_the_history_go_first_among_equals() -> None:
         order.append(ref.run_id)
         s.observe(failed(ref, 2))  # (past the limit only after the second)
     assert order[:4] == ["c", "d", "a", "b"]
+
+
+async def test_preferred_runs_stay_first_once_another_drainer_is_found() -> None:
+    """Finding another drainer re-salts the tie-break: the history's preference stays."""
+    found = refs(*(f"r{i:02}" for i in range(20)))
+    summary = Summary({("r19", "p"): PhaseHistory(attempts=1, last_outcome="ok")}, {"r19"})
+
+    async def load() -> Candidates:
+        return Candidates.of(found)
+
+    async def history() -> Summary:
+        return summary
+
+    # A session whose own order would not put r19 first.
+    salt = next(salt for salt in (f"session-{n}" for n in range(100))
+                if min(found, key=lambda ref: run_tie(salt, ref.run_id)).run_id != "r19")
+    s = Selector(load, max_attempts_per_phase=2, reloads=False, history=history,
+                 tie_salt=salt)
+    first = await s.pick()
+    assert first is not None and first.run_id == "r19"
+    s.release("r19")
+    s.leased_elsewhere("r05")  # another drainer: runs of equal priority spread out
+    again = await s.pick()
+    assert again is not None and again.run_id == "r19"
+
+
+def test_a_timeout_is_never_unchanged() -> None:
+    timed_out = PhaseHistory(attempts=2, last_outcome="failed", last_category="timeout",
+                             last_fingerprint="f", last_revision=REV, last_fingerprint_seen=2)
+    assert unchanged_since(timed_out, REV) is None
+
+
+async def test_a_phase_found_spent_at_its_claim_stays_out_after_a_load_of_changes() -> None:
+    a, b = refs("a", "b")
+    current = [a, b]
+
+    async def load() -> Candidates:
+        return Candidates.of(current)
+
+    async def load_changed(_seconds: float) -> tuple[Candidates, set[str]]:
+        return Candidates.of([r for r in current if r.run_id == "a"]), {"a"}
+
+    async def history() -> Summary:
+        return Summary({}, set())
+
+    s = Selector(load, load_changed=load_changed, max_attempts_per_phase=2, history=history,
+                 attempts_scope="history")
+    assert await s.pick() == a
+    s.spent(a, 2)  # its claim found two attempts by another drainer since the load
+    assert await s.pick() == b
+    s.remove(b)  # drained elsewhere: the next pick reloads the changed runs (run a)
+    assert await s.pick() is None

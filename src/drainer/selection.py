@@ -143,8 +143,10 @@ TRANSIENT = ("timed out", CATEGORY_NAMES[CATEGORY_TIMEOUT])
 def unchanged_since(phase: PhaseHistory, revision: str) -> str | None:
     """Why ``--skip-unchanged`` holds a phase back, or None: its last attempt failed at
     ``revision`` with a deterministic failure (its fingerprint seen at least twice for the
-    phase, or a category in :data:`DETERMINISTIC_CATEGORIES`)."""
-    if phase.last_outcome != "failed" or phase.last_revision != revision:
+    phase at that revision, or a category in :data:`DETERMINISTIC_CATEGORIES`); a timeout
+    never is one."""
+    if phase.last_outcome != "failed" or phase.last_revision != revision \
+            or phase.last_category in TRANSIENT:
         return None
     if phase.last_fingerprint_seen >= 2:
         what = f"its fingerprint seen {phase.last_fingerprint_seen}x"
@@ -709,6 +711,9 @@ class Selector:
         of them by other sessions (some since the last load): no candidate any more."""
         self._picked.pop(ref.run_id, None)
         self._prior[ref.key] = others
+        self._held_back[ref.key] = (
+            f"attempted {others} time(s) in other sessions (--attempts-scope history, "
+            f"--max-attempts-per-phase {self._max_attempts})")
         self._backoff.pop(ref.key, None)
         where = self._locate(ref.run_id, ref.phase_id)
         if where is not None and self._index is not None:
@@ -731,8 +736,10 @@ class Selector:
             return
         self._spread = True
         if self._index is not None:
+            preferred = self._preferred
             for queue in self._index.runs.values():
-                queue.tie = run_tie(self._tie_salt, queue.run_id)
+                queue.tie = run_tie(self._tie_salt, queue.run_id) - (
+                    _PREFERRED if queue.run_id in preferred else 0)
 
     def leased_now(self, held: dict[str, float]) -> None:
         """Runs other drainers lease now (run -> seconds to expiry): leave each alone until

@@ -100,7 +100,8 @@ class Row:
 class PhaseHistory:
     """What the history says about one phase: attempts counted (``interrupted`` ones left
     out; of other sessions, when asked), and its last attempt's outcome, fingerprint,
-    category and revision, with how often that fingerprint was seen for the phase."""
+    category and revision, with how often that fingerprint was seen for the phase at that
+    revision."""
 
     attempts: int = 0
     last_outcome: str | None = None
@@ -225,7 +226,7 @@ class History:
             "failure_category, revision, "
             f"SUM(CASE WHEN session_id = {me} THEN 0 ELSE 1 END) "
             "OVER (PARTITION BY run_id, phase_id) AS others, "
-            "COUNT(*) OVER (PARTITION BY run_id, phase_id, fingerprint) AS seen, "
+            "COUNT(*) OVER (PARTITION BY run_id, phase_id, fingerprint, revision) AS seen, "
             "ROW_NUMBER() OVER (PARTITION BY run_id, phase_id "
             "ORDER BY finished_at DESC, attempt_id DESC) AS phase_rank, "
             "ROW_NUMBER() OVER (PARTITION BY run_id "
