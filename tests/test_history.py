@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+from sqlalchemy import text as sql_text
 
 from conftest import Env, journal_results
 from drainer.backlog import HISTORY_TABLE, open_backlog
@@ -462,7 +463,49 @@ async def summary_by_revision(url: str) -> None:
             row = entry(n, revision)
             await backlog.engine.run(
                 functools.partial(history_.insert_with, entry=row), write=True)
-            summary = await history_.summary(other_than="s0")
+            summary = await history_.summary(other_than="s0", revision=revision)
             phase = summary.phases[("run-a", "P1-fail")]
             seen.append((phase.last_revision, phase.last_fingerprint_seen, phase.attempts))
         assert seen == [("rev-a", 1, 0), ("rev-b", 1, 1), ("rev-b", 2, 2)]
+
+
+def test_the_summary_prefers_recent_promising_runs_among_the_candidates(make_url: Any
+                                                                        ) -> None:
+    url = make_url([(run, "P1-fail", 0, "FAILED", None) for run in
+                    ("run-ok", "run-timeout", "run-fail", "run-old-ok")]
+                   + [("run-done", "P1-ok", 0, "COMPLETE", None)])
+    anyio.run(preferred_runs, url)
+
+
+async def preferred_runs(url: str) -> None:
+    from drainer.backlog import Entry
+
+    async with open_backlog(parse_database_url(url)) as backlog:
+        await backlog.prepare_for_writes()
+        history_ = backlog.history
+        for n, (run, outcome) in enumerate([
+                ("run-ok", "failed"), ("run-ok", "ok"), ("run-timeout", "timed out"),
+                ("run-fail", "ok"), ("run-fail", "failed"), ("run-old-ok", "ok"),
+                ("run-done", "ok")]):
+            row = Entry(attempt_id=f"a{n}", session_id="s", host="h", run_id=run,
+                        phase_id="P1-fail" if run != "run-done" else "P1-ok",
+                        attempt_number=1, duration_seconds=1.0, outcome=outcome,
+                        final_state=None, fingerprint=None, failure_category=None,
+                        telemetry_events=None, exit_status=0, revision=None)
+            await backlog.engine.run(functools.partial(history_.insert_with, entry=row),
+                                     write=True)
+        async with backlog.engine.write() as conn:  # eight days ago: not recent
+            await conn.execute(sql_text(f"UPDATE {HISTORY_TABLE} SET finished_at = "
+                                        "finished_at - 691200 WHERE run_id = 'run-old-ok'"))
+        found = await history_.summary(candidate=backlog.phases.is_candidate, counts=True)
+        assert found.preferred == {"run-ok", "run-timeout"}
+        assert set(found.phases) == {(run, "P1-fail") for run in
+                                     ("run-ok", "run-timeout", "run-fail", "run-old-ok")}
+        everything = await history_.summary(counts=True)
+        assert everything.preferred == {"run-ok", "run-timeout", "run-done"}
+        assert ("run-done", "P1-ok") in everything.phases
+        # Only what is asked for: runs; phases of other sessions; phases failed at a revision.
+        runs_only = await history_.summary(candidate=backlog.phases.is_candidate)
+        assert runs_only.phases == {} and runs_only.preferred == found.preferred
+        assert (await history_.summary(counts=True, other_than="s")).phases == {}
+        assert set((await history_.summary(revision="abc")).phases) == set()

@@ -73,7 +73,11 @@ async def make_plan(config: DrainConfig) -> Plan:
             skip_run_prefixes=config.skip_run_prefixes,
             skip_queued=config.skip_runs_with_queued, keep_skipped=True, reloads=False,
             too_long=config.ids_too_long(),
-            history=functools.partial(backlog.history.summary, run_id=config.run_id)
+            history=functools.partial(
+                backlog.history.summary, run_id=config.run_id,
+                counts=config.attempts_scope == "history",
+                revision=revision if config.skip_unchanged else None,
+                candidate=backlog.phases.is_candidate)
             if config.history else None,
             attempts_scope=config.attempts_scope,
             revision=revision if config.skip_unchanged else None)

@@ -157,16 +157,6 @@ def unchanged_since(phase: PhaseHistory, revision: str) -> str | None:
     return f"unchanged since its last failure at {short_revision(revision)} ({what})"
 
 
-def history_preferred(summary: Summary) -> set[str]:
-    """Runs that go first among equals: the run's latest attempt in the history succeeded,
-    or each of its phases there last failed only for a passing reason (a timeout)."""
-    passing: dict[str, bool] = {}
-    for (run_id, _phase), phase in summary.phases.items():
-        ok = phase.last_outcome in TRANSIENT or phase.last_category in TRANSIENT
-        passing[run_id] = passing.get(run_id, True) and ok
-    return summary.runs_ok | {run for run, ok in passing.items() if ok}
-
-
 def triage_tier(attempt: Attempt, *, fingerprint_seen_before: bool) -> int:
     """The tier a run's first attempt (its sample) earns it: sample-first triage.
 
@@ -480,7 +470,7 @@ class Selector:
         each attempt of it, at most :data:`RETRY_BACKOFF_MAX` (or ``retry_backoff``).
 
         ``history`` reads the attempt history (of other sessions' attempts) at each full
-        load: runs it shows promising go first among equals (:func:`history_preferred`);
+        load: runs it prefers go first among equals (``Summary.preferred``);
         with ``attempts_scope`` "history" a phase's attempts there count towards
         ``max_attempts_per_phase``; given the workspace's ``revision`` (``--skip-unchanged``),
         a phase that failed deterministically at that revision is held back
@@ -910,7 +900,7 @@ class Selector:
         if self._history is None:
             return
         summary = await self._history()
-        self._preferred = history_preferred(summary)
+        self._preferred = summary.preferred
         self._prior, self._held_back = {}, {}
         for key, phase in summary.phases.items():
             if self._scope_history and phase.attempts:

@@ -210,8 +210,12 @@ class DrainSession:
             skip_run_prefixes=cfg.skip_run_prefixes, skip_queued=cfg.skip_runs_with_queued,
             too_long=cfg.ids_too_long(), tie_salt=self.session_id,
             retry_backoff=cfg.retry_backoff,
-            history=functools.partial(backlog.history.summary, other_than=self.session_id,
-                                      run_id=cfg.run_id) if cfg.history else None,
+            history=functools.partial(
+                backlog.history.summary, other_than=self.session_id, run_id=cfg.run_id,
+                counts=cfg.attempts_scope == "history",
+                revision=revision if cfg.skip_unchanged else None,
+                candidate=backlog.phases.is_candidate)
+            if cfg.history else None,
             attempts_scope=cfg.attempts_scope,
             revision=revision if cfg.skip_unchanged else None)
         attempts = AttemptRunner(cfg, backlog, self._files, recorder, host=self._host,

@@ -11,10 +11,23 @@ taken, the end when the row was written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import inspect, text
+from sqlalchemy import (
+    and_,
+    bindparam,
+    case,
+    column,
+    func,
+    inspect,
+    literal_column,
+    or_,
+    select,
+    table,
+    text,
+)
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from ._engine import Engine, Execute
@@ -47,6 +60,11 @@ _PG_TYPES = {name: "INTEGER" if kind.startswith("INTEGER") else "DOUBLE PRECISIO
              for name, kind in COLUMNS if kind.startswith(("INTEGER", "DOUBLE"))}
 #: outcomes that do not count as an attempt of the phase (drainer never saw it end)
 NOT_COUNTED = ("interrupted",)
+TIMEOUT_CATEGORY = "timeout"  #: the failure category of a timeout (selection's name)
+#: the history's preference of runs reads this far back (seconds): "succeeded recently"
+RECENT = 7 * 24 * 3600.0
+#: ``candidate(run, phase)``: SQL, the run (and phase, unless None) is a candidate
+Candidate = Callable[[Any, Any], Any]
 _NOT_COUNTED_SQL = ", ".join(f"'{outcome}'" for outcome in NOT_COUNTED)
 
 
@@ -113,11 +131,11 @@ class PhaseHistory:
 
 @dataclass(slots=True)
 class Summary:
-    """The history as the selector reads it at each full load: per phase, and the runs
-    whose latest counted attempt succeeded."""
+    """The history as the selector reads it at each full load: per phase (when asked), and
+    the runs it prefers (latest attempt succeeded, or every phase's latest timed out)."""
 
     phases: dict[tuple[str, str], PhaseHistory]
-    runs_ok: set[str]
+    preferred: set[str]
 
 
 class History:
@@ -210,36 +228,86 @@ class History:
 
         return await self._engine.retry("reading the attempt history in", read)
 
-    async def summary(self, *, other_than: str | None = None,
-                      run_id: str | None = None) -> Summary:
-        """Every phase in the history (of ``run_id`` only, when given); attempt counts come
-        from the sessions other than ``other_than`` (this session counts its own). One row
-        per phase comes back: the database ranks and counts. Empty when there is no table
-        yet."""
+    async def summary(self, *, other_than: str | None = None, run_id: str | None = None,
+                      counts: bool = False, revision: str | None = None,
+                      candidate: Candidate | None = None) -> Summary:
+        """What the selector reads at a full load: the runs the history prefers (from the
+        last :data:`RECENT` seconds) and the phases it needs: with ``counts``, each phase
+        other sessions than ``other_than`` attempted, with their count (a session counts its
+        own); with a ``revision``, each phase whose latest attempt failed at it. ``run_id``:
+        of that run only; ``candidate``: of the candidates only (:meth:`Phases.is_candidate`),
+        so that what is read grows with the backlog left, not with the history. The
+        database ranks, counts and filters. Empty when there is no table yet."""
         if not await self.has_table():
             return Summary({}, set())
-        me = ":me" if self._sqlite else "CAST(:me AS TEXT)"
-        only = " AND run_id = :run_id" if run_id is not None else ""
-        stmt = text(
-            "SELECT run_id, phase_id, outcome, fingerprint, failure_category, revision, "
-            "others, seen, run_rank FROM (SELECT run_id, phase_id, outcome, fingerprint, "
-            "failure_category, revision, "
-            f"SUM(CASE WHEN session_id = {me} THEN 0 ELSE 1 END) "
-            "OVER (PARTITION BY run_id, phase_id) AS others, "
-            "COUNT(*) OVER (PARTITION BY run_id, phase_id, fingerprint, revision) AS seen, "
-            "ROW_NUMBER() OVER (PARTITION BY run_id, phase_id "
-            "ORDER BY finished_at DESC, attempt_id DESC) AS phase_rank, "
-            "ROW_NUMBER() OVER (PARTITION BY run_id "
-            "ORDER BY finished_at DESC, attempt_id DESC) AS run_rank "
-            f"FROM {HISTORY_TABLE} WHERE outcome NOT IN ({_NOT_COUNTED_SQL}){only}) AS h "
-            "WHERE phase_rank = 1")
-        params = {"me": other_than, **({"run_id": run_id} if run_id is not None else {})}
+        h = _history_table()
+        where = [h.c.outcome != outcome for outcome in NOT_COUNTED]
+        if run_id is not None:
+            where.append(h.c.run_id == bindparam("run_id", run_id))
+        recent = h.c.finished_at > literal_column(self._engine.now_sql) - RECENT
+        preferred = self._preferred_stmt(h, [*where, recent], candidate)
+        by_phase = self._phases_stmt(h, where, candidate, counts=counts,
+                                     revision=revision) if counts or revision else None
+        params = {"me": other_than, "revision": revision}
 
         async def read() -> Summary:
-            rows = await self._engine.run(lambda execute: execute(stmt, params).all())
-            return _summarise(rows)
+            def body(execute: Execute) -> Summary:
+                runs = {str(r[0]) for r in execute(preferred, params).all()
+                        if r[1] or r[2]}
+                found = execute(by_phase, params).all() if by_phase is not None else []
+                return Summary(_phases(found), runs)
+
+            return await self._engine.run(body)
 
         return await self._engine.retry("reading the attempt history in", read)
+
+    @staticmethod
+    def _ranked(h: Any) -> tuple[Any, Any]:
+        """Row numbers of each attempt among its phase's and its run's, latest first."""
+        latest = (h.c.finished_at.desc(), h.c.attempt_id.desc())
+        return (func.row_number().over(partition_by=(h.c.run_id, h.c.phase_id),
+                                       order_by=latest),
+                func.row_number().over(partition_by=h.c.run_id, order_by=latest))
+
+    def _preferred_stmt(self, h: Any, where: list[Any], candidate: Candidate | None) -> Any:
+        """Per run: (run, its latest attempt succeeded, each of its phases' latest attempt
+        timed out)."""
+        if candidate is not None:
+            where = [*where, candidate(h.c.run_id, None)]
+        phase_rank, run_rank = self._ranked(h)
+        passing = case((or_(h.c.outcome == "timed out",
+                            h.c.failure_category == TIMEOUT_CATEGORY), 1), else_=0)
+        inner = select(h.c.run_id, h.c.outcome, passing.label("passing"),
+                       phase_rank.label("phase_rank"), run_rank.label("run_rank")
+                       ).where(*where).subquery("ranked")
+        ok_latest = case((and_(inner.c.run_rank == 1, inner.c.outcome == "ok"), 1), else_=0)
+        return (select(inner.c.run_id, func.max(ok_latest), func.min(inner.c.passing))
+                .where(inner.c.phase_rank == 1).group_by(inner.c.run_id))
+
+    def _phases_stmt(self, h: Any, where: list[Any], candidate: Candidate | None, *,
+                     counts: bool, revision: str | None) -> Any:
+        """Per phase that :meth:`summary` asks for: its latest attempt, the attempts of
+        other sessions, and how often its fingerprint was seen at its revision."""
+        if candidate is not None:
+            where = [*where, candidate(h.c.run_id, h.c.phase_id)]
+        phase_rank, _ = self._ranked(h)
+        others = func.sum(case((h.c.session_id == bindparam("me"), 0), else_=1)).over(
+            partition_by=(h.c.run_id, h.c.phase_id))
+        seen = func.count().over(
+            partition_by=(h.c.run_id, h.c.phase_id, h.c.fingerprint, h.c.revision))
+        inner = select(h.c.run_id, h.c.phase_id, h.c.outcome, h.c.fingerprint,
+                       h.c.failure_category, h.c.revision, others.label("others"),
+                       seen.label("seen"), phase_rank.label("phase_rank")
+                       ).where(*where).subquery("ranked")
+        wanted = []
+        if counts:
+            wanted.append(inner.c.others > 0)
+        if revision is not None:
+            wanted.append(and_(inner.c.outcome == "failed",
+                               inner.c.revision == bindparam("revision")))
+        return select(inner.c.run_id, inner.c.phase_id, inner.c.outcome, inner.c.fingerprint,
+                      inner.c.failure_category, inner.c.revision, inner.c.others,
+                      inner.c.seen).where(inner.c.phase_rank == 1, or_(*wanted))
 
     async def get(self, attempt_id: str) -> Row | None:
         """The row of one attempt, if it was recorded."""
@@ -271,7 +339,8 @@ class History:
         """Every row (of ``run_id`` only, when given), oldest first."""
         if not await self.has_table():
             return []
-        where, params = _where(None, run_id)
+        where = " WHERE run_id = :run_id" if run_id is not None else ""
+        params = {"run_id": run_id} if run_id is not None else {}
         stmt = text(f"SELECT {', '.join(_NAMES)} FROM {HISTORY_TABLE}{where} "
                     "ORDER BY finished_at, attempt_id")
 
@@ -280,17 +349,6 @@ class History:
             return [_row(r) for r in found]
 
         return await self._engine.retry("reading the attempt history in", read)
-
-
-def _where(other_than: str | None, run_id: str | None) -> tuple[str, dict[str, Any]]:
-    parts, params = [], {}
-    if other_than is not None:
-        parts.append("session_id <> :me")
-        params["me"] = other_than
-    if run_id is not None:
-        parts.append("run_id = :run_id")
-        params["run_id"] = run_id
-    return (" WHERE " + " AND ".join(parts) if parts else ""), params
 
 
 def _row(r: Any) -> Row:
@@ -303,16 +361,21 @@ def _row(r: Any) -> Row:
                exit_status=None if r[14] is None else int(r[14]), revision=r[15])
 
 
-def _summarise(rows: list[Any]) -> Summary:
-    """:meth:`History.summary`'s rows (one per phase, its last counted attempt) as a
-    :class:`Summary`."""
-    phases: dict[tuple[str, str], PhaseHistory] = {}
-    runs_ok: set[str] = set()
-    for run, phase, outcome, fingerprint, category, revision, others, seen, run_rank in rows:
-        phases[(str(run), str(phase))] = PhaseHistory(
-            attempts=int(others), last_outcome=str(outcome), last_fingerprint=fingerprint,
-            last_category=category, last_revision=revision,
+def _phases(rows: list[Any]) -> dict[tuple[str, str], PhaseHistory]:
+    """:meth:`History.summary`'s rows of phases (one each, its last counted attempt). Equal
+    strings (run ids, outcomes, fingerprints, revisions) are kept once."""
+    kept: dict[Any, Any] = {}
+    one = kept.setdefault
+    found = {}
+    for run, phase, outcome, fingerprint, category, revision, others, seen in rows:
+        found[(one(run, run), str(phase))] = PhaseHistory(
+            attempts=int(others), last_outcome=one(outcome, outcome),
+            last_fingerprint=one(fingerprint, fingerprint), last_category=one(category, category),
+            last_revision=one(revision, revision),
             last_fingerprint_seen=int(seen) if fingerprint is not None else 0)
-        if int(run_rank) == 1 and outcome == "ok":
-            runs_ok.add(str(run))
-    return Summary(phases, runs_ok)
+    return found
+
+
+def _history_table() -> Any:
+    """``drainer_attempts`` for statements built with SQLAlchemy's expression language."""
+    return table(HISTORY_TABLE, *(column(name) for name in _NAMES))

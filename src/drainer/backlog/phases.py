@@ -21,6 +21,7 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
+    or_,
     select,
     table,
     update,
@@ -301,9 +302,21 @@ class Phases:
     def _candidates(self, run_id: str | None) -> Any:
         stmt = select(
             self._run, self._phase, self._index, self._state, self._reason
-        ).where(self._state.in_([self.schema.db(PhaseState.FAILED),
-                                 self.schema.db(PhaseState.QUEUED)]))
+        ).where(self._state.in_(self._candidate_states()))
         return stmt if run_id is None else stmt.where(self._run == run_id)
+
+    def _candidate_states(self) -> list[str]:
+        return [self.schema.db(PhaseState.FAILED), self.schema.db(PhaseState.QUEUED)]
+
+    def is_candidate(self, run: Any, phase: Any | None = None) -> Any:
+        """SQL: the run ``run`` (a column of another table) has a candidate phase (FAILED or
+        QUEUED); given ``phase``, that phase is one."""
+        # (Comparisons, not IN: an IN list is expanded at execution, which the SQLite
+        # hot path's precompiled statements do not do.)
+        where = [self._run == run, or_(*(self._state == v for v in self._candidate_states()))]
+        if phase is not None:
+            where.append(self._phase == phase)
+        return exists(select(literal(1)).select_from(self._table).where(*where))
 
     async def _load(self, stmt: Any) -> Candidates:
         canonical = self.schema.canonical
