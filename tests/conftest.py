@@ -291,3 +291,20 @@ def under_a_terminal(argv: list[str], env: Env, **extra: str) -> tuple[int, str]
     proc.wait(timeout=60)
     os.close(controller)
     return proc.returncode, b"".join(chunks).decode()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each database drainer supports (PostgreSQL: the local server, see ``pg.py``)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def make_url(backend: str, tmp_path: Path) -> Iterator[Any]:
+    """``make_url(phases)``: a fresh backlog on the test's database, dropped afterwards."""
+    from contextlib import ExitStack
+
+    from pg import backlog_url
+
+    with ExitStack() as stack:
+        yield lambda phases: stack.enter_context(backlog_url(backend, tmp_path, phases))

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ from drainer.backlog.history import Row
 from drainer.dburl import parse_database_url
 
 # A worker for both databases, driven by its phase id's last part: "ok" completes the
-# phase, "import" fails it with an import error (deterministic), "fail" with an assertion.
+# phase, "import" fails it with an import error (deterministic), "fail" with an assertion;
+# first it sleeps (WORKER_SLEEP, SLEEP_BY_RUN="run=seconds,...") or hangs (HANG_ONCE).
 WORKER = textwrap.dedent(
     """
     import asyncio, os, sqlite3, sys, time
@@ -32,6 +32,15 @@ WORKER = textwrap.dedent(
     state = "COMPLETE" if kind == "ok" else "FAILED"
     reason = {"ok": None, "import": "ImportError: cannot import name 'X' from 'pkg'",
               "fail": "AssertionError: totals differ"}[kind]
+    hang = os.environ.get("HANG_ONCE")  # a file: the first worker to take it hangs
+    if hang:
+        try:
+            os.rename(hang, hang + ".taken")
+            time.sleep(600)
+        except FileNotFoundError:
+            pass
+    sleeps = dict(p.split("=") for p in os.environ.get("SLEEP_BY_RUN", "").split(",") if p)
+    time.sleep(float(sleeps.get(run_id, os.environ.get("WORKER_SLEEP", "0"))))
     url = os.environ["DATABASE_URL"]
     sql = "UPDATE phases SET state = {s}, last_failure_reason = {s} WHERE run_id = {s} AND phase_id = {s}"
     if url.startswith("sqlite:///"):
@@ -48,7 +57,6 @@ WORKER = textwrap.dedent(
             finally:
                 await conn.close()
         asyncio.run(main())
-    time.sleep(float(os.environ.get("WORKER_SLEEP", "0")))
     if kind != "ok":
         print(reason, file=sys.stderr)
     sys.exit(0 if kind == "ok" else 1)
@@ -56,28 +64,13 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def make_url(backend: str, tmp_path: Path) -> Iterator[Any]:
-    """``make_url(phases)``: a fresh backlog on the test's database, dropped afterwards."""
-    from contextlib import ExitStack
-
-    from pg import backlog_url
-
-    with ExitStack() as stack:
-        yield lambda phases: stack.enter_context(backlog_url(backend, tmp_path, phases))
-
-
-def args(env: Env, url: str, *more: str, plain: bool = True) -> list[str]:
+def args(env: Env, url: str, *more: str, plain: bool = True, backoff: str = "0",
+         timeout: str = "60") -> list[str]:
     worker = env.tmp / "history_worker.py"
     worker.write_text(WORKER)
     return ["--database-url", url, "--command", f"{sys.executable} {worker} {{run_id}} "
-            "{phase_id}", "--session-dir", str(env.sessions), "--phase-timeout-seconds", "60",
-            "--retry-backoff-seconds", "0", "--batch-size", "100", *more,
+            "{phase_id}", "--session-dir", str(env.sessions), "--phase-timeout-seconds", timeout,
+            "--retry-backoff-seconds", backoff, "--batch-size", "100", *more,
             *(["--plain"] if plain else [])]
 
 
@@ -509,3 +502,27 @@ async def preferred_runs(url: str) -> None:
         assert runs_only.phases == {} and runs_only.preferred == found.preferred
         assert (await history_.summary(counts=True, other_than="s")).phases == {}
         assert set((await history_.summary(revision="abc")).phases) == set()
+
+
+def test_backoff_delays_a_timed_out_phase_while_others_drain(env: Env, make_url: Any) -> None:
+    """--retry-backoff-seconds on both databases: the phase whose first attempt timed out is
+    retried only after the backoff, and the other phases drain meanwhile."""
+    from datetime import datetime
+
+    url = make_url([(run, "P1-ok", 0, "FAILED", None) for run in ("run-a", "run-b", "run-c")])
+    hang = env.tmp / "hang-once"
+    hang.touch()
+    proc = env.run_cli("run", *args(env, url, "--max-attempts-per-phase", "2", backoff="2",
+                                    timeout="1"), env=env.worker_env(HANG_ONCE=str(hang)))
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # (an attempt timed out)
+    (records,) = sessions(env).values()
+    order = [(r["run_id"], r["timed_out"]) for r in records]
+    assert order == [("run-a", True), ("run-b", False), ("run-c", False), ("run-a", False)]
+
+    def at(stamp: str) -> datetime:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+    waited = at(records[3]["started_at"]) - at(records[0]["finished_at"])
+    assert waited.total_seconds() >= 2.0
+    assert [r.outcome for r in sorted(history(url), key=lambda r: r.finished_at)] == [
+        "timed out", "ok", "ok", "ok"]

@@ -52,6 +52,7 @@ from .selection import (
 )
 from .sinks import TAIL_BYTES
 from .supervisor import AttemptSpec, ProcessResult, RssSampler, Supervisor
+from .timeouts import SAMPLES_KEPT, Timeouts
 from .worktrees import check_git_workspace
 
 DB_CLEANUP_TIMEOUT = 90.0  #: settling an attempt gives up after this long (resume mends it)
@@ -514,6 +515,11 @@ class AttemptRunner:
         self.sampler = RssSampler()
         #: renews every running attempt's lease; the scheduler runs it for the session
         self.heartbeats = Heartbeats(store, recorder, ttl=config.lease_ttl)
+        #: each attempt's time limit: fixed, or learnt from the history
+        self.timeouts = Timeouts(
+            config.timeout_setting, low=config.min_phase_timeout, high=config.max_phase_timeout,
+            read=functools.partial(store.history.durations, per_category=SAMPLES_KEPT)
+            if store.keeps_history else None)
 
     def use_lane_workspaces(self, paths: dict[int, Path]) -> None:
         self._workspaces = dict(paths)
@@ -607,11 +613,14 @@ class AttemptRunner:
         the worker's tree is killed and the attempt settled before the cancellation goes on."""
         cfg, ref = self.config, claimed.ref
         out, err, attempt_number = self._log_paths(ref, attempt_number)
+        limit = await self.timeouts.limit(_category(ref.last_failure_reason), ref.run_id,
+                                          ref.phase_id)
         started = Attempt(
             run_id=ref.run_id, phase_id=ref.phase_id, phase_index=ref.phase_index,
             initial_state=ref.state, attempt_id=claimed.attempt_id,
             attempt_number=attempt_number, lane=lane, started_at=iso(utcnow()),
             subprocess_stdout_path=str(out), subprocess_stderr_path=str(err),
+            timeout_seconds=None if limit is None else limit.seconds,
         )
         workspace = self._workspaces.get(lane, cfg.workspace)
         resolved = self._resolved.get(workspace)
@@ -628,7 +637,7 @@ class AttemptRunner:
             attempt_id=claimed.attempt_id,
             stdout_path=out,
             stderr_path=err,
-            timeout=cfg.phase_timeout,
+            timeout=started.timeout_seconds,
             kill_grace_period=cfg.kill_grace_period,
             max_log_bytes=cfg.max_log_bytes,
             secrets=cfg.secrets,
@@ -690,6 +699,8 @@ class AttemptRunner:
                 f"the database did not answer within {DB_CLEANUP_TIMEOUT:g}s while finishing "
                 f"{ref.run_id} / {ref.phase_id}; resume the session to reconcile it"
             ) from None
+        self.timeouts.observe(attempt.run_id, attempt.phase_id, timed_out=attempt.timed_out,
+                              seconds=attempt.timeout_seconds)
         crash_point("after_exit")
         self._recorder.attempt_finished(attempt)
         return attempt
@@ -712,7 +723,7 @@ class AttemptRunner:
             row = outcome.row
             why = None
             if row is not None and not is_final_state(row[0]):
-                why = restore_reason(result, row[0], cfg.phase_timeout_label,
+                why = restore_reason(result, row[0], _limit_label(started),
                                      lease_lost=lease_lost)
             finished = await leases.finish(ref.run_id, ref.phase_id, claimed.attempt_id,
                                            restore=why)
@@ -742,13 +753,13 @@ class AttemptRunner:
             row = outcome.row
         why = None
         if row is not None and not is_final_state(row[0]):
-            why = restore_reason(result, row[0], cfg.phase_timeout_label, lease_lost=lease_lost)
+            why = restore_reason(result, row[0], _limit_label(started), lease_lost=lease_lost)
             row = (PhaseState.FAILED.value, with_note(row[1], why))
         attempt = await self._judge(started, result, claimed, row=row,
                                     restored=why is not None,
                                     telemetry_after=outcome.telemetry, lease_lost=lease_lost)
         finished = await leases.finish(ref.run_id, ref.phase_id, claimed.attempt_id,
-                                       restore=why, entry=self._entry(attempt, row))
+                                       restore=why, entry=self._entry(attempt, row, ref))
         lost = lease_lost or not finished.held
         if lost == lease_lost and (why is None or finished.restored is not None):
             return attempt
@@ -759,7 +770,7 @@ class AttemptRunner:
         attempt = await self._judge(started, result, claimed, row=row,
                                     restored=finished.restored is not None,
                                     telemetry_after=outcome.telemetry, lease_lost=lost)
-        await self._store.history.amend(self._entry(attempt, row))
+        await self._store.history.amend(self._entry(attempt, row, ref))
         return attempt
 
     async def _judge(self, started: Attempt, result: ProcessResult, claimed: Claimed, *,
@@ -775,14 +786,18 @@ class AttemptRunner:
             started, result, row=row, restored=restored,
             telemetry_before=claimed.telemetry_before, telemetry_after=telemetry_after,
             previous_reason=claimed.ref.last_failure_reason,
-            timeout_label=cfg.phase_timeout_label, secrets=cfg.secrets,
+            timeout_label=_limit_label(started), secrets=cfg.secrets,
             finished_at=iso(utcnow()), lease_lost=lease_lost, kept=kept,
         )
 
-    def _entry(self, attempt: Attempt, row: PhaseRow | None) -> Entry:
+    def _entry(self, attempt: Attempt, row: PhaseRow | None,
+               picked: PhaseRef | None = None) -> Entry:
+        """``picked``: the phase as it was claimed (its reason's category is recorded)."""
         return history_entry(attempt, row[1] if row is not None else None,
                              session_id=self._session_id, host=self._host,
-                             revision=self._revision)
+                             revision=self._revision,
+                             phase_category=None if picked is None else _category(
+                                 picked.last_failure_reason))
 
     # -- after a crash -------------------------------------------------------------------------
 
@@ -856,10 +871,21 @@ def _clean(result: ProcessResult) -> bool:
     return result.returncode == 0 and not result.timed_out and not result.cancelled
 
 
+def _category(reason: str | None) -> str:
+    """The name of a reason's priority category (:func:`failure_category`)."""
+    return CATEGORY_NAMES[failure_category(reason)]
+
+
+def _limit_label(started: Attempt) -> str:
+    """How messages name an attempt's time limit."""
+    return "none" if started.timeout_seconds is None else f"{started.timeout_seconds:g}s"
+
+
 def history_entry(attempt: Attempt, reason: str | None, *, session_id: str, host: str,
-                  revision: str | None) -> Entry:
+                  revision: str | None, phase_category: str | None = None) -> Entry:
     """An attempt as the history keeps it (pure). ``reason``: its phase's
-    ``last_failure_reason`` after it, which names the failure's category."""
+    ``last_failure_reason`` after it, which names the failure's category;
+    ``phase_category``: the category of the reason it was picked with."""
     category = None
     if not attempt.success and not attempt.interrupted:
         if attempt.timed_out:
@@ -877,7 +903,8 @@ def history_entry(attempt: Attempt, reason: str | None, *, session_id: str, host
         outcome=attempt.outcome, final_state=attempt.final_state,
         fingerprint=attempt.failure_fingerprint,
         failure_category=category, telemetry_events=attempt.telemetry_events_collected,
-        exit_status=attempt.subprocess_returncode, revision=revision)
+        exit_status=attempt.subprocess_returncode, revision=revision,
+        phase_category=phase_category, timeout_seconds=attempt.timeout_seconds)
 
 
 def settled_attempt(record: Attempt, row: HistoryRow,

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from .errors import UsageError
 from .models import FAILURE_SHARE_MIN_ATTEMPTS, FailureLimit
 from .schema import Schema
+from .timeouts import DEFAULT_LIMIT, TimeoutSetting
 
 if TYPE_CHECKING:
     from .dburl import DatabaseURL
@@ -246,6 +247,14 @@ def _whole(minimum: int, *, maximum: int | None = None) -> Callable[[str, Any], 
     return check
 
 
+def _timeout_value(text: str) -> float | str:
+    """``--phase-timeout-seconds`` as given: seconds, or ``auto[:F]`` (checked later)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip().lower()
+
+
 def _seconds(*, positive: bool) -> Callable[[str, Any], None]:
     def check(flag: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -321,9 +330,19 @@ class DrainConfig:
         None, "--api-command", "start one API server for all workers, e.g. "
         "'uvicorn autopack.main:app --port {port}'; stopped at the end", WORKER,
         metavar="TEMPLATE", kind=TEMPLATE)
-    phase_timeout: float | None = option(
-        900.0, "--phase-timeout-seconds", "kill an attempt's whole process tree after S "
-        "seconds (default: %(default)s)", WORKER, metavar="S", parse=float,
+    phase_timeout: float | str | None = option(
+        DEFAULT_LIMIT, "--phase-timeout-seconds", "kill an attempt's whole process tree after "
+        "S seconds; 'auto' or 'auto:F': F (default 2) times the 95th percentile of the "
+        "durations of attempts like it in the attempt history, from 5 of them on "
+        "(default: %(default)s)", WORKER, metavar="S|auto[:F]", parse=_timeout_value,
+        check=TimeoutSetting.check)
+    min_phase_timeout: float = option(
+        60.0, "--min-phase-timeout-seconds", "an adaptive limit is at least S seconds "
+        "(default: %(default)s)", WORKER, metavar="S", parse=float,
+        check=_seconds(positive=True))
+    max_phase_timeout: float = option(
+        3600.0, "--max-phase-timeout-seconds", "an adaptive limit, and a retry's doubled one, "
+        "is at most S seconds (default: %(default)s)", WORKER, metavar="S", parse=float,
         check=_seconds(positive=True))
     kill_grace_period: float = option(
         5.0, "--kill-grace-seconds", "between SIGTERM and SIGKILL when killing a tree "
@@ -452,6 +471,14 @@ class DrainConfig:
             if not any("{port}" in t for t in tokens):
                 raise UsageError("--api-command needs a {port} placeholder for the free port")
             setattr_(self, "api_command", tokens)
+        if self.min_phase_timeout > self.max_phase_timeout:
+            raise UsageError(f"--min-phase-timeout-seconds ({self.min_phase_timeout:g}) is "
+                             f"above --max-phase-timeout-seconds ({self.max_phase_timeout:g})")
+        if isinstance(self.phase_timeout, str):  # "auto", "AUTO:2": one spelling
+            setattr_(self, "phase_timeout", self.timeout_setting.label)
+        if self.timeout_setting.factor is not None and not self.history:
+            raise UsageError("--phase-timeout-seconds auto learns from the attempt history, "
+                             "which --no-history turns off; drop one or the other")
         if self.revision_command is not None:
             setattr_(self, "revision_command", split_command(
                 self.revision_command, allowed=REVISION_PLACEHOLDERS,
@@ -524,8 +551,13 @@ class DrainConfig:
         return command_too_long(self.command_tokens, longest)
 
     @property
+    def timeout_setting(self) -> TimeoutSetting:
+        """``--phase-timeout-seconds``: fixed seconds, or adaptive (``auto[:F]``)."""
+        return TimeoutSetting.parse(self.phase_timeout)
+
+    @property
     def phase_timeout_label(self) -> str:
-        return "none" if self.phase_timeout is None else f"{self.phase_timeout:g}s"
+        return self.timeout_setting.label
 
     def to_json(self) -> dict[str, Any]:
         """The options as written into session files (keys: field names); secrets redacted."""

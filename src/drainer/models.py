@@ -299,6 +299,7 @@ class Attempt:
     peak_rss_bytes: int | None = None
     stdout_bytes: int = 0
     stderr_bytes: int = 0
+    timeout_seconds: float | None = None  #: the limit it ran under (None: none)
 
     def __post_init__(self) -> None:
         if not isinstance(self.leaked_processes, tuple):  # a list from a caller
@@ -359,7 +360,7 @@ AUTOPACK_FIELDS: tuple[str, ...] = (
 _ATTEMPT_FIELDS: tuple[str, ...] = (*AUTOPACK_FIELDS,
     "llm_call_seen", "worker_error", "attempt_id", "attempt_number", "lane", "started_at",
     "finished_at", "timed_out", "cancelled", "interrupted", "lease_lost", "state_restored",
-    "leaked_processes", "peak_rss_bytes", "stdout_bytes", "stderr_bytes",
+    "leaked_processes", "peak_rss_bytes", "stdout_bytes", "stderr_bytes", "timeout_seconds",
 )
 #: how Autopack's controller records a timeout (its analyzer counts return codes -1 and 143)
 AUTOPACK_TIMEOUT_STATE = "TIMEOUT"
@@ -387,6 +388,7 @@ _NUMBER_FIELDS = (
     ("phase_index", int), ("attempt_number", int), ("lane", int),
     ("subprocess_returncode", int), ("subprocess_duration_seconds", float),
     ("telemetry_events_collected", int), ("telemetry_yield_per_minute", float),
+    ("timeout_seconds", float),
 )
 
 

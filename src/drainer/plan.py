@@ -22,6 +22,7 @@ from .reasons import stale_note, with_note
 from .report import autopack_note, shown_id
 from .revision import session_revision
 from .selection import CATEGORY_NAMES, Selector, check_run_id, failure_category
+from .timeouts import MIN_SAMPLES, SAMPLES_KEPT, TimeoutTable
 
 SKIPPED_SHOWN = 50
 
@@ -35,6 +36,8 @@ class Plan:
     #: with --restore-stale-after: each phase a session would restore first (its picks
     #: count them as FAILED); None when the option is off or updated_at cannot tell
     stale: list[Stale] | None = None
+    #: with --phase-timeout-seconds auto: the limits learnt from the history
+    timeouts: TimeoutTable | None = None
 
 
 def _failed_again(ref: PhaseRef, attempt_number: int) -> Attempt:
@@ -67,6 +70,12 @@ async def make_plan(config: DrainConfig) -> Plan:
             load = functools.partial(_with_restored, load, stale,
                                      config.restore_stale_after / 60)
         revision = await anyio.to_thread.run_sync(session_revision, config)
+        setting, timeouts = config.timeout_setting, None
+        if setting.factor is not None:
+            timeouts = TimeoutTable(
+                await backlog.history.durations(per_category=SAMPLES_KEPT),
+                factor=setting.factor, low=config.min_phase_timeout,
+                high=config.max_phase_timeout)
         selector = Selector(
             load,
             max_attempts_per_phase=config.max_attempts_per_phase,
@@ -91,7 +100,7 @@ async def make_plan(config: DrainConfig) -> Plan:
             selector.observe(_failed_again(ref, number))
     reached = len({ref.key for ref, _ in picks})
     return Plan(counts=counts, picks=picks, remaining=selector.candidates - reached,
-                skipped=selector.skipped, stale=stale)
+                skipped=selector.skipped, stale=stale, timeouts=timeouts)
 
 
 async def _with_restored(load: Callable[[], Awaitable[Candidates]], stale: list[Stale],
@@ -104,6 +113,22 @@ async def _with_restored(load: Callable[[], Awaitable[Candidates]], stale: list[
     refs += [PhaseRef(s.run_id, s.phase_id, s.phase_index, PhaseState.FAILED.value,
                       with_note(s.reason, stale_note(s.state, minutes))) for s in stale]
     return Candidates.of(refs)
+
+
+def timeout_lines(table: TimeoutTable, config: DrainConfig) -> list[str]:
+    """The table of adaptive limits: per category, and per run prefix with enough samples."""
+    lines = [f"Time limits (--phase-timeout-seconds {config.phase_timeout_label}: "
+             f"{table.factor:g} x the 95th percentile of the durations of attempts that ended "
+             f"on their own, within {table.low:g}-{table.high:g} s; {table.default:g} s until "
+             f"{MIN_SAMPLES} exist):"]
+    if not table.rows:
+        return [*lines, "  (no category has enough samples yet: every limit is the default)"]
+    width = max(len(r.category) for r in table.rows)
+    for row in table.rows:
+        scope = row.category if row.prefix is None else f"{row.category} / {row.prefix}*"
+        lines.append(f"  {scope:<{width + 4}}  {row.samples:>5} samples  p95 "
+                     f"{row.p95:>8.1f}s  limit {row.seconds:>6.0f}s")
+    return lines
 
 
 def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
@@ -127,15 +152,20 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
                              f"[{found.state}]")
             if len(plan.stale) > SKIPPED_SHOWN:
                 lines.append(f"  ... and {len(plan.stale) - SKIPPED_SHOWN} more")
+    if plan.timeouts is not None:
+        lines += timeout_lines(plan.timeouts, config)
     lines.append(f"Would drain, in order (batch size {config.batch_size}):")
     if not plan.picks:
         lines.append("  (nothing: no candidate phases)")
     for n, (ref, attempt) in enumerate(plan.picks, start=1):
         category = CATEGORY_NAMES[failure_category(ref.last_failure_reason)]
         retry = f", retry: attempt {attempt}" if attempt > 1 else ""
+        limit = ""
+        if plan.timeouts is not None:
+            limit = f", limit {plan.timeouts.limit(category, ref.run_id).seconds:.0f}s"
         lines.append(
             f"  {n:>4}. {shown_id(ref.run_id)} / {shown_id(ref.phase_id)}  "
-            f"[{ref.state}, index {ref.phase_index}, {category}{retry}]"
+            f"[{ref.state}, index {ref.phase_index}, {category}{retry}{limit}]"
         )
     if plan.remaining:
         lines.append(f"  ... {plan.remaining} more candidate(s) after this batch")

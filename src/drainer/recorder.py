@@ -75,6 +75,8 @@ class Recorder:
         self.files = files
         self.session_id = files.session_id
         self.totals = Totals()
+        #: progress lines name each attempt's limit when it is adaptive
+        self._show_limit = config.timeout_setting.factor is not None
         self.echo = make_echo(config, echo)
         self._on_event = on_event
         self._snapshot_fields = snapshot_fields
@@ -106,7 +108,7 @@ class Recorder:
     def attempt_started(self, event: AttemptStarted, number: int) -> None:
         self.journal(event)
         self.echo(started_line(event.attempt, number, self.config.batch_size,
-                               self.config.lanes))
+                               self.config.lanes, self._show_limit))
         self.emit(event)
 
     def attempt_spawned(self, event: AttemptSpawned) -> None:

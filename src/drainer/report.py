@@ -63,9 +63,13 @@ def _one_line(text: str | None, limit: int = EXCERPT) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def started_line(a: Attempt, number: int, batch_size: int, lanes: int) -> str:
+def started_line(a: Attempt, number: int, batch_size: int, lanes: int,
+                 show_limit: bool = False) -> str:
+    """``show_limit``: name the attempt's time limit (adaptive timeouts)."""
     lane = f" [lane {a.lane}]" if lanes > 1 else ""
-    return f"[{number}/{batch_size}]{lane} Draining: {shown_id(a.run_id)} / {shown_id(a.phase_id)}"
+    limit = f" (limit {a.timeout_seconds:.0f}s)" if show_limit and a.timeout_seconds else ""
+    return (f"[{number}/{batch_size}]{lane} Draining: {shown_id(a.run_id)} / "
+            f"{shown_id(a.phase_id)}{limit}")
 
 
 def attempt_lines(a: Attempt, lanes: int = 1) -> list[str]:

@@ -182,9 +182,11 @@ class DrainSession:
         cfg = self.config
         await backlog.prepare_for_writes(history=cfg.history)
         if backlog.history_problem is not None:
-            if cfg.attempts_scope == "history" or cfg.skip_unchanged:
-                raise UsageError(f"{backlog.history_problem}; --attempts-scope history and "
-                                 "--skip-unchanged need the attempt history")
+            if cfg.attempts_scope == "history" or cfg.skip_unchanged or \
+                    cfg.timeout_setting.factor is not None:
+                raise UsageError(f"{backlog.history_problem}; --attempts-scope history, "
+                                 "--skip-unchanged and --phase-timeout-seconds auto need the "
+                                 "attempt history")
             self._say(f"[WARN] {backlog.history_problem}: attempts are not recorded in the "
                       f"history (pass --no-history to say so; the database's owner can "
                       f"create it: {backlog.history.ddl})")

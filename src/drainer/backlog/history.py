@@ -53,6 +53,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("telemetry_events", "INTEGER"),
     ("exit_status", "INTEGER"),
     ("revision", "VARCHAR(128)"),
+    ("phase_category", "VARCHAR(32)"),
+    ("timeout_seconds", "DOUBLE PRECISION"),
 )
 _NAMES = tuple(name for name, _ in COLUMNS)
 #: the numeric columns' parameter types on PostgreSQL (the others are TEXT)
@@ -87,6 +89,8 @@ class Entry:
     telemetry_events: int | None
     exit_status: int | None
     revision: str | None
+    phase_category: str | None = None  #: its reason's category when it was picked
+    timeout_seconds: float | None = None  #: the limit it ran under (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,8 @@ class Row:
     telemetry_events: int | None
     exit_status: int | None
     revision: str | None
+    phase_category: str | None = None
+    timeout_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,6 +190,14 @@ class History:
                                            {"key": _HISTORY_DDL_LOCK})
                     for statement in self.ddl.split("; "):
                         await conn.execute(text(statement))
+                    # A table of an older drainer lacks the columns added since: add them.
+                    have = set(await conn.run_sync(
+                        lambda c: {col["name"] for col in inspect(c).get_columns(
+                            HISTORY_TABLE)}))
+                    for name, kind in COLUMNS:
+                        if name not in have:
+                            await conn.execute(text(
+                                f"ALTER TABLE {HISTORY_TABLE} ADD COLUMN {name} {kind}"))
             except (IntegrityError, ProgrammingError):
                 if not await self.has_table():
                     raise
@@ -309,6 +323,28 @@ class History:
                       inner.c.failure_category, inner.c.revision, inner.c.others,
                       inner.c.seen).where(inner.c.phase_rank == 1, or_(*wanted))
 
+    async def durations(self, *, per_category: int) -> list[tuple[str, str, float]]:
+        """(phase category, run, duration) of the latest ``per_category`` attempts of each
+        category that ended on their own (ok or failed: not timed out, cancelled or
+        interrupted), for adaptive timeouts; empty when there is no table yet."""
+        if not await self.has_table():
+            return []
+        h = _history_table()
+        latest = func.row_number().over(partition_by=h.c.phase_category,
+                                        order_by=(h.c.finished_at.desc(), h.c.attempt_id.desc()))
+        inner = select(h.c.phase_category, h.c.run_id, h.c.duration_seconds,
+                       latest.label("n")).where(
+            or_(h.c.outcome == "ok", h.c.outcome == "failed"),
+            h.c.phase_category.is_not(None)).subquery("latest")
+        stmt = select(inner.c.phase_category, inner.c.run_id, inner.c.duration_seconds).where(
+            inner.c.n <= bindparam("kept", per_category))
+
+        async def read() -> list[tuple[str, str, float]]:
+            rows = await self._engine.run(lambda execute: execute(stmt).all())
+            return [(str(c), str(r), float(d)) for c, r, d in rows]
+
+        return await self._engine.retry("reading the attempt history in", read)
+
     async def get(self, attempt_id: str) -> Row | None:
         """The row of one attempt, if it was recorded."""
         stmt = text(f"SELECT {', '.join(_NAMES)} FROM {HISTORY_TABLE} "
@@ -358,7 +394,8 @@ def _row(r: Any) -> Row:
                duration_seconds=float(r[8]), outcome=str(r[9]), final_state=r[10],
                fingerprint=r[11], failure_category=r[12],
                telemetry_events=None if r[13] is None else int(r[13]),
-               exit_status=None if r[14] is None else int(r[14]), revision=r[15])
+               exit_status=None if r[14] is None else int(r[14]), revision=r[15],
+               phase_category=r[16], timeout_seconds=None if r[17] is None else float(r[17]))
 
 
 def _phases(rows: list[Any]) -> dict[tuple[str, str], PhaseHistory]:
