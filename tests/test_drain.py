@@ -35,7 +35,7 @@ AUTOPACK_RESULT_FIELDS = {
 RESULT_FIELDS = AUTOPACK_RESULT_FIELDS | {
     "llm_call_seen", "worker_error", "attempt_id", "attempt_number", "lane", "started_at",
     "finished_at", "timed_out", "cancelled", "interrupted", "lease_lost", "state_restored",
-    "leaked_processes", "peak_rss_bytes", "stdout_bytes", "stderr_bytes",
+    "leaked_processes", "peak_rss_bytes", "stdout_bytes", "stderr_bytes", "timeout_seconds",
 }
 INFO_FIELDS = {
     "session_id", "started_at", "completed_at", "autopack_session_file", "stop_reason",

@@ -43,6 +43,7 @@ from .revision import session_revision
 from .scheduler import Scheduler, sweep_leases
 from .selection import Selector, check_run_id
 from .signals import watch_signals
+from .timeouts import Timeouts
 from .worktrees import LaneWorkspaces, is_git_workspace
 
 log = logging.getLogger("drainer")
@@ -73,6 +74,7 @@ class DrainSession:
         self._policy = Policy(config, Sensors(leak_count=lambda: self._gauge.total))
         self._recorder: Recorder | None = None
         self._scheduler: Scheduler | None = None
+        self._timeouts: Timeouts | None = None  #: the attempts' limits (a resume replays)
         self._requested_stop: str | None = None
 
     # -- what the embedding API reads ----------------------------------------------------
@@ -222,6 +224,7 @@ class DrainSession:
             revision=revision if cfg.skip_unchanged else None)
         attempts = AttemptRunner(cfg, backlog, self._files, recorder, host=self._host,
                                  api_url=api_url, revision=revision)
+        self._timeouts = attempts.timeouts
         scheduler = self._scheduler = Scheduler(
             cfg, selector=selector, policy=self._policy, attempts=attempts, recorder=recorder,
             leaks=self._gauge)
@@ -376,6 +379,9 @@ class DrainSession:
         """An ended attempt of the session's earlier part, as the drain would have learnt it:
         the session stop it brings, if any."""
         policy = self._policy
+        if self._timeouts is not None:  # (a retry after a timeout gets twice its limit)
+            self._timeouts.observe(attempt.run_id, attempt.phase_id,
+                                   timed_out=attempt.timed_out, seconds=attempt.timeout_seconds)
         started_stop = policy.started()
         run_stops, session_stop = policy.observe(attempt)
         selector.observe(attempt, fingerprint_seen_before=policy.fingerprints.seen_before(
