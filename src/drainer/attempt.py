@@ -22,7 +22,7 @@ from typing import Literal
 import anyio
 
 from . import proctree
-from .backlog import BacklogStore, Entry, Lease, PhaseRow
+from .backlog import BacklogStore, Entry, Lease, Outcome, PhaseRow
 from .backlog.history import Row as HistoryRow
 from .config import DrainConfig, render_command
 from .dburl import redact_text
@@ -739,13 +739,34 @@ class AttemptRunner:
     async def _settle_recorded(
         self, started: Attempt, result: ProcessResult, claimed: Claimed, *, lease_lost: bool
     ) -> Attempt:
-        """With the attempt history: read the phase, judge the attempt as if its lease held
-        (the common case), then restore (if needed), release and record its history row in
-        one transaction. Rarely the lease turns out lost there, or the phase changed: then
-        it is judged again and its row amended."""
+        """With the attempt history. The common case is one round trip: read the phase,
+        judge the attempt as if its lease held, record its history row and release the
+        lease. Else (the phase left non-final, a reason to keep whole): judge, then
+        restore (if needed), release and record in one transaction. Rarely the lease turns
+        out lost there, or the phase changed: then it is judged again and its row amended."""
         cfg, ref = self.config, claimed.ref
         phases, leases = self._store.phases, self._store.leases
-        outcome = await phases.read_outcome(ref.run_id, ref.phase_id, writer=True)
+
+        def decide(found: Outcome) -> tuple[Attempt, Entry] | None:
+            # The common case, judged inside the round trip: the phase is final (or gone)
+            # and its reason short enough to need no file of its own.
+            if found.row is not None and (not is_final_state(found.row[0]) or (
+                    found.row[1] is not None and len(found.row[1]) > MAX_ERROR_CHARS)):
+                return None
+            judged = self._judge_now(started, result, claimed, row=found.row, restored=False,
+                                     telemetry_after=found.telemetry, lease_lost=lease_lost)
+            return judged, self._entry(judged, found.row, ref)
+
+        outcome, attempt, held = await leases.finish_recorded(
+            ref.run_id, ref.phase_id, claimed.attempt_id, decide)
+        if attempt is not None:
+            if held or lease_lost:
+                return attempt
+            attempt = await self._judge(started, result, claimed, row=outcome.row,
+                                        restored=False, telemetry_after=outcome.telemetry,
+                                        lease_lost=True)
+            await self._store.history.amend(self._entry(attempt, outcome.row, ref))
+            return attempt
         row = outcome.row
         if row is not None and not is_final_state(row[0]) and _clean(result):
             outcome = await phases.wait_final_state(ref.run_id, ref.phase_id,
@@ -782,6 +803,16 @@ class AttemptRunner:
             kept = await anyio.to_thread.run_sync(functools.partial(
                 keep_whole_reason, started.subprocess_stderr_path, row[1],
                 secrets=cfg.secrets, limit=cfg.max_log_bytes))
+        return self._judge_now(started, result, claimed, row=row, restored=restored,
+                               telemetry_after=telemetry_after, lease_lost=lease_lost,
+                               kept=kept)
+
+    def _judge_now(self, started: Attempt, result: ProcessResult, claimed: Claimed, *,
+                   row: PhaseRow | None, restored: bool, telemetry_after: int | None,
+                   lease_lost: bool, kept: str | None = None) -> Attempt:
+        """:func:`judge` with the session's settings (no I/O: it may run inside a round
+        trip)."""
+        cfg = self.config
         return judge(
             started, result, row=row, restored=restored,
             telemetry_before=claimed.telemetry_before, telemetry_after=telemetry_after,

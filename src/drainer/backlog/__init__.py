@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 
@@ -21,8 +21,10 @@ from ..models import Candidates, PhaseState
 from ..schema import Schema
 from ._engine import Engine, check_sqlite_file
 from .history import HISTORY_TABLE, Entry, History, PhaseHistory, Summary
-from .leases import LEASE_TABLE, Claim, Finished, Lease, Leases
+from .leases import LEASE_TABLE, Claim, Decide, Finished, Lease, Leases
 from .phases import Outcome, PhaseRow, Phases, Stale
+
+T = TypeVar("T")
 
 __all__ = [
     "HISTORY_TABLE",
@@ -77,6 +79,8 @@ class LeaseStore(Protocol):
                      restore: str | None, entry: Entry | None = None) -> Finished: ...
     async def finish_if_final(self, run_id: str, phase_id: str,
                               attempt_id: str) -> tuple[Outcome, bool | None]: ...
+    async def finish_recorded(self, run_id: str, phase_id: str, attempt_id: str,
+                              decide: Decide[T]) -> tuple[Outcome, T | None, bool]: ...
     async def release(self, run_id: str, attempt_id: str) -> None: ...
     async def release_quietly(self, run_id: str, attempt_id: str) -> None: ...
     async def release_session(self, session_id: str) -> int: ...

@@ -8,8 +8,9 @@ it in one transaction. Expiry is judged by the database's clock.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy import (
@@ -45,6 +46,9 @@ _COLUMNS = "run_id, session_id, attempt_id, phase_id, host, pid, acquired_at, he
 #: the worker's tree by pid and create time as well as by marker (a descendant that cleared
 #: its environment carries no marker); NULL until the first heartbeat after the spawn
 _WORKER_COLUMNS = {"worker_pid": "INTEGER", "worker_created": "DOUBLE PRECISION"}
+T = TypeVar("T")
+#: ``decide(outcome)``: the judged attempt and its history row, or None (see finish_recorded)
+Decide = Callable[[Outcome], "tuple[T, Entry] | None"]
 RELEASE_TIMEOUT = 5.0  #: a best-effort release gives up after this long (the lease expires)
 
 
@@ -426,6 +430,39 @@ class Leases:
             return Finished(held=held, restored=restored)
 
         return await self._engine.retry("finishing an attempt in", settle)
+
+    async def finish_recorded(
+        self, run_id: str, phase_id: str, attempt_id: str, decide: Decide[T]
+    ) -> tuple[Outcome, T | None, bool]:
+        """After an attempt, with the history, in one round trip when it can: read the phase
+        and its telemetry, ``decide(outcome)`` (a plain function: the judged attempt and its
+        history row, or None when the attempt needs more: a phase left non-final, a reason
+        to keep whole), then record the row and release the lease. Returns the outcome,
+        what ``decide`` judged (None: nothing was written; use :meth:`finish`) and whether
+        the lease was still ours."""
+        history = self.history
+        assert history is not None
+        phases = self._phases
+        params = {"run_id": run_id, "attempt_id": attempt_id}
+
+        def body(execute: Execute) -> tuple[Outcome, T | None, bool]:
+            outcome = phases.outcome_with(execute, run_id, phase_id)
+            decided = decide(outcome)
+            if decided is None:
+                return outcome, None, True
+            judged, entry = decided
+            if not self._sqlite:
+                row = execute(self._pg_record(history), {**asdict(entry), **params}).first()
+                added, held = bool(row.added), bool(row.held)
+            else:
+                added = history.insert_with(execute, entry)  # (reads the lease: first)
+                held = bool(execute(self._delete_stmt, params).rowcount)
+            # (not added: a retry whose first try committed, lease release included)
+            return outcome, judged, held or not added
+
+        return await self._engine.retry(
+            "finishing an attempt in",
+            lambda: self._engine.run(body, write=True, transaction=self._sqlite))
 
     def _pg_record(self, history: History) -> Any:
         """PostgreSQL: our lease deleted and the attempt's row inserted, in one statement
