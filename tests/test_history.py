@@ -22,7 +22,8 @@ from drainer.backlog.history import Row
 from drainer.dburl import parse_database_url
 
 # A worker for both databases, driven by its phase id's last part: "ok" completes the
-# phase, "import" fails it with an import error (deterministic), "fail" with an assertion;
+# phase, "import" fails it with an import error (deterministic), "fail" with an assertion,
+# "path" with a missing file under a path that names its run;
 # first it sleeps (WORKER_SLEEP, SLEEP_BY_RUN="run=seconds,...") or hangs (HANG_ONCE).
 WORKER = textwrap.dedent(
     """
@@ -31,7 +32,8 @@ WORKER = textwrap.dedent(
     kind = phase_id.rsplit("-", 1)[1]
     state = "COMPLETE" if kind == "ok" else "FAILED"
     reason = {"ok": None, "import": "ImportError: cannot import name 'X' from 'pkg'",
-              "fail": "AssertionError: totals differ"}[kind]
+              "fail": "AssertionError: totals differ",
+              "path": f"FileNotFoundError: [Errno 2] No such file: '/srv/{run_id}/out.json'"}[kind]
     hang = os.environ.get("HANG_ONCE")  # a file: the first worker to take it hangs
     if hang:
         try:

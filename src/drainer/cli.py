@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "sessions and drainers instead of one session: per run and phase, "
                          "attempts, the outcome trend, fingerprints by revision; needs "
                          "--database-url or DATABASE_URL")
+    an.add_argument("--clusters", action="store_true",
+                    help="group the failed attempts of the attempt history into clusters "
+                         "(same exception, and the same location or similar messages), each "
+                         "with its runs and the options that avoid or target it; needs "
+                         "--database-url or DATABASE_URL")
     _add_option(an, "database_url", OPTIONS["database_url"])
     _add_option(an, "run_id", OPTIONS["run_id"])
     st = _sub(sub, "status", help="backlog by run, QUEUED and stale phases, sessions",
@@ -218,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "analyze":
         values, _ = resolve(given, environ, file,
                             names=("session_dir", "database_url", "run_id"), strict=False)
-        if getattr(args, "history", False):
+        if getattr(args, "history", False) or getattr(args, "clusters", False):
             return _analyze_history(args, values, schema_of(file).get("schema"))
         return _analyze(args, values.get("session_dir", default_of("session_dir")))
     if args.cmd == "status":
@@ -370,8 +375,8 @@ def _analyze_history(args: argparse.Namespace, values: dict[str, Any], schema: A
 
     url = values.get("database_url")
     if not url:
-        raise UsageError("analyze --history reads the backlog: pass --database-url URL or "
-                         "set DATABASE_URL")
+        raise UsageError("analyze --history and --clusters read the backlog: pass "
+                         "--database-url URL or set DATABASE_URL")
     db = parse_database_url(url)
     run_id = values.get("run_id")
 
@@ -379,14 +384,23 @@ def _analyze_history(args: argparse.Namespace, values: dict[str, Any], schema: A
         async with open_backlog(db, schema=schema) as backlog:
             return await backlog.history.rows(run_id=run_id)
 
-    report = history_report(anyio.run(read), db.redacted, run_id=run_id)
-    html = getattr(args, "html", None)
-    if html is not None:
+    rows = anyio.run(read)
+    if getattr(args, "clusters", False):
+        from .clusters import clusters_report, clusters_text
+        from .report_html import render_clusters_html
+
+        report = clusters_report(rows, db.redacted)
+        text, page = clusters_text, render_clusters_html
+    else:
         from .report_html import render_history_html
 
+        report = history_report(rows, db.redacted, run_id=run_id)
+        text, page = history_text, render_history_html
+    html = getattr(args, "html", None)
+    if html is not None:
         out = Path(html)
         try:
-            out.write_text(render_history_html(report), encoding="utf-8")
+            out.write_text(page(report), encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"cannot write --html {out}: {exc.strerror}") from exc
         print(f"HTML report written to {out}", file=sys.stderr)
@@ -395,7 +409,7 @@ def _analyze_history(args: argparse.Namespace, values: dict[str, Any], schema: A
 
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        for line in history_text(report):
+        for line in text(report):
             _echo(line)
     return EXIT_OK
 

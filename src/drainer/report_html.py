@@ -439,3 +439,49 @@ def render_history_html(report: dict[str, Any]) -> str:
 
 
 OUTCOME_ORDER_H = tuple(HISTORY_COLOURS)
+
+
+def _clusters_chart(report: dict[str, Any]) -> str:
+    """One bar per cluster: its failed attempts."""
+    found = report["clusters"][:TOP_FINGERPRINTS]
+    if not found:
+        return '<p class="note">No failed attempts: no clusters.</p>'
+    most = max(c["attempts"] for c in found)
+    row, left = 24, 430
+    parts = []
+    for i, c in enumerate(found):
+        flat = " ".join(str(c["label"]).split())
+        label = flat if len(flat) <= LABEL_CHARS else flat[: LABEL_CHARS - 3] + "..."
+        y = 8 + row * i
+        parts.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end"><title>'
+                     f'{_e(c["label"])}</title>{_e(label)}</text>')
+        w = (WIDTH - left - 60) * c["attempts"] / most
+        parts += [_rect(left, y + 2, w, row - 6, COLOURS["failed"],
+                        f"{c['attempts']} attempt(s) in {len(c['runs'])} run(s)", "cluster"),
+                  _text(left + w + 6, y + 15, str(c["attempts"]))]
+    bottom = 8 + row * len(found)
+    parts.append(_line(left, bottom, WIDTH - 60, bottom))
+    parts.append(_text((left + WIDTH - 60) / 2, bottom + 18, "failed attempts", "middle"))
+    parts += _legend([(COLOURS["failed"], "failed attempts in the cluster")], left, bottom + 28)
+    return _svg("chart-clusters", "Failure clusters (failed attempts)", bottom + 50, parts)
+
+
+def render_clusters_html(report: dict[str, Any]) -> str:
+    """``analyze --clusters`` (:func:`~drainer.clusters.clusters_report`) as one
+    self-contained HTML document."""
+    title = f"drainer failure clusters: {report['source']}"
+    table = _table(
+        ["cluster", "attempts", "runs", "first seen", "last seen", "revisions", "avoid",
+         "target"],
+        [[c["label"], c["attempts"], ", ".join(c["runs"]), c["first_seen"], c["last_seen"],
+          ", ".join(c["revisions"]), " ".join(c["avoid"]),
+          "; ".join(" ".join(t) for t in c["target"])] for c in report["clusters"]],
+        "fntttfcc")
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{_e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="note">{report["failed_attempts"]} failed attempt(s) in '
+        f'{len(report["clusters"])} cluster(s): same exception type, and the same location '
+        f'or word sets at least {report["similarity"]:.0%} alike.</p>',
+        "<h2>Clusters</h2>", _clusters_chart(report), table, "</body>", "</html>", ""])
