@@ -295,6 +295,16 @@ class DrainConfig:
     skip_run_prefixes: tuple[str, ...] = option(
         (), "--skip-run-prefix", "skip runs whose id starts with PREFIX (repeatable)", BACKLOG,
         metavar="PREFIX", kind=LIST)
+    prefer_runs: tuple[str, ...] = option(
+        (), "--prefer-run", "drain this run before every other, in the order given "
+        "(repeatable)", BACKLOG, metavar="RUN", kind=LIST)
+    prefer_run_prefixes: tuple[str, ...] = option(
+        (), "--prefer-run-prefix", "drain runs whose id starts with PREFIX before the others, "
+        "after the --prefer-run ones (repeatable)", BACKLOG, metavar="PREFIX", kind=LIST)
+    priority_file: Path | None = option(
+        None, "--priority-file", "a file of run ids (or PREFIX*), one per line, drained "
+        "before the others in that order, after --prefer-run and --prefer-run-prefix; # "
+        "starts a comment", BACKLOG, metavar="FILE", parse=Path, relative_to_file=True)
     skip_runs_with_queued: bool = option(
         True, "--skip-runs-with-queued", "leave QUEUED phases alone (default); their runs' "
         "FAILED phases drain; --no-skip-runs-with-queued drains them too", BACKLOG,
@@ -449,6 +459,13 @@ class DrainConfig:
         setattr_(self, "skip_run_prefixes", tuple(self.skip_run_prefixes))
         if "" in self.skip_run_prefixes:
             raise UsageError("--skip-run-prefix is empty: it would skip every run")
+        setattr_(self, "prefer_runs", tuple(self.prefer_runs))
+        setattr_(self, "prefer_run_prefixes", tuple(self.prefer_run_prefixes))
+        if "" in self.prefer_runs or "" in self.prefer_run_prefixes:
+            raise UsageError("--prefer-run and --prefer-run-prefix take a non-empty run id or "
+                             "prefix")
+        if self.priority_file is not None:
+            setattr_(self, "priority_file", Path(self.priority_file))
         setattr_(self, "telemetry_tables", tuple(self.telemetry_tables))
         for name, opt in OPTIONS.items():
             value = getattr(self, name)

@@ -18,6 +18,7 @@ from .backlog import LEASE_TABLE, Stale, open_backlog
 from .config import DrainConfig
 from .errors import UsageError
 from .models import Attempt, Candidates, PhaseRef, PhaseState
+from .preferences import Preferences
 from .reasons import stale_note, with_note
 from .report import autopack_note, shown_id
 from .revision import session_revision
@@ -38,6 +39,8 @@ class Plan:
     stale: list[Stale] | None = None
     #: with --phase-timeout-seconds auto: the limits learnt from the history
     timeouts: TimeoutTable | None = None
+    #: --prefer-run, --prefer-run-prefix, --priority-file
+    preferences: Preferences | None = None
 
 
 def _failed_again(ref: PhaseRef, attempt_number: int) -> Attempt:
@@ -70,6 +73,7 @@ async def make_plan(config: DrainConfig) -> Plan:
             load = functools.partial(_with_restored, load, stale,
                                      config.restore_stale_after / 60)
         revision = await anyio.to_thread.run_sync(session_revision, config)
+        preferences = Preferences.of(config)
         setting, timeouts = config.timeout_setting, None
         if setting.factor is not None:
             timeouts = TimeoutTable(
@@ -88,6 +92,7 @@ async def make_plan(config: DrainConfig) -> Plan:
                 revision=revision if config.skip_unchanged else None,
                 candidate=backlog.phases.is_candidate)
             if config.history else None,
+            rank=preferences.rank if preferences else None,
             attempts_scope=config.attempts_scope,
             revision=revision if config.skip_unchanged else None)
         picks: list[tuple[PhaseRef, int]] = []
@@ -100,7 +105,8 @@ async def make_plan(config: DrainConfig) -> Plan:
             selector.observe(_failed_again(ref, number))
     reached = len({ref.key for ref, _ in picks})
     return Plan(counts=counts, picks=picks, remaining=selector.candidates - reached,
-                skipped=selector.skipped, stale=stale, timeouts=timeouts)
+                skipped=selector.skipped, stale=stale, timeouts=timeouts,
+                preferences=preferences)
 
 
 async def _with_restored(load: Callable[[], Awaitable[Candidates]], stale: list[Stale],
@@ -163,6 +169,8 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
         limit = ""
         if plan.timeouts is not None:
             limit = f", limit {plan.timeouts.limit(category, ref.run_id).seconds:.0f}s"
+        if plan.preferences and (why := plan.preferences.describe(ref.run_id)):
+            limit += f", {why}"
         lines.append(
             f"  {n:>4}. {shown_id(ref.run_id)} / {shown_id(ref.phase_id)}  "
             f"[{ref.state}, index {ref.phase_index}, {category}{retry}{limit}]"

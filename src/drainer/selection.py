@@ -243,7 +243,7 @@ class _RunQueue:
     columns, not the index, so no cycle keeps an old load alive after a reload."""
 
     __slots__ = ("_where", "attempts", "candidates", "cursor", "end", "failed", "flags",
-                 "run_id", "start", "tie", "tier", "version")
+                 "rank", "run_id", "start", "tie", "tier", "version")
 
     def __init__(self, run_id: str, columns: CandidateIndex, start: int, end: int,
                  failed: int, tie: int = 0) -> None:
@@ -254,6 +254,7 @@ class _RunQueue:
         self.start, self.end, self.cursor = start, end, start
         self.failed = failed
         self.tier = TIER_UNSAMPLED
+        self.rank = 0  #: its place among the operator's preferred runs (0: first)
         self.version = 0
         self._where: dict[str, int] | None = None
 
@@ -308,8 +309,10 @@ class CandidateIndex:
         #: phases whose ids no worker can be given (a NUL byte): never candidates
         self.unpassable: list[tuple[PhaseRef, str]] = []
         self.size = 0
-        self._heap: list[tuple[int, OrderKey, int, str]] = []
-        self._retry_heap: list[tuple[int, OrderKey, str, int]] = []
+        #: (preference rank, tier, key of the best untried row, version, run)
+        self._heap: list[tuple[int, int, OrderKey, int, str]] = []
+        #: (preference rank, attempts, key, run, row)
+        self._retry_heap: list[tuple[int, int, OrderKey, str, int]] = []
 
     @classmethod
     def build(
@@ -322,9 +325,12 @@ class CandidateIndex:
         too_long: TooLong | None = None,
         tie_salt: str = "",
         preferred: Set[str] = frozenset(),
+        rank: Callable[[str], int] | None = None,
     ) -> CandidateIndex:
         """The index of one load; it takes the candidates' columns over (sorted in place).
-        ``tie_salt``: see :func:`run_tie`; ``preferred`` runs go first among equals."""
+        ``tie_salt``: see :func:`run_tie`; ``preferred`` runs go first among equals;
+        ``rank``: a run's place in the operator's preferences (lower goes first, before
+        tiers and priority)."""
         skipped: list[tuple[PhaseRef, str]] = []
         index = cls(candidates, skipped)
         queued = candidates.queued
@@ -356,6 +362,8 @@ class CandidateIndex:
                 index.size += live
                 tie = run_tie(tie_salt, run_id) - (_PREFERRED if run_id in preferred else 0)
                 queue = index.runs[run_id] = _RunQueue(run_id, index, start, end, failed, tie)
+                if rank is not None:
+                    queue.rank = rank(run_id)
                 index.push(queue)
         skipped.sort(key=lambda item: (item[0].run_id, item[0].phase_index, item[0].phase_id))
         return index
@@ -363,8 +371,8 @@ class CandidateIndex:
     def push(self, queue: _RunQueue) -> None:
         head = queue.head()
         if head is not None:
-            heapq.heappush(self._heap, (queue.tier, queue.key(head), queue.version,
-                                        queue.run_id))
+            heapq.heappush(self._heap, (queue.rank, queue.tier, queue.key(head),
+                                        queue.version, queue.run_id))
 
     def rerank(self, queue: _RunQueue, tier: int) -> None:
         """Queue a run again (its tier may have changed) behind its best untried phase."""
@@ -374,11 +382,11 @@ class CandidateIndex:
 
     def pick(self, busy: Set[str], stopped: Set[str]) -> tuple[_RunQueue, int] | None:
         """The best never-tried phase to drain now (by tier), or None."""
-        deferred: list[tuple[int, OrderKey, int, str]] = []
+        deferred: list[tuple[int, int, OrderKey, int, str]] = []
         found: tuple[_RunQueue, int] | None = None
         while self._heap:
             entry = heapq.heappop(self._heap)
-            tier, key, version, run_id = entry
+            rank, tier, key, version, run_id = entry
             queue = self.runs[run_id]
             if version != queue.version or tier != queue.tier or run_id in stopped:
                 continue  # stale entry, or the run was stopped
@@ -386,7 +394,7 @@ class CandidateIndex:
             if head is None:
                 continue
             if queue.key(head) != key:  # the head moved on: re-queue by its new key
-                heapq.heappush(self._heap, (tier, queue.key(head), version, run_id))
+                heapq.heappush(self._heap, (rank, tier, queue.key(head), version, run_id))
                 continue
             deferred.append(entry)  # a picked run stays queued until its attempt re-ranks it
             if run_id not in busy:
@@ -397,17 +405,18 @@ class CandidateIndex:
         return found
 
     def note_retry(self, queue: _RunQueue, i: int) -> None:
-        heapq.heappush(self._retry_heap, (self.attempts[i], queue.key(i), queue.run_id, i))
+        heapq.heappush(self._retry_heap, (queue.rank, self.attempts[i], queue.key(i),
+                                          queue.run_id, i))
 
     def pick_retry(self, busy: Set[str], stopped: Set[str],
                    waiting: Set[tuple[str, str]] = frozenset()) -> tuple[_RunQueue, int] | None:
         """The phase to retry now (fewest attempts first, then priority), or None.
         ``waiting``: phases whose retry is not due yet (backoff)."""
-        deferred: list[tuple[int, OrderKey, str, int]] = []
+        deferred: list[tuple[int, int, OrderKey, str, int]] = []
         found: tuple[_RunQueue, int] | None = None
         while self._retry_heap:
             entry = heapq.heappop(self._retry_heap)
-            attempts, _order, run_id, i = entry
+            _rank, attempts, _order, run_id, i = entry
             queue = self.runs[run_id]
             if self.attempts[i] != attempts or self.flags[i] != _LAST_FAILED \
                     or run_id in stopped:
@@ -459,6 +468,7 @@ class Selector:
         history: ReadHistory | None = None,
         attempts_scope: str = "session",
         revision: str | None = None,
+        rank: Callable[[str], int] | None = None,
     ) -> None:
         """``too_long``: whether the worker's command line cannot hold a phase's ids
         (:meth:`DrainConfig.ids_too_long`); such phases are skipped, like ids with a NUL.
@@ -474,7 +484,8 @@ class Selector:
         with ``attempts_scope`` "history" a phase's attempts there count towards
         ``max_attempts_per_phase``; given the workspace's ``revision`` (``--skip-unchanged``),
         a phase that failed deterministically at that revision is held back
-        (:func:`unchanged_since`)."""
+        (:func:`unchanged_since`). ``rank``: each run's place among the operator's
+        preferred runs (lower first, before tiers; ``Preferences.rank``)."""
         self._load = load
         self._history = history
         self._scope_history = attempts_scope == "history"
@@ -492,7 +503,7 @@ class Selector:
         self._build = functools.partial(CandidateIndex.build,
                                         skip_run_prefixes=skip_run_prefixes,
                                         skip_queued=skip_queued, keep_skipped=keep_skipped,
-                                        too_long=too_long)
+                                        too_long=too_long, rank=rank)
         self._tie_salt = tie_salt
         self._spread = False  #: runs of equal priority in this session's own order
         self._reloads = reloads

@@ -36,6 +36,7 @@ from .journal import (
 from .leaks import LeakGauge
 from .models import Attempt, SessionStop, SessionSummary, StopReason, Totals
 from .policy import Policy, Sensors
+from .preferences import Preferences
 from .reasons import stale_note
 from .recorder import Echo, Recorder, make_echo
 from .report import header_lines
@@ -132,6 +133,7 @@ class DrainSession:
             if cfg.api_url is not None:
                 await check_api_url(cfg.api_url)
             revision = await anyio.to_thread.run_sync(session_revision, cfg)
+            preferences = Preferences.of(cfg)
             replay = self._find_replay()
             for line in header_lines(cfg, self.session_id, counts, self._policy.describe()):
                 self._say(line)
@@ -151,7 +153,7 @@ class DrainSession:
             # The shared API server starts before the first write: if it never answers, the
             # session ends with exit 2 and nothing changed.
             async with open_api_server(cfg, self.session_id) as api:
-                await self._drain(backlog, replay, api, revision)
+                await self._drain(backlog, replay, api, revision, preferences)
                 if api.log is not None and api.log.failed:
                     self._say(f"[WARN] the API server's log was given up: {api.log.failed}")
         return self.summary()
@@ -179,7 +181,7 @@ class DrainSession:
         return replay
 
     async def _drain(self, backlog: Backlog, replay: Replay | None, api: ApiServer,
-                     revision: str | None) -> None:
+                     revision: str | None, preferences: Preferences) -> None:
         """From the first write on: journal, reconcile, drain, and always finish cleanly."""
         cfg = self.config
         await backlog.prepare_for_writes(history=cfg.history)
@@ -220,6 +222,7 @@ class DrainSession:
                 revision=revision if cfg.skip_unchanged else None,
                 candidate=backlog.phases.is_candidate)
             if cfg.history else None,
+            rank=preferences.rank if preferences else None,
             attempts_scope=cfg.attempts_scope,
             revision=revision if cfg.skip_unchanged else None)
         attempts = AttemptRunner(cfg, backlog, self._files, recorder, host=self._host,
