@@ -258,7 +258,10 @@ class History:
         where = [h.c.outcome != outcome for outcome in NOT_COUNTED]
         if run_id is not None:
             where.append(h.c.run_id == bindparam("run_id", run_id))
-        recent = h.c.finished_at > literal_column(self._engine.now_sql) - RECENT
+        # (The bound as SQL text, not a bound number: SQLAlchemy before 2.0.x names a
+        # number bound to a literal column after its text, which the SQLite hot path's
+        # precompiled statements cannot look up.)
+        recent = h.c.finished_at > literal_column(f"({self._engine.now_sql} - {RECENT!r})")
         preferred = self._preferred_stmt(h, [*where, recent], candidate)
         by_phase = self._phases_stmt(h, where, candidate, counts=counts,
                                      revision=revision) if counts or revision else None
