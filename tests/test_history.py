@@ -287,8 +287,11 @@ def test_an_attempt_interrupted_by_a_crash_is_recorded_once_when_resumed(
         env: Env, make_url: Any) -> None:
     url = make_url([("run-a", "P1-ok", 0, "FAILED", None),
                     ("run-b", "P1-fail", 0, "FAILED", None)])
+    hang = env.tmp / "hang-once"
+    hang.touch()  # the first worker hangs before it writes: it cannot finish its phase
     crashed = env.run_cli("run", *args(env, url, "--max-attempts-per-phase", "1"),
-                          env=env.worker_env(DRAINER_CRASH_AT="worker_running:1"))
+                          env=env.worker_env(DRAINER_CRASH_AT="worker_running:1",
+                                             HANG_ONCE=str(hang)))
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     assert history(url) == []  # drainer died while its worker ran: nothing settled yet
     resumed = env.run_cli("run", *args(env, url, "--resume", "latest",
