@@ -346,13 +346,24 @@ def _analyze(args: argparse.Namespace, session_dir: Path) -> int:
         print(f"drainer: warning: {session.damage.describe()}; analysing the rest",
               file=sys.stderr)
     report = analyze(session)
-    html = getattr(args, "html", None)
-    if html is not None:
+
+    def page(report: dict[str, Any]) -> str:
         from .report_html import render_html
 
+        return render_html(session, report)
+
+    return _print_report(args, report, render_text, page)
+
+
+def _print_report(args: argparse.Namespace, report: dict[str, Any],
+                  text: Callable[[dict[str, Any]], list[str]],
+                  page: Callable[[dict[str, Any]], str]) -> int:
+    """An analysis: its HTML page to ``--html``, then JSON (``--json``) or text on stdout."""
+    html = getattr(args, "html", None)
+    if html is not None:
         out = Path(html)
         try:
-            out.write_text(render_html(session, report), encoding="utf-8")
+            out.write_text(page(report), encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"cannot write --html {out}: {exc.strerror}") from exc
         print(f"HTML report written to {out}", file=sys.stderr)
@@ -361,7 +372,7 @@ def _analyze(args: argparse.Namespace, session_dir: Path) -> int:
 
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        for line in render_text(report):
+        for line in text(report):
             _echo(line)
     return EXIT_OK
 
@@ -396,22 +407,7 @@ def _analyze_history(args: argparse.Namespace, values: dict[str, Any], schema: A
 
         report = history_report(rows, db.redacted, run_id=run_id)
         text, page = history_text, render_history_html
-    html = getattr(args, "html", None)
-    if html is not None:
-        out = Path(html)
-        try:
-            out.write_text(page(report), encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot write --html {out}: {exc.strerror}") from exc
-        print(f"HTML report written to {out}", file=sys.stderr)
-    if getattr(args, "json", False):
-        import orjson
-
-        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        for line in text(report):
-            _echo(line)
-    return EXIT_OK
+    return _print_report(args, report, text, page)
 
 
 def _status(args: argparse.Namespace, values: dict[str, Any], schema: Any) -> int:

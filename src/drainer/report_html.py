@@ -356,11 +356,15 @@ def render_html(session: LoadedSession, report: dict[str, Any]) -> str:
         ("Telemetry yield per attempt", _yield(attempts)),
         *_details(report),
     ]
-    title = f"drainer analysis: session {report['session_id']}"
+    return _page(f"drainer analysis: session {report['session_id']}", header, sections)
+
+
+def _page(title: str, intro: str, sections: Sequence[tuple[str, str]]) -> str:
+    """One self-contained document: the title, ``intro`` (HTML), then each (heading, body)."""
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         f"<title>{_e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-        f"<h1>{_e(title)}</h1>", header,
+        f"<h1>{_e(title)}</h1>", intro,
         *(f"<h2>{_e(heading)}</h2>\n{body}" for heading, body in sections),
         "</body>", "</html>", ""])
 
@@ -430,12 +434,7 @@ def render_history_html(report: dict[str, Any]) -> str:
     sections = [("Totals", totals), ("Sessions", _history_sessions(report) + sessions),
                 ("Runs", runs),
                 (f"Phases (most attempts first; top {report['phases_shown']})", phases)]
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{_e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-        f"<h1>{_e(title)}</h1>",
-        *(f"<h2>{_e(heading)}</h2>\n{body}" for heading, body in sections),
-        "</body>", "</html>", ""])
+    return _page(title, "", sections)
 
 
 OUTCOME_ORDER_H = tuple(HISTORY_COLOURS)
@@ -477,11 +476,7 @@ def render_clusters_html(report: dict[str, Any]) -> str:
           ", ".join(c["revisions"]), " ".join(c["avoid"]),
           "; ".join(" ".join(t) for t in c["target"])] for c in report["clusters"]],
         "fntttfcc")
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{_e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="note">{report["failed_attempts"]} failed attempt(s) in '
-        f'{len(report["clusters"])} cluster(s): same exception type, and the same location '
-        f'or word sets at least {report["similarity"]:.0%} alike.</p>',
-        "<h2>Clusters</h2>", _clusters_chart(report), table, "</body>", "</html>", ""])
+    intro = (f'<p class="note">{report["failed_attempts"]} failed attempt(s) in '
+             f'{len(report["clusters"])} cluster(s): same exception type, and the same '
+             f'location or word sets at least {report["similarity"]:.0%} alike.</p>')
+    return _page(title, intro, [("Clusters", _clusters_chart(report) + "\n" + table)])

@@ -395,14 +395,8 @@ class Leases:
             assert entry is not None
 
             def record(execute: Execute) -> Finished:
-                if not self._sqlite:
-                    row = execute(self._pg_record(history), {**asdict(entry), **params}).first()
-                    added, held = bool(row.added), bool(row.held)
-                else:
-                    added = history.insert_with(execute, entry)  # (reads the lease: first)
-                    held = bool(execute(self._delete_stmt, params).rowcount)
-                # (not added: a retry whose first try committed, lease release included)
-                return Finished(held=held or not added, restored=None)
+                return Finished(held=self._record_with(execute, history, entry, params),
+                                restored=None)
 
             return await self._engine.retry(
                 "finishing an attempt in",
@@ -451,18 +445,24 @@ class Leases:
             if decided is None:
                 return outcome, None, True
             judged, entry = decided
-            if not self._sqlite:
-                row = execute(self._pg_record(history), {**asdict(entry), **params}).first()
-                added, held = bool(row.added), bool(row.held)
-            else:
-                added = history.insert_with(execute, entry)  # (reads the lease: first)
-                held = bool(execute(self._delete_stmt, params).rowcount)
-            # (not added: a retry whose first try committed, lease release included)
-            return outcome, judged, held or not added
+            return outcome, judged, self._record_with(execute, history, entry, params)
 
         return await self._engine.retry(
             "finishing an attempt in",
             lambda: self._engine.run(body, write=True, transaction=self._sqlite))
+
+    def _record_with(self, execute: Execute, history: History, entry: Entry,
+                     params: dict[str, Any]) -> bool:
+        """Insert the attempt's row and delete its lease, as part of a round trip; whether
+        the lease was still ours (also when the row was there already: a retry whose first
+        try committed, lease release included)."""
+        if not self._sqlite:
+            row = execute(self._pg_record(history), {**asdict(entry), **params}).first()
+            added, held = bool(row.added), bool(row.held)
+        else:
+            added = history.insert_with(execute, entry)  # (reads the lease: first)
+            held = bool(execute(self._delete_stmt, params).rowcount)
+        return held or not added
 
     def _pg_record(self, history: History) -> Any:
         """PostgreSQL: our lease deleted and the attempt's row inserted, in one statement
