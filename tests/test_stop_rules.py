@@ -139,6 +139,22 @@ def test_policy_records_one_reason_per_run_and_ignores_interrupted_attempts() ->
     assert policy.stopped_runs == {"r": "max_timeouts_per_run"}
 
 
+def test_a_lifted_stop_starts_the_runs_counts_over() -> None:
+    policy = Policy(config(max_timeouts_per_run=2, max_fingerprint_repeats=100))
+    policy.observe(TIMEOUT)
+    assert [s.run_id for s in policy.observe(TIMEOUT)[0]] == ["r"]
+    assert policy.lift("r") == "max_timeouts_per_run" and policy.stopped_runs == {}
+    assert policy.lift("r") is None  # not stopped: nothing to lift
+    assert policy.observe(TIMEOUT)[0] == []  # one timeout since the lift: not yet
+    assert [s.run_id for s in policy.observe(TIMEOUT)[0]] == ["r"]
+    # A fingerprint's count is the session's: at its limit, the next repeat stops again.
+    policy = Policy(config(max_fingerprint_repeats=2))
+    policy.observe(FAIL)
+    assert [str(s.reason) for s in policy.observe(FAIL)[0]] == ["max_fingerprint_repeats"]
+    policy.lift("r")
+    assert [str(s.reason) for s in policy.observe(FAIL)[0]] == ["max_fingerprint_repeats"]
+
+
 def test_the_header_lists_every_rule_with_its_setting() -> None:
     assert Policy(config(halt_on_failures="20%", max_leaks=0)).describe() == (
         "batch 10, phase timeout 900s, time limit off, timeouts/run 2, attempts/phase 2, "

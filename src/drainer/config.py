@@ -401,6 +401,10 @@ class DrainConfig:
         None, "--halt-on-failures", "stop picking after N failed attempts, or once more than "
         f"N% of them failed (after {FAILURE_SHARE_MIN_ATTEMPTS} attempts; default: off)",
         STOPS, metavar="N|N%", check=FailureLimit.check)
+    unstop: tuple[str, ...] = option(
+        (), "--unstop", "with --resume: lift the stop a stop rule put on RUN in the resumed "
+        "session, so that it drains again (repeatable)", STOPS, metavar="RUN", kind=LIST,
+        resumed=False)
     max_leaks: int | None = option(
         None, "--max-leaks", "stop the session when more than N processes have leaked "
         "(default: off)", STOPS, metavar="N", parse=int, check=_whole(0))
@@ -466,6 +470,9 @@ class DrainConfig:
                              "prefix")
         if self.priority_file is not None:
             setattr_(self, "priority_file", Path(self.priority_file))
+        setattr_(self, "unstop", tuple(self.unstop))
+        if self.unstop and self.resume is None:
+            raise UsageError("--unstop lifts a stop of a resumed session: give --resume too")
         setattr_(self, "telemetry_tables", tuple(self.telemetry_tables))
         for name, opt in OPTIONS.items():
             value = getattr(self, name)

@@ -176,6 +176,22 @@ class RunStopped:
 
 
 @dataclass(frozen=True, slots=True)
+class RunUnstopped:
+    """``--unstop RUN`` on ``--resume``: the run's stop is lifted; it drains again."""
+
+    kind: ClassVar[str] = "run_unstopped"
+    run_id: str
+    was: str  #: the reason of the stop it lifts
+
+    def to_journal(self) -> dict[str, Any]:
+        return {"type": self.kind, "run_id": self.run_id, "was": self.was}
+
+    @classmethod
+    def from_journal(cls, data: dict[str, Any]) -> RunUnstopped:
+        return cls(run_id=str(data["run_id"]), was=str(data.get("was", "")))
+
+
+@dataclass(frozen=True, slots=True)
 class SessionStopped:
     """The session ended; ``stop_reason`` says why (DESIGN.md §5)."""
 
@@ -234,4 +250,4 @@ DrainEvent = AttemptStarted | AttemptFinished | RunStopped | SessionStopped
 """What an embedding application receives (``on_event``, ``Drainer.events()``, ``--json``)."""
 
 JournalEvent = (SessionStarted | SessionResumed | AttemptStarted | AttemptSpawned
-                | AttemptFinished | RunStopped | SessionStopped | StaleRestored)
+                | AttemptFinished | RunStopped | RunUnstopped | SessionStopped | StaleRestored)

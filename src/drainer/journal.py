@@ -31,6 +31,7 @@ from .events import (
     AttemptStarted,
     JournalEvent,
     RunStopped,
+    RunUnstopped,
     SessionResumed,
     SessionStarted,
     SessionStopped,
@@ -364,6 +365,23 @@ def iter_attempts(path: Path, *, upto: int | None = None) -> Iterator[Attempt]:
             yield attempt
 
 
+def iter_outcomes(path: Path) -> Iterator[Attempt | RunStopped | RunUnstopped]:
+    """The finished attempts and the run stops and lifts of a session's journal, in journal
+    order, streamed: what a resume replays into the stop rules (a lift resets the rules'
+    counts for its run, so the order matters)."""
+    for _number, data in _walk(path):
+        kind = data["type"]
+        try:
+            if kind == AttemptFinished.kind:
+                yield Attempt.from_json(data)
+            elif kind == RunStopped.kind:
+                yield RunStopped.from_journal(data)
+            elif kind == RunUnstopped.kind:
+                yield RunUnstopped.from_journal(data)
+        except (KeyError, TypeError, ValueError):
+            continue  # (replay reports it as damage)
+
+
 def result_records(
     path: Path, *, upto: int | None, cursor: Cursor | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -454,6 +472,8 @@ def replay(journal_path: Path) -> Replay:
                 state.interrupted += bool(data.get("interrupted"))
             elif kind == RunStopped.kind:
                 state.stopped_runs[str(data["run_id"])] = str(data["reason"])
+            elif kind == RunUnstopped.kind:
+                state.stopped_runs.pop(str(data["run_id"]), None)
             elif kind == SessionStopped.kind:
                 stopped = SessionStopped.from_journal(data)
                 state.stopped = True

@@ -17,10 +17,13 @@ import anyio
 from .backlog import LEASE_TABLE, Stale, open_backlog
 from .config import DrainConfig
 from .errors import UsageError
-from .models import Attempt, Candidates, PhaseRef, PhaseState
+from .journal import find_resumable
+from .models import Attempt, Candidates, PhaseRef, PhaseState, SessionStop
+from .policy import Policy
 from .preferences import Preferences
 from .reasons import stale_note, with_note
 from .report import autopack_note, shown_id
+from .resume import check_unstop, lift, replay_journal
 from .revision import session_revision
 from .selection import CATEGORY_NAMES, Selector, check_run_id, failure_category
 from .timeouts import MIN_SAMPLES, SAMPLES_KEPT, TimeoutTable
@@ -41,6 +44,19 @@ class Plan:
     timeouts: TimeoutTable | None = None
     #: --prefer-run, --prefer-run-prefix, --priority-file
     preferences: Preferences | None = None
+    resumed: Resumed | None = None  #: with --resume: the session's earlier part
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What ``--resume`` brings to a plan: the session's done attempts, its stopped runs and
+    the stops ``--unstop`` lifts."""
+
+    session_id: str
+    done: int  #: attempts started and ended (they count toward --batch-size)
+    stopped: dict[str, str]  #: run -> reason, after the lifts
+    lifted: dict[str, str]  #: run -> the reason of the stop lifted
+    stop: SessionStop | None  #: a session stop the replayed attempts bring (it ends at once)
 
 
 def _failed_again(ref: PhaseRef, attempt_number: int) -> Attempt:
@@ -95,8 +111,12 @@ async def make_plan(config: DrainConfig) -> Plan:
             rank=preferences.rank if preferences else None,
             attempts_scope=config.attempts_scope,
             revision=revision if config.skip_unchanged else None)
+        resumed = await _resume(config, selector) if config.resume is not None else None
+        budget = config.batch_size
+        if resumed is not None:
+            budget = 0 if resumed.stop is not None else max(0, budget - resumed.done)
         picks: list[tuple[PhaseRef, int]] = []
-        while len(picks) < config.batch_size:
+        while len(picks) < budget:
             ref = await selector.pick()
             if ref is None:
                 break
@@ -106,7 +126,26 @@ async def make_plan(config: DrainConfig) -> Plan:
     reached = len({ref.key for ref, _ in picks})
     return Plan(counts=counts, picks=picks, remaining=selector.candidates - reached,
                 skipped=selector.skipped, stale=stale, timeouts=timeouts,
-                preferences=preferences)
+                preferences=preferences, resumed=resumed)
+
+
+async def _resume(config: DrainConfig, selector: Selector) -> Resumed | None:
+    """The resumed session replayed into the plan's selector, as ``run --resume`` does."""
+    assert config.resume is not None
+    replay = find_resumable(config.session_dir, config.resume)
+    if replay is None:
+        if config.unstop:
+            raise UsageError(f"--unstop lifts stops of a resumed session, and there is no "
+                             f"incomplete session in {config.session_dir} to resume")
+        return None
+    check_unstop(config.unstop, replay)
+    policy = Policy(config)
+    await selector.load()
+    done = replay_journal(replay.journal_path, policy, selector)
+    lifted = {run_id: was for run_id in config.unstop
+              if (was := lift(run_id, policy, selector)) is not None}
+    return Resumed(replay.session_id, policy.started_count, dict(policy.stopped_runs), lifted,
+                   done.session_stop)
 
 
 async def _with_restored(load: Callable[[], Awaitable[Candidates]], stale: list[Stale],
@@ -137,6 +176,21 @@ def timeout_lines(table: TimeoutTable, config: DrainConfig) -> list[str]:
     return lines
 
 
+def resumed_lines(resumed: Resumed, config: DrainConfig) -> list[str]:
+    left = 0 if resumed.stop is not None else max(0, config.batch_size - resumed.done)
+    lines = [f"Resuming session {resumed.session_id}: {resumed.done} attempt(s) done, "
+             f"{left} left in the batch"]
+    if resumed.stop is not None:
+        lines.append(f"  it stops at once: {resumed.stop.reason} ({resumed.stop.detail})")
+    for run_id, why in sorted(resumed.stopped.items()):
+        lines.append(f"  stopped run {shown_id(run_id)}: {why} (no more attempts; "
+                     "--unstop RUN lifts it)")
+    for run_id, why in sorted(resumed.lifted.items()):
+        lines.append(f"  lifted by --unstop: run {shown_id(run_id)} (was {why}): it drains "
+                     "again")
+    return lines
+
+
 def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
     phases = ", ".join(f"{k} {v}" for k, v in sorted(plan.counts.items())) or "none"
     lines = [
@@ -160,6 +214,8 @@ def plan_lines(plan: Plan, config: DrainConfig) -> list[str]:
                 lines.append(f"  ... and {len(plan.stale) - SKIPPED_SHOWN} more")
     if plan.timeouts is not None:
         lines += timeout_lines(plan.timeouts, config)
+    if plan.resumed is not None:
+        lines += resumed_lines(plan.resumed, config)
     lines.append(f"Would drain, in order (batch size {config.batch_size}):")
     if not plan.picks:
         lines.append("  (nothing: no candidate phases)")

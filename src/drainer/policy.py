@@ -60,6 +60,9 @@ class Rule:
         """An attempt finished (never an interrupted one)."""
         return None
 
+    def lift(self, run_id: str) -> None:
+        """``--unstop``: the run's stop is lifted; counts kept for that run start over."""
+
     def describe(self) -> str:
         """The rule and its setting, for the session header."""
         raise NotImplementedError
@@ -128,6 +131,9 @@ class TimeoutsPerRun(Rule):
         if self.limit is not None and n >= self.limit:
             return RunStop(attempt.run_id, RunStopReason.TIMEOUTS, f"{n} timeouts")
         return None
+
+    def lift(self, run_id: str) -> None:
+        self.counts.pop(run_id, None)
 
     def describe(self) -> str:
         return f"{self.label} {_limit(self.limit)}"
@@ -321,6 +327,16 @@ class Policy:
             elif decision is not None and session_stop is None:
                 session_stop = decision
         return run_stops, session_stop
+
+    def lift(self, run_id: str) -> str | None:
+        """``--unstop RUN``: the run drains again; the reason of the stop lifted (None: it
+        was not stopped). Per-run counts start over; a fingerprint already at its limit stops
+        the run again the next time the run fails with it."""
+        was = self.stopped_runs.pop(run_id, None)
+        if was is not None:
+            for rule in self.rules:
+                rule.lift(run_id)
+        return was
 
     def describe(self) -> str:
         return ", ".join(rule.describe() for rule in self.rules)

@@ -28,6 +28,7 @@ from .events import (
     DrainEvent,
     JournalEvent,
     RunStopped,
+    RunUnstopped,
     SessionStopped,
     StaleRestored,
 )
@@ -142,6 +143,12 @@ class Recorder:
         self.journal(event)
         self.echo(f"[STOP] run {shown_id(stop.run_id)}: {stop.reason} ({stop.detail})")
         self.emit(event)
+
+    def run_unstopped(self, event: RunUnstopped) -> None:
+        """``--unstop``: a run's stop is lifted."""
+        self.journal(event)
+        self.echo(f"[UNSTOP] run {shown_id(event.run_id)}: its stop ({event.was}) is lifted; "
+                  "it drains again")
 
     def stale_restored(self, event: StaleRestored) -> None:
         """``--restore-stale-after`` ran: journaled when it restored something, said

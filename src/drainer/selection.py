@@ -779,6 +779,13 @@ class Selector:
         for key in [k for k in self._backoff if k[0] == run_id]:
             del self._backoff[key]
 
+    def unstop_run(self, run_id: str) -> None:
+        """``--unstop``: the run is a candidate again (its phases are found at the next
+        load: a stopped run's heap entries were dropped as they came up)."""
+        if run_id in self._stopped:
+            self._stopped.discard(run_id)
+            self._stale = True
+
     def invalidate(self) -> None:
         """The backlog changed (a swept lease restored a phase): reload at the next pick."""
         self._stale = True

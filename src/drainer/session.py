@@ -21,7 +21,7 @@ from .attempt import AttemptRunner, check_worker_program
 from .backlog import LEASE_TABLE, Backlog, open_backlog
 from .config import DrainConfig
 from .errors import DrainerError, UsageError, drainer_error_in
-from .events import DrainEvent, SessionResumed, SessionStarted, StaleRestored
+from .events import DrainEvent, RunUnstopped, SessionResumed, SessionStarted, StaleRestored
 from .journal import (
     Replay,
     SessionFiles,
@@ -29,17 +29,17 @@ from .journal import (
     find_resumable,
     hostname,
     iso,
-    iter_attempts,
     new_session_id,
     utcnow,
 )
 from .leaks import LeakGauge
-from .models import Attempt, SessionStop, SessionSummary, StopReason, Totals
+from .models import Attempt, SessionSummary, StopReason, Totals
 from .policy import Policy, Sensors
 from .preferences import Preferences
 from .reasons import stale_note
 from .recorder import Echo, Recorder, make_echo
 from .report import header_lines
+from .resume import check_unstop, lift, observe, replay_journal
 from .revision import session_revision
 from .scheduler import Scheduler, sweep_leases
 from .selection import Selector, check_run_id
@@ -167,9 +167,13 @@ class DrainSession:
         for why in unreadable:
             self._say(f"[WARN] passed over: {why}")
         if replay is None:
+            if cfg.unstop:
+                raise UsageError(f"--unstop lifts stops of a resumed session, and there is no "
+                                 f"incomplete session in {cfg.session_dir} to resume")
             self._say(f"[RESUME] no incomplete session in {cfg.session_dir}; "
                       "starting a new one")
             return None
+        check_unstop(cfg.unstop, replay)
         if replay.damage is not None and replay.damage.count:
             self._say(f"[WARN] {replay.damage.describe()}; resuming from the lines that "
                       "could be read")
@@ -247,6 +251,7 @@ class DrainSession:
                         self._count(settled, selector, recorder, scheduler)
                 if replay.dangling:
                     selector.invalidate()  # the phases it restored are candidates again
+                self._unstop(selector, recorder)
             await backlog.leases.release_session(self.session_id)
             if cfg.restore_stale_after is not None:
                 await self._restore_stale(backlog, recorder)
@@ -355,44 +360,40 @@ class DrainSession:
         self, replay: Replay, selector: Selector, recorder: Recorder, scheduler: Scheduler
     ) -> None:
         """Rebuild every counter of the session from its journal, streamed."""
-        policy = self._policy
         await selector.load()  # replayed attempts count for the phases in the index
-        for run_id, reason in replay.stopped_runs.items():
-            policy.stopped_runs.setdefault(run_id, reason)
-            selector.stop_run(run_id)
-        stop: SessionStop | None = None
-        for attempt in iter_attempts(replay.journal_path):
+
+        def each(attempt: Attempt) -> None:
             recorder.replayed(attempt)
             self._gauge.add_attempt(attempt)
-            if attempt.interrupted:
-                continue  # counts toward nothing: --batch-size, attempts per phase, rules
-            stop = stop or self._observe(attempt, selector, recorder)
-        if stop is not None:
-            scheduler.stop(stop.reason, stop.detail)
+            if self._timeouts is not None and not attempt.interrupted:
+                self._timeouts.observe(attempt.run_id, attempt.phase_id,  # (a retry after a
+                                       timed_out=attempt.timed_out,  # timeout: twice its
+                                       seconds=attempt.timeout_seconds)  # limit)
+
+        done = replay_journal(replay.journal_path, self._policy, selector, each)
+        for run_stop in done.unjournaled:  # fired but never journaled (a crash in between)
+            recorder.run_stopped(run_stop)
+        if done.session_stop is not None:
+            scheduler.stop(done.session_stop.reason, done.session_stop.detail)
 
     def _count(self, attempt: Attempt, selector: Selector, recorder: Recorder,
                scheduler: Scheduler) -> None:
         """An attempt found ended while resuming: the stop rules and the selector learn it."""
-        stop = self._observe(attempt, selector, recorder)
+        if self._timeouts is not None:
+            self._timeouts.observe(attempt.run_id, attempt.phase_id,
+                                   timed_out=attempt.timed_out, seconds=attempt.timeout_seconds)
+        run_stops, stop = observe(attempt, self._policy, selector)
+        for run_stop in run_stops:
+            recorder.run_stopped(run_stop)
         if stop is not None:
             scheduler.stop(stop.reason, stop.detail)
 
-    def _observe(self, attempt: Attempt, selector: Selector,
-                 recorder: Recorder) -> SessionStop | None:
-        """An ended attempt of the session's earlier part, as the drain would have learnt it:
-        the session stop it brings, if any."""
-        policy = self._policy
-        if self._timeouts is not None:  # (a retry after a timeout gets twice its limit)
-            self._timeouts.observe(attempt.run_id, attempt.phase_id,
-                                   timed_out=attempt.timed_out, seconds=attempt.timeout_seconds)
-        started_stop = policy.started()
-        run_stops, session_stop = policy.observe(attempt)
-        selector.observe(attempt, fingerprint_seen_before=policy.fingerprints.seen_before(
-            attempt.failure_fingerprint))
-        for run_stop in run_stops:  # fired but never journaled (a crash in between)
-            selector.stop_run(run_stop.run_id)
-            recorder.run_stopped(run_stop)
-        return started_stop or session_stop
+    def _unstop(self, selector: Selector, recorder: Recorder) -> None:
+        """``--unstop RUN``: lift the stops the operator named (checked at the start)."""
+        for run_id in self.config.unstop:
+            was = lift(run_id, self._policy, selector)
+            if was is not None:
+                recorder.run_unstopped(RunUnstopped(run_id, was))
 
     def _on_signal(self, name: str, count: int) -> None:
         assert self._scheduler is not None and self._recorder is not None
