@@ -146,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--config", metavar="FILE",
                     help="settings file for the schema mapping (default: drainer.toml or "
                          "pyproject.toml in the current directory)")
+    stop = _sub(sub, "stop", help="ask a running session, on any host, to stop picking",
+                description="Ask a running session to stop picking, through the backlog "
+                            "database: it starts no new attempt, gives the attempts in flight "
+                            "their --stop-grace-seconds, and stays resumable. Waits until the "
+                            "session takes the request. Exit 0 when it did, 1 when no running "
+                            "drainer took it in time (the request is withdrawn).")
+    stop.add_argument("--session", required=True, metavar="ID",
+                      help="the session to stop (its id, as drainer status lists it)")
+    stop.add_argument("--wait", type=float, default=30.0, metavar="S",
+                      help="how long to wait for the session to take the request (default: "
+                           "%(default)s; 0: ask and return, the request stays for it)")
+    _add_option(stop, "database_url", OPTIONS["database_url"])
+    _add_option(stop, "host_name", OPTIONS["host_name"])
+    stop.add_argument("--config", metavar="FILE",
+                      help="settings file for the schema mapping (default: drainer.toml or "
+                           "pyproject.toml in the current directory)")
     demo = _sub(sub, "demo", help="build a realistic SQLite backlog and drain a batch of it",
                 description="Build a demo backlog (56 runs, 274 FAILED phases) in a SQLite "
                             "file and drain a batch with a simulated worker.")
@@ -230,6 +246,10 @@ def _run(args: argparse.Namespace) -> int:
         values, _ = resolve(given, environ, file, names=("database_url", "session_dir"),
                             strict=False)
         return _status(args, values, schema_of(file).get("schema"))
+    if args.cmd == "stop":
+        values, _ = resolve(given, environ, file, names=("database_url", "host_name"),
+                            strict=False)
+        return _stop(args, values, schema_of(file).get("schema"))
     values, sources = resolve(given, environ, file)
     extra = schema_of(file)
     resume = getattr(args, "resume", None)
@@ -427,6 +447,24 @@ def _status(args: argparse.Namespace, values: dict[str, Any], schema: Any) -> in
     for line in status_lines(status, db, session_dir, args.stale_minutes):
         _echo(line)
     return EXIT_OK
+
+
+def _stop(args: argparse.Namespace, values: dict[str, Any], schema: Any) -> int:
+    import anyio
+
+    from .dburl import parse_database_url
+    from .journal import hostname
+    from .remote_stop import ask_to_stop
+
+    url = values.get("database_url")
+    if not url:
+        raise UsageError("no database given: pass --database-url URL or set DATABASE_URL")
+    db = parse_database_url(url)
+    asked = anyio.run(ask_to_stop, db, schema, args.session, hostname(values.get("host_name")),
+                      args.wait)
+    for line in asked.lines(args.wait):
+        _echo(line)
+    return EXIT_OK if asked.taken or args.wait == 0 else EXIT_FAILED
 
 
 def _redacted(saved_url: str) -> str:

@@ -18,7 +18,9 @@ import anyio
 from . import __version__, reaper
 from .apiserver import ApiServer, check_api_url, kill_orphaned_api_server, open_api_server
 from .attempt import AttemptRunner, check_worker_program
-from .backlog import LEASE_TABLE, Backlog, open_backlog
+from .backlog import LEASE_TABLE, Backlog, StopRequests, open_backlog
+from .backlog.requests import DDL as REQUEST_DDL
+from .backlog.requests import POLL_SECONDS
 from .config import DrainConfig
 from .errors import DrainerError, UsageError, drainer_error_in
 from .events import DrainEvent, RunUnstopped, SessionResumed, SessionStarted, StaleRestored
@@ -198,6 +200,10 @@ class DrainSession:
             self._say(f"[WARN] {backlog.history_problem}: attempts are not recorded in the "
                       f"history (pass --no-history to say so; the database's owner can "
                       f"create it: {backlog.history.ddl})")
+        if backlog.requests_problem is not None:
+            self._say(f"[WARN] {backlog.requests_problem}: 'drainer stop --session "
+                      f"{self.session_id}' cannot reach this session (the database's owner "
+                      f"can create the table: {REQUEST_DDL})")
         self._files.create()
         if not backlog.leases.worker_columns:
             self._say("[WARN] drainer_leases has no worker_pid/worker_created columns and this "
@@ -244,6 +250,7 @@ class DrainSession:
             else:
                 recorder.journal(SessionResumed(host=self._host, pid=os.getpid(),
                                                 config=cfg.to_json()))
+                await backlog.requests.clear(self.session_id)  # asked while it was not running
                 await self._replay(replay, selector, recorder, scheduler)
                 for dangling in replay.dangling:
                     settled = await attempts.reconcile(dangling)
@@ -263,6 +270,8 @@ class DrainSession:
                 async with anyio.create_task_group() as tg:
                     if self._handle_signals:
                         await tg.start(watch_signals, self._on_signal)
+                    if backlog.requests_problem is None:
+                        tg.start_soon(self._watch_stop_requests, backlog.requests)
                     await scheduler.run()
                     tg.cancel_scope.cancel()  # the lanes are done: stop watching signals
             finally:
@@ -394,6 +403,16 @@ class DrainSession:
             was = lift(run_id, self._policy, selector)
             if was is not None:
                 recorder.run_unstopped(RunUnstopped(run_id, was))
+
+    async def _watch_stop_requests(self, requests: StopRequests) -> None:
+        """``drainer stop --session ID``, from any host: polled every ``POLL_SECONDS``; a
+        request taken stops picking as :meth:`request_stop` does."""
+        while True:
+            await anyio.sleep(POLL_SECONDS)
+            taken = await requests.take(self.session_id, self._host)
+            if taken is not None:
+                self.request_stop(f"drainer stop from {taken.requested_by}")
+                return
 
     def _on_signal(self, name: str, count: int) -> None:
         assert self._scheduler is not None and self._recorder is not None

@@ -1,7 +1,8 @@
 """The backlog store: every SQL statement drainer runs lives in this package.
 
 ``_engine`` holds the dialects and the one error translator, ``phases`` the phases and
-telemetry tables, ``leases`` drainer's own ``drainer_leases``. The drain talks to them through
+telemetry tables, ``leases`` drainer's own ``drainer_leases``, ``history`` its
+``drainer_attempts`` and ``requests`` its ``drainer_stop_requests``. The drain talks to them through
 the :class:`BacklogStore` protocol; :func:`open_backlog` opens the SQL implementation.
 
 Transactions are short and never held while a worker runs.
@@ -9,7 +10,7 @@ Transactions are short and never held while a worker runs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from contextlib import asynccontextmanager
 from typing import Protocol, TypeVar
 
@@ -23,12 +24,14 @@ from ._engine import Engine, check_sqlite_file
 from .history import HISTORY_TABLE, Entry, History, PhaseHistory, Summary
 from .leases import LEASE_TABLE, Claim, Decide, Finished, Lease, Leases
 from .phases import Outcome, PhaseRow, Phases, Stale
+from .requests import REQUEST_TABLE, StopRequest, StopRequests
 
 T = TypeVar("T")
 
 __all__ = [
     "HISTORY_TABLE",
     "LEASE_TABLE",
+    "REQUEST_TABLE",
     "Backlog",
     "BacklogStore",
     "Claim",
@@ -42,6 +45,8 @@ __all__ = [
     "PhaseRow",
     "PhaseStore",
     "Stale",
+    "StopRequest",
+    "StopRequests",
     "Summary",
     "open_backlog",
 ]
@@ -116,6 +121,9 @@ class Backlog:
         self.history = History(self.engine, LEASE_TABLE)
         #: why the history could not be created (then attempts go unrecorded)
         self.history_problem: str | None = None
+        self.requests = StopRequests(self.engine)
+        #: why the stop requests' table could not be created (then no one can ask)
+        self.requests_problem: str | None = None
 
     @property
     def keeps_history(self) -> bool:
@@ -124,24 +132,31 @@ class Backlog:
 
     async def prepare_for_writes(self, *, history: bool = True) -> None:
         """Called once input is known good: SQLite gets WAL so workers and drainer coexist,
-        and the lease table (and, with ``history``, the attempt history) is created if
-        missing."""
+        and the lease table, the stop requests' table (and, with ``history``, the attempt
+        history) are created if missing."""
         if self.db.is_sqlite:
             await self.engine.set_wal()
         await self.leases.ensure_table()
+        self.requests_problem = await _optional(self.requests.ensure_table())
         if history:
-            try:
-                await self.history.ensure_table()
-            except DatabaseError as exc:
-                if exc.transient:
-                    raise
-                # (A role that may use the backlog but not create tables in it.)
-                self.history_problem = str(exc)
-                return
-            self.leases.history = self.history
+            self.history_problem = await _optional(self.history.ensure_table())
+            if self.history_problem is None:
+                self.leases.history = self.history
 
     async def aclose(self) -> None:
         await self.engine.aclose()
+
+
+async def _optional(creating: Awaitable[None]) -> str | None:
+    """Create one of drainer's optional tables: why it could not be (a role that may use the
+    backlog but not create tables in it), or None."""
+    try:
+        await creating
+    except DatabaseError as exc:
+        if exc.transient:
+            raise
+        return str(exc)
+    return None
 
 
 @asynccontextmanager

@@ -1,0 +1,81 @@
+"""``drainer stop --session ID``: ask a running session, on any host, to stop picking,
+through the backlog database (``drainer_stop_requests``), and wait until it takes the ask."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from .backlog import StopRequest, open_backlog
+from .backlog.requests import POLL_SECONDS
+from .dburl import DatabaseURL
+from .errors import UsageError
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CHECK_EVERY = 0.1  #: how often the command looks whether the session took its request
+
+
+@dataclass(frozen=True)
+class Asked:
+    """How a stop request went: taken (by whom, after how long), or withdrawn."""
+
+    session_id: str
+    request: StopRequest | None  #: as it stands at the end (None: withdrawn)
+    waited: float  #: seconds waited
+    earlier: bool = False  #: taken before this command asked (an earlier request)
+
+    def lines(self, wait: float) -> list[str]:
+        sid, req = self.session_id, self.request
+        if req is not None and req.taken_at is not None:
+            when = "earlier" if self.earlier else f"after {self.waited:.1f}s"
+            return [f"session {sid}: the stop request was taken by drainer on {req.taken_by} "
+                    f"({when}); it starts no new attempt, gives the attempts in flight "
+                    f"their --stop-grace-seconds, and stays resumable (run --resume {sid})"]
+        if req is not None:
+            return [f"session {sid}: stop requested; a running session takes it within "
+                    f"{POLL_SECONDS:g}s"]
+        return [f"session {sid}: no running drainer took the stop request within {wait:g}s, "
+                "so it was withdrawn (is the session running against this database? see "
+                "drainer status)"]
+
+    @property
+    def taken(self) -> bool:
+        return self.request is not None and self.request.taken_at is not None
+
+
+def check_session_id(session_id: str) -> None:
+    if not _SESSION_ID.fullmatch(session_id):
+        raise UsageError(f"--session {session_id!r} is not a session id (letters, digits, "
+                         "'.', '_' and '-', at most 64; see drainer status)")
+
+
+async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
+                      wait: float) -> Asked:
+    """Request the stop and wait up to ``wait`` seconds for the session to take it (0: do not
+    wait; the request stays for the session to take). A request not taken in time is
+    withdrawn."""
+    check_session_id(session_id)
+    if not wait >= 0:
+        raise UsageError(f"--wait must be zero or more seconds, got {wait:g}")
+    async with open_backlog(db, schema=schema) as backlog:
+        requests = backlog.requests
+        await requests.ensure_table()
+        request = await requests.request(session_id, host)
+        if request.taken_at is not None:
+            return Asked(session_id, request, 0.0, earlier=True)
+        if wait == 0:
+            return Asked(session_id, request, 0.0)
+        start = anyio.current_time()
+        with anyio.move_on_after(wait):
+            while True:
+                await anyio.sleep(_CHECK_EVERY)
+                found = await requests.read(session_id)
+                if found is None or found.taken_at is not None:
+                    return Asked(session_id, found, anyio.current_time() - start)
+        if await requests.withdraw(session_id):
+            return Asked(session_id, None, wait)
+        return Asked(session_id, await requests.read(session_id),
+                     anyio.current_time() - start)
