@@ -46,8 +46,8 @@ def test_a_running_session_stops_on_request_and_resumes_as_planned(
                             cwd=env.tmp)
     session_id = _session_id(env, proc)
     wait_for_worker_file(env.tmp, "hang.taken", proc)  # the first attempt hangs
-    asked = env.run_cli("stop", "--session", session_id, "--database-url", url,
-                        "--host-name", "ops-laptop")
+    asked = env.run_cli("stop", "--session", "latest", "--session-dir", str(env.sessions),
+                        "--database-url", url, "--host-name", "ops-laptop")
     out, _ = proc.communicate(timeout=60)
     assert asked.returncode == 0, asked.stdout + asked.stderr
     assert f"session {session_id}: the stop request was taken by drainer on" in asked.stdout
@@ -75,6 +75,9 @@ def test_a_request_no_session_takes_is_withdrawn_and_never_stops_a_resume(
     assert "no running drainer took the stop request within 0.3s, so it was withdrawn" \
         in asked.stdout
     assert _request(url, "batch-drain-20260101-000000-abcd") is None
+    asked = env.run_cli("stop", "--session", "latest", "--session-dir", str(env.sessions),
+                        "--database-url", url, "--wait", "0.3")
+    assert asked.returncode == 1 and "no session is running in" in asked.stdout, asked.stdout
 
     # A session stopped by a signal, asked to stop while it is not running: its resume
     # clears the request and drains to the end.

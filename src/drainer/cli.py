@@ -24,7 +24,7 @@ from .events import DrainEvent
 from .settings import DEFAULT, find_config_file, resolve, schema_of, workspace_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DRAIN_COMMANDS = ("run", "plan", "config")
+DRAIN_COMMANDS = ("run", "plan", "config", "forecast")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "why. Starts nothing, writes nothing.")
     _add_drain_options(plan)
     plan.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
+    fc = _sub(sub, "forecast", help="expected success, attempts and time to drain what is "
+              "left, from the attempt history, with a back-test",
+              description="Forecast, from the attempt history, what draining the FAILED "
+                          "phases left would bring, per category of their reasons: success "
+                          "rate, duration and telemetry per attempt, attempts and wall time at "
+                          "the chosen lanes and settings, all with 95% intervals; and a "
+                          "back-test of the forecast against each past session. Writes "
+                          "nothing.")
+    _add_drain_options(fc)
+    fc_out = fc.add_mutually_exclusive_group()
+    fc_out.add_argument("--json", action="store_true", help="print the forecast as JSON")
+    fc.add_argument("--html", metavar="PATH",
+                    help="also write a self-contained HTML report with charts to PATH")
     cfg = _sub(sub, "config", help="print the effective settings and where each came from",
                description="Print every setting drainer would use, and its source: command "
                            "line, environment, config file or default. Secrets are redacted.")
@@ -153,12 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "session takes the request. Exit 0 when it did, 1 when no running "
                             "drainer took it in time (the request is withdrawn).")
     stop.add_argument("--session", required=True, metavar="ID",
-                      help="the session to stop (its id, as drainer status lists it)")
+                      help="the session to stop: its id, as drainer status lists it, or "
+                           "'latest', the newest session running in --session-dir on this "
+                           "host (waited for up to --wait)")
     stop.add_argument("--wait", type=float, default=30.0, metavar="S",
                       help="how long to wait for the session to take the request (default: "
                            "%(default)s; 0: ask and return, the request stays for it)")
     _add_option(stop, "database_url", OPTIONS["database_url"])
     _add_option(stop, "host_name", OPTIONS["host_name"])
+    _add_option(stop, "session_dir", OPTIONS["session_dir"])
     stop.add_argument("--config", metavar="FILE",
                       help="settings file for the schema mapping (default: drainer.toml or "
                            "pyproject.toml in the current directory)")
@@ -247,8 +263,8 @@ def _run(args: argparse.Namespace) -> int:
                             strict=False)
         return _status(args, values, schema_of(file).get("schema"))
     if args.cmd == "stop":
-        values, _ = resolve(given, environ, file, names=("database_url", "host_name"),
-                            strict=False)
+        values, _ = resolve(given, environ, file,
+                            names=("database_url", "host_name", "session_dir"), strict=False)
         return _stop(args, values, schema_of(file).get("schema"))
     values, sources = resolve(given, environ, file)
     extra = schema_of(file)
@@ -256,6 +272,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "config":
         return _print_config(values, sources, extra, resume)
     config = make_config(values, sources, extra, resume)
+    if args.cmd == "forecast":
+        from .forecast import forecast_text, make_forecast
+        from .report_html import render_forecast_html
+
+        report = anyio.run(make_forecast, config).to_json()
+        return _print_report(args, report, forecast_text, render_forecast_html)
     if args.cmd == "plan" or getattr(args, "dry_run", False):
         from .plan import make_plan, plan_lines
 
@@ -454,14 +476,19 @@ def _stop(args: argparse.Namespace, values: dict[str, Any], schema: Any) -> int:
 
     from .dburl import parse_database_url
     from .journal import hostname
-    from .remote_stop import ask_to_stop
+    from .remote_stop import NothingRunning, ask_to_stop
 
     url = values.get("database_url")
     if not url:
         raise UsageError("no database given: pass --database-url URL or set DATABASE_URL")
     db = parse_database_url(url)
-    asked = anyio.run(ask_to_stop, db, schema, args.session, hostname(values.get("host_name")),
-                      args.wait)
+    session_dir = Path(values.get("session_dir", default_of("session_dir")))
+    try:
+        asked = anyio.run(ask_to_stop, db, schema, args.session,
+                          hostname(values.get("host_name")), args.wait, session_dir)
+    except NothingRunning as exc:
+        _echo(str(exc))
+        return EXIT_FAILED
     for line in asked.lines(args.wait):
         _echo(line)
     return EXIT_OK if asked.taken or args.wait == 0 else EXIT_FAILED

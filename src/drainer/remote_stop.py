@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -12,7 +13,8 @@ import anyio
 from .backlog import StopRequest, open_backlog
 from .backlog.requests import POLL_SECONDS
 from .dburl import DatabaseURL
-from .errors import UsageError
+from .errors import DrainerError, UsageError
+from .journal import journal_in_use, session_journals
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CHECK_EVERY = 0.1  #: how often the command looks whether the session took its request
@@ -52,14 +54,39 @@ def check_session_id(session_id: str) -> None:
                          "'.', '_' and '-', at most 64; see drainer status)")
 
 
+def running_here(session_dir: Path) -> str | None:
+    """The newest session a drainer process on this host is running in ``session_dir``."""
+    running = [j for j in session_journals(session_dir) if journal_in_use(j)]
+    return running[-1].parent.name if running else None
+
+
+async def _wait_for_running(session_dir: Path, wait: float) -> str:
+    """``--session latest``: the newest session running in ``session_dir``, waited for up
+    to ``wait`` seconds (one may be starting)."""
+    with anyio.move_on_after(wait):
+        while True:
+            found = await anyio.to_thread.run_sync(running_here, session_dir)
+            if found is not None:
+                return found
+            await anyio.sleep(_CHECK_EVERY)
+    raise NothingRunning(f"no session is running in {session_dir} (waited {wait:g}s); "
+                         "name one with --session ID (see drainer status)")
+
+
+class NothingRunning(DrainerError):
+    """``--session latest`` found no running session (exit 1: nothing to stop)."""
+
+
 async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
-                      wait: float) -> Asked:
+                      wait: float, session_dir: Path) -> Asked:
     """Request the stop and wait up to ``wait`` seconds for the session to take it (0: do not
     wait; the request stays for the session to take). A request not taken in time is
-    withdrawn."""
-    check_session_id(session_id)
+    withdrawn. ``latest``: the newest session running in ``session_dir`` on this host."""
     if not wait >= 0:
         raise UsageError(f"--wait must be zero or more seconds, got {wait:g}")
+    if session_id == "latest":
+        session_id = await _wait_for_running(session_dir, wait)
+    check_session_id(session_id)
     async with open_backlog(db, schema=schema) as backlog:
         requests = backlog.requests
         await requests.ensure_table()

@@ -480,3 +480,90 @@ def render_clusters_html(report: dict[str, Any]) -> str:
              f'{len(report["clusters"])} cluster(s): same exception type, and the same '
              f'location or word sets at least {report["similarity"]:.0%} alike.</p>')
     return _page(title, intro, [("Clusters", _clusters_chart(report) + "\n" + table)])
+
+
+def _interval_text(d: dict[str, float], fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(d['value'])} ({fmt.format(d['low'])}-{fmt.format(d['high'])})"
+
+
+def _backtest_chart(report: dict[str, Any]) -> str:
+    """One row per back-tested session: the predicted success interval as a bar, the
+    predicted value as a tick, what the session did as a dot (red when outside)."""
+    checks = report["backtest"]
+    if not checks:
+        return '<p class="note">No session to back-test yet.</p>'
+    row, left = 24, 260
+    plot = WIDTH - left - 60
+    parts = []
+    for i, c in enumerate(checks):
+        y = 8 + row * i
+        p = c["predicted_success_rate"]
+        parts.append(_text(left - 8, y + 15, c["session_id"], "end"))
+        parts.append(_rect(left + plot * p["low"], y + 4, plot * (p["high"] - p["low"]),
+                           row - 10, BAR_COLOUR, f"predicted {_interval_text(p, '{:.0%}')}",
+                           "interval"))
+        x = left + plot * p["value"]
+        parts.append(_line(x, y + 2, x, y + row - 4, "axis"))
+        colour = COLOURS["success"] if c["success_within"] else COLOURS["failed"]
+        parts.append(f'<circle class="actual" cx="{left + plot * c["actual_success_rate"]:.1f}" '
+                     f'cy="{y + row / 2 - 1:.1f}" r="5" fill="{colour}"><title>'
+                     f'{_e(c["session_id"])}: {c["actual_success_rate"]:.0%} of '
+                     f'{c["attempts"]} attempts succeeded</title></circle>')
+    bottom = 8 + row * len(checks)
+    parts.append(_line(left, bottom, left + plot, bottom))
+    for k in range(11):
+        x = left + plot * k / 10
+        parts += [_line(x, bottom, x, bottom + 4), _text(x, bottom + 16, f"{k * 10}%",
+                                                         "middle")]
+    parts += _legend([(BAR_COLOUR, "predicted 95% interval"),
+                      (COLOURS["success"], "actual, within"),
+                      (COLOURS["failed"], "actual, outside")], left, bottom + 26)
+    return _svg("chart-backtest", "Back-test: predicted success rate against each session's",
+                bottom + 48, parts)
+
+
+def render_forecast_html(report: dict[str, Any]) -> str:
+    """``drainer forecast`` (:meth:`~drainer.forecast.Forecast.to_json`) as one
+    self-contained HTML document."""
+    title = f"drainer forecast: {report['source']}"
+    rows = []
+    for c in report["categories"]:
+        tel = c["telemetry_per_attempt"]
+        rows.append([c["category"], c["phases"], _interval_text(c["success_rate"], "{:.0%}"),
+                     _interval_text(c["duration_seconds"]),
+                     "unknown" if tel is None else _interval_text(tel),
+                     _interval_text(c["attempts"], "{:.0f}"),
+                     _interval_text(c["phases_drained"], "{:.0f}"),
+                     f"{c['basis']} ({c['samples']})"])
+    categories = _table(["category", "phases left", "success per attempt", "duration (s)",
+                         "telemetry per attempt", "attempts", "phases drained", "basis"],
+                        rows, "tnnnnnnt")
+    totals = [["phases left", report["phases_left"]], ["runs left", report["runs_left"]],
+              ["history attempts", report["history_attempts"]],
+              ["attempts", _interval_text(report["attempts"], "{:.0f}")],
+              ["phases drained", _interval_text(report["phases_drained"], "{:.0f}")],
+              [f"wall time at {report['lanes']} lane(s), seconds",
+               _interval_text(report["wall_seconds"], "{:.0f}")],
+              [f"one session of batch {report['batch_size']}: wall time, seconds",
+               _interval_text(report["batch"]["wall_seconds"], "{:.0f}")]]
+    if report["telemetry_events"] is not None:
+        totals.append(["telemetry events", _interval_text(report["telemetry_events"],
+                                                          "{:.0f}")])
+    checks = _table(
+        ["session", "started", "attempts", "predicted success", "actual", "within",
+         "predicted duration (s)", "actual (s)", "within"],
+        [[c["session_id"], c["started"], c["attempts"],
+          _interval_text(c["predicted_success_rate"], "{:.0%}"),
+          f"{c['actual_success_rate']:.0%}", "yes" if c["success_within"] else "NO",
+          _interval_text(c["predicted_duration_seconds"]),
+          f"{c['actual_duration_seconds']:.1f}", "yes" if c["duration_within"] else "NO"]
+         for c in report["backtest"]], "ttnnntnnt")
+    intro = ('<p class="note">95% intervals. Attempts are taken as independent draws per '
+             'category of the picked phase\'s reason; each phase is tried until it succeeds, '
+             f'at most {report["max_attempts_per_phase"]} time(s); lanes are taken as '
+             'busy.</p>')
+    return _page(title, intro, [
+        ("Phases left, by category", categories), ("Totals", _table(["figure", "value"],
+                                                                    totals, "tn")),
+        (f"Back-test ({report['backtest_within']} of {len(report['backtest'])} within)",
+         _backtest_chart(report) + "\n" + checks)])

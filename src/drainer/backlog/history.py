@@ -120,6 +120,24 @@ class Row:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """The attempts of one session and one category (of the picked phase's reason) that
+    ended (ok, failed or timed out), as sums: what ``drainer forecast`` learns from."""
+
+    session_id: str
+    category: str | None  #: None: recorded before drainer kept the category
+    attempts: int
+    ok: int
+    seconds: float  #: sum of durations
+    seconds_sq: float  #: sum of squared durations
+    telemetry_known: int  #: attempts whose telemetry count is known
+    telemetry: float  #: sum of their counts
+    telemetry_sq: float
+    first_start: float  #: the database's clock, epoch seconds
+    last_end: float
+
+
 @dataclass(slots=True)
 class PhaseHistory:
     """What the history says about one phase: attempts counted (``interrupted`` ones left
@@ -345,6 +363,34 @@ class History:
         async def read() -> list[tuple[str, str, float]]:
             rows = await self._engine.run(lambda execute: execute(stmt).all())
             return [(str(c), str(r), float(d)) for c, r, d in rows]
+
+        return await self._engine.retry("reading the attempt history in", read)
+
+    async def tallies(self) -> list[Tally]:
+        """Per session and picked phase's category: the attempts that ended on their own or
+        timed out (not cancelled or interrupted), with sums for means and variances, for
+        ``drainer forecast``; empty when there is no table yet."""
+        if not await self.has_table():
+            return []
+
+        def real(name: str) -> str:
+            return f"CAST({name} AS DOUBLE PRECISION)"
+
+        duration, telemetry = real("duration_seconds"), real("telemetry_events")
+        stmt = text(
+            "SELECT session_id, phase_category, count(*), "
+            "sum(CASE WHEN outcome = 'ok' THEN 1 ELSE 0 END), "
+            f"sum({duration}), sum({duration} * {duration}), count(telemetry_events), "
+            f"sum({telemetry}), sum({telemetry} * {telemetry}), "
+            f"min(coalesce(started_at, finished_at - duration_seconds)), max(finished_at) "
+            f"FROM {HISTORY_TABLE} WHERE outcome NOT IN ('cancelled', {_NOT_COUNTED_SQL}) "
+            "GROUP BY session_id, phase_category")
+
+        async def read() -> list[Tally]:
+            rows = await self._engine.run(lambda execute: execute(stmt).all())
+            return [Tally(str(r[0]), None if r[1] is None else str(r[1]), int(r[2]), int(r[3]),
+                          float(r[4]), float(r[5]), int(r[6]), float(r[7] or 0),
+                          float(r[8] or 0), float(r[9]), float(r[10])) for r in rows]
 
         return await self._engine.retry("reading the attempt history in", read)
 
