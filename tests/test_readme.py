@@ -19,7 +19,7 @@ def _blocks() -> dict[str, tuple[str, str]]:
 
 
 def test_the_readme_marks_all_four_sections() -> None:
-    assert set(_blocks()) == {"operators", "teams", "embedders", "autopack"}
+    assert set(_blocks()) == {"operators", "teams", "embedders", "autopack", "learning"}
 
 
 def _autopack_checkout(path: Path) -> None:
@@ -40,7 +40,7 @@ def _autopack_checkout(path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["operators", "teams", "embedders", "autopack"])
+@pytest.mark.parametrize("name", ["operators", "teams", "embedders", "autopack", "learning"])
 def test_readme_section_runs_as_written(name: str, tmp_path: Path) -> None:
     lang, body = _blocks()[name]
     if name == "autopack":
@@ -69,6 +69,17 @@ def test_readme_section_runs_as_written(name: str, tmp_path: Path) -> None:
         assert "Recommendations" in proc.stdout  # analyze
         assert "Live leases" in proc.stdout  # status
         assert "--max-fingerprint-repeats" in proc.stdout  # --help
+    if name == "learning":
+        assert "Time limits (--phase-timeout-seconds auto:2" in proc.stdout  # plan
+        assert "preferred #1: research-system-v*]" in proc.stdout
+        assert "Attempt history in" in (tmp_path / "history.txt").read_text()
+        assert "Failure clusters in" in proc.stdout and "avoid: --skip-run-prefix" in proc.stdout
+        assert "Forecast for" in proc.stdout and "wall time at 4 busy lane(s)" in proc.stdout
+        assert "the stop request was taken by drainer on" in proc.stdout  # stop
+        assert "stop requested: drainer stop from" in (tmp_path / "background.log").read_text()
+        assert re.search(r"^  stopped run \S+: max_fingerprint_repeats", proc.stdout, re.M)
+        assert re.search(r"\[UNSTOP\] run \S+: its stop \(max_fingerprint_repeats\) is "
+                         "lifted", proc.stdout)
     if name == "teams":
         assert "(env DRAINER_LANES)" in proc.stdout and "(command line)" in proc.stdout
         assert list((tmp_path / ".drainer" / "team-sessions").glob("batch-drain-*.json"))

@@ -258,7 +258,6 @@ class DrainSession:
                         self._count(settled, selector, recorder, scheduler)
                 if replay.dangling:
                     selector.invalidate()  # the phases it restored are candidates again
-                self._unstop(selector, recorder)
             await backlog.leases.release_session(self.session_id)
             if cfg.restore_stale_after is not None:
                 await self._restore_stale(backlog, recorder)
@@ -382,6 +381,7 @@ class DrainSession:
         done = replay_journal(replay.journal_path, self._policy, selector, each)
         for run_stop in done.unjournaled:  # fired but never journaled (a crash in between)
             recorder.run_stopped(run_stop)
+        self._unstop(selector, recorder)
         if done.session_stop is not None:
             scheduler.stop(done.session_stop.reason, done.session_stop.detail)
 
