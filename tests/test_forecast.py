@@ -16,7 +16,7 @@ import pytest
 
 from conftest import Env, journal_results
 from drainer.backlog.history import Tally
-from drainer.forecast import Interval, backtest, forecast_categories, tries, wilson
+from drainer.forecast import Forecast, Interval, backtest, forecast_categories, tries, wilson
 
 RATES = {"imp": 0.3, "del": 0.7}  #: the worker's success rate by phase kind
 REASONS = {"imp": "ImportError: cannot import name 'X' from 'pkg'",
@@ -151,6 +151,34 @@ def test_the_model_on_known_figures() -> None:
                        _tally("s3", "a", 20, 10, 10)])  # s3 overlaps s1: not before it
     assert [c.session_id for c in checks] == ["s2"]
     assert checks[0].actual_success == 0.95 and not checks[0].success.holds(0.95)
+
+
+def test_every_interval_keeps_its_value_inside() -> None:
+    # At 0 or n successes rounding once left a bound past the value: a category that never
+    # succeeded read "50 (30-0) attempts".
+    for n in range(1, 80):
+        for ok in range(n + 1):
+            w = wilson(ok, n)
+            assert 0.0 <= w.low <= w.value <= w.high <= 1.0, (ok, n, w)
+    assert wilson(0, 11).low == 0.0 and wilson(6, 6).high == 1.0
+    assert tries(1e-17, 5) == (5.0, pytest.approx(5e-17))
+    assert tries(1.0, 3) == (1.0, 1.0)
+    for n, ok in [(11, 0), (6, 6), (44, 0), (30, 29)]:
+        (c,) = forecast_categories({"a": 10}, [_tally("s1", "a", n, ok, 0)], 5)
+        for found in (c.success, c.seconds, c.attempts, c.drained):
+            assert found.low <= found.value <= found.high, (n, ok, c)
+
+
+def test_one_sessions_wall_time_counts_its_own_attempts() -> None:
+    # Every attempt takes exactly 10 s: a batch of 10 on one lane takes 100 s, whatever the
+    # uncertainty of how many attempts the whole backlog needs.
+    tally = Tally("s1", "a", 60, 30, 600.0, 6000.0, 60, 30.0, 30.0, 0.0, 600.0)
+    found = Forecast(source="x", lanes=1, runs=5, max_attempts=2, batch_size=10,
+                     history_attempts=60, left={"a": 100},
+                     categories=forecast_categories({"a": 100}, [tally], 2))
+    assert found.batch_wall_seconds == Interval(100.0, 100.0, 100.0)
+    drained = found.batch_drained
+    assert drained.value == pytest.approx(5.0) and drained.low < 5.0 < drained.high
 
 
 def test_forecast_needs_a_database(env: Env, tmp_path: Path) -> None:

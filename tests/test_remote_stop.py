@@ -5,13 +5,15 @@ files and the local PostgreSQL, with real drainers and workers."""
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 from typing import Any
 
 import anyio
+from sqlalchemy import text as sql_text
 
-from conftest import Env, journal_results, wait_for_worker_file
+from conftest import Env, create_backlog, journal_results, wait_for_worker_file
 from drainer.backlog import open_backlog
 from drainer.dburl import parse_database_url
 from test_history import args
@@ -25,10 +27,15 @@ def _session_id(env: Env, proc: subprocess.Popen[str]) -> str:
     return found.name.removesuffix(".json")
 
 
-def _request(url: str, session_id: str) -> Any:
-    async def read() -> Any:
+def _requests(url: str, session_id: str) -> list[Any]:
+    """(request id, requested by, taken by) of each request for ``session_id``."""
+    stmt = sql_text("SELECT request_id, requested_by, taken_by FROM drainer_stop_requests "
+                    "WHERE session_id = :s ORDER BY requested_at")
+
+    async def read() -> list[Any]:
         async with open_backlog(parse_database_url(url)) as backlog:
-            return await backlog.requests.read(session_id)
+            return await backlog.engine.run(
+                lambda execute: [tuple(r) for r in execute(stmt, {"s": session_id}).all()])
 
     return anyio.run(read)
 
@@ -46,15 +53,20 @@ def test_a_running_session_stops_on_request_and_resumes_as_planned(
                             cwd=env.tmp)
     session_id = _session_id(env, proc)
     wait_for_worker_file(env.tmp, "hang.taken", proc)  # the first attempt hangs
+    # Asked without waiting ("latest": the session running here), the session takes it.
     asked = env.run_cli("stop", "--session", "latest", "--session-dir", str(env.sessions),
-                        "--database-url", url, "--host-name", "ops-laptop")
-    out, _ = proc.communicate(timeout=60)
+                        "--database-url", url, "--host-name", "ops-laptop", "--wait", "0")
     assert asked.returncode == 0, asked.stdout + asked.stderr
-    assert f"session {session_id}: the stop request was taken by drainer on" in asked.stdout
+    assert f"session {session_id}: stop requested" in asked.stdout
+    out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out  # stopped, resumable
     assert "drainer stop from ops-laptop" in out
     (first,) = journal_results(env.sessions / session_id)
-    assert first["cancelled"] and _request(url, session_id).taken_at is not None
+    assert first["cancelled"] and [r[1] for r in _requests(url, session_id)] == ["ops-laptop"]
+    again = env.run_cli("stop", "--session", session_id, "--database-url", url)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"session {session_id}: the stop request was taken by drainer on" in again.stdout
+    assert "(earlier)" in again.stdout
 
     plan = env.run_cli("plan", *drain, "--resume", env=worker_env)
     assert plan.returncode == 0, plan.stdout + plan.stderr
@@ -63,18 +75,21 @@ def test_a_running_session_stops_on_request_and_resumes_as_planned(
     again = env.run_cli("run", *drain, "--resume", env=worker_env)
     assert again.returncode == 1, again.stdout + again.stderr  # (the cancelled attempt)
     assert [r["run_id"] for r in journal_results(env.sessions / session_id)[1:]] == planned
-    assert _request(url, session_id) is None  # the resume cleared the request it took
+    assert _requests(url, session_id) == []  # the resume cleared the request it took
 
 
 def test_a_request_no_session_takes_is_withdrawn_and_never_stops_a_resume(
         env: Env, make_url: Any) -> None:
     url = make_url(PHASES)
-    asked = env.run_cli("stop", "--session", "batch-drain-20260101-000000-abcd",
-                        "--database-url", url, "--wait", "0.3")
+    nobody = "batch-drain-20260101-000000-abcd"
+    left = env.run_cli("stop", "--session", nobody, "--database-url", url, "--wait", "0")
+    assert left.returncode == 0 and "stop requested" in left.stdout, left.stdout
+    asked = env.run_cli("stop", "--session", nobody, "--database-url", url, "--wait", "0.3")
     assert asked.returncode == 1, asked.stdout + asked.stderr
-    assert "no running drainer took the stop request within 0.3s, so it was withdrawn" \
-        in asked.stdout
-    assert _request(url, "batch-drain-20260101-000000-abcd") is None
+    assert "no running drainer took the stop request in" in asked.stdout
+    assert "so it was withdrawn" in asked.stdout
+    # It withdrew its own request only: the one left without waiting stays.
+    assert [r[2] for r in _requests(url, nobody)] == [None]
     asked = env.run_cli("stop", "--session", "latest", "--session-dir", str(env.sessions),
                         "--database-url", url, "--wait", "0.3")
     assert asked.returncode == 1 and "no session is running in" in asked.stdout, asked.stdout
@@ -112,3 +127,89 @@ def test_bad_stop_requests_are_one_line_errors(env: Env, make_url: Any) -> None:
         proc = env.run_cli("stop", "--database-url", url, *bad)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_look_for_requests_does_not_end_the_drain(env: Env) -> None:
+    # The table vanishes while a session runs: it says so once and drains on (it used to
+    # end the session with "error", killing the attempt in flight).
+    create_backlog(env.db, [(f"run-{i}", f"P{i}", 0, "FAILED", None) for i in range(3)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drainer", "run", *env.base_args(), "--plain"], text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=env.tmp,
+        env=env.worker_env(WORKER_KIND_BY_PHASE="P0=gated"))
+    wait_for_worker_file(env.out, "started.P0", proc)
+    conn = sqlite3.connect(env.db, timeout=30)
+    conn.execute("DROP TABLE drainer_stop_requests")
+    conn.commit()
+    conn.close()
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[WARN] looking for stop requests" in line:
+            break
+    (env.out / "release").touch()
+    rest, _ = proc.communicate(timeout=60)
+    out = "".join(seen) + rest
+    assert proc.returncode == 0, out
+    assert out.count("[WARN] looking for stop requests") == 1  # once per outage
+    assert "ok 3  failed 0" in out
+
+
+def test_a_role_that_may_not_create_the_table_drains_and_resumes(env: Env) -> None:
+    # The leases and history exist, made by their owner; this role may use them but not
+    # create drainer_stop_requests. It drains with a warning, and its interrupted session
+    # resumes (the resume once failed on the missing table, every time).
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    from pg import create_database, drop_database, require_server
+
+    require_server()
+    name = create_database(PHASES)
+    role = f"drainer_user_{uuid.uuid4().hex[:8]}"
+    admin = f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+    async def prepare() -> None:
+        async with open_backlog(parse_database_url(admin)) as backlog:
+            await backlog.prepare_for_writes()
+        conn = await asyncpg.connect(admin)
+        try:
+            await conn.execute("DROP TABLE drainer_stop_requests")
+            await conn.execute(f"CREATE ROLE {role} LOGIN")
+            await conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; "
+                               f"GRANT USAGE ON SCHEMA public TO {role}")
+        finally:
+            await conn.close()
+
+    async def drop_role() -> None:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+        try:
+            await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        finally:
+            await conn.close()
+
+    asyncio.run(prepare())
+    try:
+        url = f"postgresql://{role}@127.0.0.1:5432/{name}"
+        hang = env.tmp / "hang"
+        hang.touch()
+        worker_env = env.worker_env(HANG_ONCE=str(hang))
+        drain = args(env, url, "--stop-grace-seconds", "0")
+        proc = subprocess.Popen([sys.executable, "-m", "drainer", "run", *drain], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=worker_env, cwd=env.tmp)
+        wait_for_worker_file(env.tmp, "hang.taken", proc)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert "cannot reach this session" in out
+        assert "CREATE TABLE IF NOT EXISTS drainer_stop_requests" in out
+        again = env.run_cli("run", *drain, "--resume", env=worker_env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "no candidates left" in again.stdout
+    finally:
+        drop_database(name)
+        asyncio.run(drop_role())

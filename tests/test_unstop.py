@@ -108,3 +108,21 @@ def test_unstop_with_no_session_to_resume_is_a_usage_error(env: Env) -> None:
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "no incomplete session" in proc.stderr
     assert not list(env.sessions.glob("batch-drain-*"))
+
+
+def test_unstop_lifts_a_stop_the_replay_fires_under_a_stricter_option(env: Env) -> None:
+    # The session allowed 2 timeouts per run; resumed with 1, its replay stops run-t, which
+    # the journal never stopped: plan says so, and --unstop may lift it (it was refused).
+    create_backlog(env.db, BACKLOG)
+    _stopped_by_sigterm(env, "Z0", *_args(env), "--prefer-run", "run-t",
+                        "--max-timeouts-per-run", "2", T0="hang")
+    text, _ = _plan(env, "--resume", "--max-timeouts-per-run", "1")
+    assert "stopped run run-t: max_timeouts_per_run" in text
+    text, picks = _plan(env, "--resume", "--max-timeouts-per-run", "1", "--unstop", "run-t")
+    assert "lifted by --unstop: run run-t (was max_timeouts_per_run)" in text
+    assert ("run-t", "T0") in picks  # (T1 and T2 completed before the stop)
+    proc = env.run_cli("run", *_args(env), "--resume", "--max-timeouts-per-run", "1",
+                       "--unstop", "run-t")
+    assert "[UNSTOP] run run-t: its stop (max_timeouts_per_run) is lifted" in proc.stdout, \
+        proc.stdout + proc.stderr
+    assert "Draining: run-t / T0" in proc.stdout

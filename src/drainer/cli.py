@@ -489,7 +489,7 @@ def _stop(args: argparse.Namespace, values: dict[str, Any], schema: Any) -> int:
     except NothingRunning as exc:
         _echo(str(exc))
         return EXIT_FAILED
-    for line in asked.lines(args.wait):
+    for line in asked.lines():
         _echo(line)
     return EXIT_OK if asked.taken or args.wait == 0 else EXIT_FAILED
 

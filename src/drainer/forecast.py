@@ -107,7 +107,10 @@ def wilson(ok: int, n: int) -> Interval:
     p = ok / n
     centre = (p + Z * Z / (2 * n)) / (1 + Z * Z / n)
     half = Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n)) / (1 + Z * Z / n)
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+    # (At 0 or n successes a bound is exactly 0 or 1; rounding must not move it past p.)
+    low = 0.0 if ok == 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if ok == n else max(p, min(1.0, centre + half))
+    return Interval(p, low, high)
 
 
 def mean_interval(mean: float, variance: float, n: int) -> Interval:
@@ -118,10 +121,12 @@ def mean_interval(mean: float, variance: float, n: int) -> Interval:
 def tries(p: float, limit: int) -> tuple[float, float]:
     """(expected attempts, chance of success) of a phase tried until it succeeds, at most
     ``limit`` times, each attempt succeeding with ``p``."""
-    fail = 1.0 - p
-    if p <= 0.0:
-        return float(limit), 0.0
-    return (1.0 - fail ** limit) / p, 1.0 - fail ** limit
+    if p <= 1e-12:  # (the limit as p goes to 0; below it the quotient loses every digit)
+        return float(limit), limit * max(p, 0.0)
+    if p >= 1.0:
+        return 1.0, 1.0
+    drained = -math.expm1(limit * math.log1p(-p))  # 1 - (1 - p)^limit, without cancellation
+    return drained / p, drained
 
 
 @dataclass(frozen=True)
@@ -207,10 +212,29 @@ class Forecast:
                           for k in ("value", "low", "high")))
 
     @property
-    def batch_share(self) -> float:
-        """The share of the expected attempts one session of ``--batch-size`` makes."""
-        attempts = self.total("attempts").value
-        return min(1.0, self.batch_size / attempts) if attempts else 1.0
+    def batch_attempts(self) -> float:
+        """The attempts one session of ``--batch-size`` makes (fewer when less is left)."""
+        return min(float(self.batch_size), self.total("attempts").value)
+
+    def _batch(self, per_attempt: str) -> Interval:
+        """Over one session's attempts, spread over the categories as the expected attempts
+        are: the sum of a per-attempt figure (its interval from that figure's alone)."""
+        total = self.total("attempts").value
+        if not total:
+            return Interval(0.0, 0.0, 0.0)
+        k = self.batch_attempts / total
+        return Interval(*(k * sum(c.attempts.value * getattr(getattr(c, per_attempt), end)
+                                  for c in self.categories)
+                          for end in ("value", "low", "high")))
+
+    @property
+    def batch_wall_seconds(self) -> Interval:
+        return self._batch("seconds").scaled(1 / max(1, self.lanes))
+
+    @property
+    def batch_drained(self) -> Interval:
+        """Phases one session drains: its attempts times the success rate per attempt."""
+        return self._batch("success")
 
     def to_json(self) -> dict[str, Any]:
         telemetry = self.telemetry
@@ -224,10 +248,9 @@ class Forecast:
             "phases_drained": self.total("drained").to_json(),
             "telemetry_events": None if telemetry is None else telemetry.to_json(),
             "wall_seconds": self.wall_seconds.to_json(),
-            "batch": {"share": self.batch_share,
-                      "wall_seconds": self.wall_seconds.scaled(self.batch_share).to_json(),
-                      "phases_drained": self.total("drained").scaled(
-                          self.batch_share).to_json()},
+            "batch": {"attempts": self.batch_attempts,
+                      "wall_seconds": self.batch_wall_seconds.to_json(),
+                      "phases_drained": self.batch_drained.to_json()},
             "backtest": [c.to_json() for c in self.backtest],
             "backtest_within": within,
             "model": {"interval": 0.95, "min_samples": MIN_SAMPLES},
@@ -385,9 +408,9 @@ def forecast_text(report: dict[str, Any]) -> list[str]:
         lines.append(f"  wall time at {report['lanes']} busy lane(s): "
                      f"{iv(report['wall_seconds'], _duration)}")
         batch = report["batch"]
-        if batch["share"] < 1:
+        if batch["attempts"] < report["attempts"]["value"]:
             lines.append(f"  one session of --batch-size {report['batch_size']} "
-                         f"(~{batch['share']:.0%} of those attempts): "
+                         f"({batch['attempts']:.0f} attempts): "
                          f"{iv(batch['wall_seconds'], _duration)}, "
                          f"{iv(batch['phases_drained'], lambda v: f'{v:.0f}')} phases drained")
     checks = report["backtest"]

@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,13 +94,30 @@ def check_writable_dir(path: Path) -> None:
         )
 
 
+#: how long a journal's lock is tried before it counts as held: another process's look
+#: (``journal_in_use``, as ``drainer stop --session latest`` and ``--resume`` do) holds it
+#: for microseconds, a drainer running the session for as long as it runs
+LOCK_PATIENCE = 0.05
+
+
+def _lock(fd: int) -> bool:
+    """Take the exclusive lock of an open journal; False when a drainer holds it."""
+    deadline = time.monotonic() + LOCK_PATIENCE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
+
 def journal_in_use(path: Path) -> bool:
     """True while a drainer process holds the session (it keeps its journal flock'ed)."""
     try:
         with open(path, "rb") as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock(fh.fileno()):
                 return True
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     except OSError:
@@ -148,9 +166,7 @@ class SessionFiles:
             journal = open(self.journal_path, "a+b", buffering=0)  # noqa: SIM115
         except OSError as exc:
             raise SessionError(f"cannot create session files in {self.root}: {exc}") from exc
-        try:
-            fcntl.flock(journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(journal.fileno()):
             journal.close()
             raise SessionError(
                 f"session {self.session_id} is being drained by another drainer process "

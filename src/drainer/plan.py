@@ -138,7 +138,7 @@ async def _resume(config: DrainConfig, selector: Selector) -> Resumed | None:
             raise UsageError(f"--unstop lifts stops of a resumed session, and there is no "
                              f"incomplete session in {config.session_dir} to resume")
         return None
-    check_unstop(config.unstop, replay)
+    check_unstop(config, replay)
     policy = Policy(config)
     await selector.load()
     done = replay_journal(replay.journal_path, policy, selector)

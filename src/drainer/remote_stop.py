@@ -22,14 +22,14 @@ _CHECK_EVERY = 0.1  #: how often the command looks whether the session took its 
 
 @dataclass(frozen=True)
 class Asked:
-    """How a stop request went: taken (by whom, after how long), or withdrawn."""
+    """How a stop request went: taken (by whom, after how long), waiting, or withdrawn."""
 
     session_id: str
     request: StopRequest | None  #: as it stands at the end (None: withdrawn)
     waited: float  #: seconds waited
-    earlier: bool = False  #: taken before this command asked (an earlier request)
+    earlier: bool = False  #: the session took a request before this one was made
 
-    def lines(self, wait: float) -> list[str]:
+    def lines(self) -> list[str]:
         sid, req = self.session_id, self.request
         if req is not None and req.taken_at is not None:
             when = "earlier" if self.earlier else f"after {self.waited:.1f}s"
@@ -39,9 +39,9 @@ class Asked:
         if req is not None:
             return [f"session {sid}: stop requested; a running session takes it within "
                     f"{POLL_SECONDS:g}s"]
-        return [f"session {sid}: no running drainer took the stop request within {wait:g}s, "
-                "so it was withdrawn (is the session running against this database? see "
-                "drainer status)"]
+        return [f"session {sid}: no running drainer took the stop request in "
+                f"{self.waited:.1f}s, so it was withdrawn (is the session running against "
+                "this database? see drainer status)"]
 
     @property
     def taken(self) -> bool:
@@ -63,12 +63,14 @@ def running_here(session_dir: Path) -> str | None:
 async def _wait_for_running(session_dir: Path, wait: float) -> str:
     """``--session latest``: the newest session running in ``session_dir``, waited for up
     to ``wait`` seconds (one may be starting)."""
-    with anyio.move_on_after(wait):
-        while True:
-            found = await anyio.to_thread.run_sync(running_here, session_dir)
-            if found is not None:
-                return found
-            await anyio.sleep(_CHECK_EVERY)
+    deadline = anyio.current_time() + wait
+    while True:
+        found = await anyio.to_thread.run_sync(running_here, session_dir)
+        if found is not None:
+            return found
+        if anyio.current_time() >= deadline:
+            break
+        await anyio.sleep(_CHECK_EVERY)
     raise NothingRunning(f"no session is running in {session_dir} (waited {wait:g}s); "
                          "name one with --session ID (see drainer status)")
 
@@ -99,10 +101,9 @@ async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
         with anyio.move_on_after(wait):
             while True:
                 await anyio.sleep(_CHECK_EVERY)
-                found = await requests.read(session_id)
-                if found is None or found.taken_at is not None:
+                found = await requests.read(request.request_id)
+                if found is None or found.taken_at is not None:  # (None: a resume cleared it)
                     return Asked(session_id, found, anyio.current_time() - start)
-        if await requests.withdraw(session_id):
-            return Asked(session_id, None, wait)
-        return Asked(session_id, await requests.read(session_id),
+        withdrawn = await requests.withdraw(request.request_id)
+        return Asked(session_id, None if withdrawn else await requests.read(request.request_id),
                      anyio.current_time() - start)

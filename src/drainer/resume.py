@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import DrainConfig
 from .errors import UsageError
 from .events import RunStopped, RunUnstopped
 from .journal import Replay, iter_outcomes
@@ -29,48 +30,56 @@ class Replayed:
     session_stop: SessionStop | None = None  #: the first session stop the rules answered
 
 
-def check_unstop(runs: tuple[str, ...], replay: Replay) -> None:
-    """``--unstop``: every run named must be stopped in the session resumed."""
-    for run_id in runs:
-        if run_id not in replay.stopped_runs:
-            stopped = ", ".join(shown_id(r) for r in sorted(replay.stopped_runs)) or "none"
+def check_unstop(config: DrainConfig, replay: Replay) -> None:
+    """``--unstop``: every run named must be stopped in the session resumed, as its replay
+    leaves it (journaled stops, and those the rules fire again from its attempts under the
+    options given now). Reads the journal only: before anything is written."""
+    if not config.unstop:
+        return
+    policy = Policy(config)
+    replay_journal(replay.journal_path, policy, None)
+    for run_id in config.unstop:
+        if run_id not in policy.stopped_runs:
+            stopped = ", ".join(shown_id(r) for r in sorted(policy.stopped_runs)) or "none"
             raise UsageError(f"--unstop {shown_id(run_id)}: session {replay.session_id} has "
                              f"not stopped that run (its stopped runs: {stopped})")
 
 
 def observe(attempt: Attempt, policy: Policy,
-            selector: Selector) -> tuple[list[RunStop], SessionStop | None]:
+            selector: Selector | None) -> tuple[list[RunStop], SessionStop | None]:
     """An ended attempt of the session's earlier part, as the drain learnt it: the runs it
     stops (the selector is told) and the session stop it brings."""
     started_stop = policy.started()
     run_stops, session_stop = policy.observe(attempt)
-    selector.observe(attempt, fingerprint_seen_before=policy.fingerprints.seen_before(
-        attempt.failure_fingerprint))
-    for stop in run_stops:
-        selector.stop_run(stop.run_id)
+    if selector is not None:
+        selector.observe(attempt, fingerprint_seen_before=policy.fingerprints.seen_before(
+            attempt.failure_fingerprint))
+        for stop in run_stops:
+            selector.stop_run(stop.run_id)
     return run_stops, started_stop or session_stop
 
 
-def lift(run_id: str, policy: Policy, selector: Selector) -> str | None:
+def lift(run_id: str, policy: Policy, selector: Selector | None) -> str | None:
     """``--unstop RUN``: the reason of the stop lifted, or None when the run was not
     stopped."""
     was = policy.lift(run_id)
-    if was is not None:
+    if was is not None and selector is not None:
         selector.unstop_run(run_id)
     return was
 
 
-def replay_journal(journal: Path, policy: Policy, selector: Selector,
+def replay_journal(journal: Path, policy: Policy, selector: Selector | None,
                    each: Callable[[Attempt], None] = lambda attempt: None) -> Replayed:
-    """Feed the journal to ``policy`` and ``selector`` (the selector's index loaded first);
-    ``each`` sees every finished attempt, interrupted ones included (they count toward
-    nothing else)."""
+    """Feed the journal to ``policy`` and ``selector`` (the selector's index loaded first;
+    None: the rules only); ``each`` sees every finished attempt, interrupted ones included
+    (they count toward nothing else)."""
     done = Replayed()
     pending: dict[str, RunStop] = {}
     for item in iter_outcomes(journal):
         if isinstance(item, RunStopped):
             policy.stopped_runs.setdefault(item.run_id, item.reason)
-            selector.stop_run(item.run_id)
+            if selector is not None:
+                selector.stop_run(item.run_id)
             pending.pop(item.run_id, None)
         elif isinstance(item, RunUnstopped):
             lift(item.run_id, policy, selector)

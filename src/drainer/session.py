@@ -175,7 +175,7 @@ class DrainSession:
             self._say(f"[RESUME] no incomplete session in {cfg.session_dir}; "
                       "starting a new one")
             return None
-        check_unstop(cfg.unstop, replay)
+        check_unstop(cfg, replay)
         if replay.damage is not None and replay.damage.count:
             self._say(f"[WARN] {replay.damage.describe()}; resuming from the lines that "
                       "could be read")
@@ -204,6 +204,8 @@ class DrainSession:
             self._say(f"[WARN] {backlog.requests_problem}: 'drainer stop --session "
                       f"{self.session_id}' cannot reach this session (the database's owner "
                       f"can create the table: {REQUEST_DDL})")
+        elif replay is not None:  # asked while no drainer ran it (before it shows as running)
+            await backlog.requests.clear(self.session_id)
         self._files.create()
         if not backlog.leases.worker_columns:
             self._say("[WARN] drainer_leases has no worker_pid/worker_created columns and this "
@@ -250,7 +252,6 @@ class DrainSession:
             else:
                 recorder.journal(SessionResumed(host=self._host, pid=os.getpid(),
                                                 config=cfg.to_json()))
-                await backlog.requests.clear(self.session_id)  # asked while it was not running
                 await self._replay(replay, selector, recorder, scheduler)
                 for dangling in replay.dangling:
                     settled = await attempts.reconcile(dangling)
@@ -407,9 +408,18 @@ class DrainSession:
     async def _watch_stop_requests(self, requests: StopRequests) -> None:
         """``drainer stop --session ID``, from any host: polled every ``POLL_SECONDS``; a
         request taken stops picking as :meth:`request_stop` does."""
+        failing = False
         while True:
             await anyio.sleep(POLL_SECONDS)
-            taken = await requests.take(self.session_id, self._host)
+            try:
+                taken = await requests.take(self.session_id, self._host)
+            except DrainerError as exc:  # the drain goes on; say so once per outage
+                if not failing:
+                    self._say(f"[WARN] looking for stop requests: {exc}; the session goes on "
+                              "and looks again")
+                failing = True
+                continue
+            failing = False
             if taken is not None:
                 self.request_stop(f"drainer stop from {taken.requested_by}")
                 return

@@ -2,35 +2,42 @@
 session, on any host, to stop picking; the session polls for it (README "Stopping a session
 from anywhere").
 
-One row per session asked: who asked and when, and who took the request and when, by the
-database's clock. A session clears its own rows when it starts or resumes, so a request no
-running drainer took never stops a later resume of that session.
+One row per request: the session asked, who asked and when, and who took it and when, by
+the database's clock. Each ``drainer stop`` waits on, and may withdraw, its own row only. A
+session takes every request waiting for it at once, and clears its rows before it resumes,
+so a request made while no drainer ran it never stops its resume.
 """
 
 from __future__ import annotations
 
-import contextlib
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from ._engine import Engine, Execute
 
+T = TypeVar("T")
 REQUEST_TABLE = "drainer_stop_requests"
 # Advisory lock key taken while creating REQUEST_TABLE on PostgreSQL ("drainstp" in ASCII).
 _REQUEST_DDL_LOCK = 0x647261696E737470
 POLL_SECONDS = 2.0  #: how often a running session looks for a request
-DDL = (f"CREATE TABLE IF NOT EXISTS {REQUEST_TABLE} (session_id VARCHAR(64) PRIMARY KEY, "
-       "requested_by VARCHAR(255) NOT NULL, requested_at DOUBLE PRECISION NOT NULL, "
-       "taken_by VARCHAR(255), taken_at DOUBLE PRECISION)")
+DDL = (f"CREATE TABLE IF NOT EXISTS {REQUEST_TABLE} (request_id VARCHAR(32) PRIMARY KEY, "
+       "session_id VARCHAR(64) NOT NULL, requested_by VARCHAR(255) NOT NULL, "
+       "requested_at DOUBLE PRECISION NOT NULL, taken_by VARCHAR(255), "
+       f"taken_at DOUBLE PRECISION); CREATE INDEX IF NOT EXISTS {REQUEST_TABLE}_session "
+       f"ON {REQUEST_TABLE} (session_id)")
+_COLUMNS = "request_id, session_id, requested_by, requested_at, taken_by, taken_at"
 
 
 @dataclass(frozen=True, slots=True)
 class StopRequest:
     """A stop request as read back."""
 
+    request_id: str
     session_id: str
     requested_by: str
     requested_at: float
@@ -45,13 +52,18 @@ class StopRequests:
         self._engine = engine
         self._sqlite = engine.db.is_sqlite
         now = engine.now_sql
-        self._insert = text(f"INSERT INTO {REQUEST_TABLE} (session_id, requested_by, "
-                            f"requested_at) VALUES (:session_id, :host, {now})")
-        self._read = text(f"SELECT session_id, requested_by, requested_at, taken_by, taken_at "
-                          f"FROM {REQUEST_TABLE} WHERE session_id = :session_id")
+        self._insert = text(f"INSERT INTO {REQUEST_TABLE} (request_id, session_id, "
+                            f"requested_by, requested_at) VALUES (:request_id, :session_id, "
+                            f":host, {now})")
+        self._one = text(f"SELECT {_COLUMNS} FROM {REQUEST_TABLE} "
+                         "WHERE request_id = :request_id")
+        self._taken = text(f"SELECT {_COLUMNS} FROM {REQUEST_TABLE} WHERE session_id = "
+                           ":session_id AND taken_at IS NOT NULL ORDER BY taken_at, request_id")
+        self._waiting = text(f"SELECT request_id FROM {REQUEST_TABLE} WHERE session_id = "
+                             ":session_id AND taken_at IS NULL")
         self._take = text(f"UPDATE {REQUEST_TABLE} SET taken_by = :host, taken_at = {now} "
                           "WHERE session_id = :session_id AND taken_at IS NULL")
-        self._withdraw = text(f"DELETE FROM {REQUEST_TABLE} WHERE session_id = :session_id "
+        self._withdraw = text(f"DELETE FROM {REQUEST_TABLE} WHERE request_id = :request_id "
                               "AND taken_at IS NULL")
         self._clear = text(f"DELETE FROM {REQUEST_TABLE} WHERE session_id = :session_id")
 
@@ -62,7 +74,8 @@ class StopRequests:
                     if not self._sqlite:  # see Leases.ensure_table
                         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                            {"key": _REQUEST_DDL_LOCK})
-                    await conn.execute(text(DDL))
+                    for statement in DDL.split("; "):
+                        await conn.execute(text(statement))
             except (IntegrityError, ProgrammingError):
                 if not await self.has_table():
                     raise
@@ -74,64 +87,64 @@ class StopRequests:
         except SQLAlchemyError:
             return False
 
+    async def _run(self, action: str, body: Callable[[Execute], T], *,
+                   write: bool = False) -> T:
+        return await self._engine.retry(f"{action} {REQUEST_TABLE} of",
+                                        lambda: self._engine.run(body, write=write))
+
     async def request(self, session_id: str, host: str) -> StopRequest:
-        """Ask ``session_id`` to stop: the request as it stands (an earlier one, taken or
-        not, is kept as it is)."""
-        params = {"session_id": session_id, "host": host}
+        """Ask ``session_id`` to stop: a new request, or the one the session took already
+        (it has stopped picking: nothing more to ask)."""
+        params = {"request_id": secrets.token_hex(16), "session_id": session_id,
+                  "host": host}
 
         def ask(execute: Execute) -> StopRequest:
-            with contextlib.suppress(IntegrityError):  # asked before: that request stands
-                execute(self._insert, params)
-            row = execute(self._read, params).first()
-            return _request(row)
+            taken = execute(self._taken, params).first()
+            if taken is not None:
+                return _request(taken)
+            execute(self._insert, params)
+            return _request(execute(self._one, params).first())
 
-        return await self._engine.retry(f"requesting a stop in {REQUEST_TABLE} of",
-                                        lambda: self._engine.run(ask, write=True))
+        return await self._run("requesting a stop in", ask, write=True)
 
-    async def read(self, session_id: str) -> StopRequest | None:
-        params = {"session_id": session_id}
+    async def read(self, request_id: str) -> StopRequest | None:
+        params = {"request_id": request_id}
 
         def get(execute: Execute) -> StopRequest | None:
-            row = execute(self._read, params).first()
+            row = execute(self._one, params).first()
             return None if row is None else _request(row)
 
-        return await self._engine.retry(f"reading {REQUEST_TABLE} of",
-                                        lambda: self._engine.run(get))
+        return await self._run("reading", get)
 
     async def take(self, session_id: str, host: str) -> StopRequest | None:
-        """The session's poll: the request waiting for it, now marked taken by ``host``; None
-        when there is none (one read by primary key)."""
+        """The session's poll: the requests waiting for it, now taken by ``host`` (the first
+        is returned); None when there is none (one indexed read)."""
         params = {"session_id": session_id, "host": host}
 
         def poll(execute: Execute) -> StopRequest | None:
-            row = execute(self._read, params).first()
-            if row is None or row[4] is not None:
+            if execute(self._waiting, params).first() is None:
                 return None
             if not execute(self._take, params).rowcount:
                 return None  # withdrawn at that moment
-            return _request(execute(self._read, params).first())
+            return _request(execute(self._taken, params).first())
 
-        return await self._engine.retry(f"reading {REQUEST_TABLE} of",
-                                        lambda: self._engine.run(poll, write=True))
+        return await self._run("reading", poll, write=True)
 
-    async def withdraw(self, session_id: str) -> bool:
-        """Withdraw a request no session took; False when one took it meanwhile."""
-        params = {"session_id": session_id}
-        return await self._engine.retry(
-            f"withdrawing a stop request in {REQUEST_TABLE} of",
-            lambda: self._engine.run(lambda execute: bool(
-                execute(self._withdraw, params).rowcount), write=True))
+    async def withdraw(self, request_id: str) -> bool:
+        """Withdraw one's own request if no session took it; False when one did meanwhile."""
+        params = {"request_id": request_id}
+        return await self._run(
+            "withdrawing a stop request in",
+            lambda execute: bool(execute(self._withdraw, params).rowcount), write=True)
 
     async def clear(self, session_id: str) -> None:
-        """A session starts or resumes: requests made while it was not running are void."""
+        """A session resumes: requests made while it was not running are void."""
         params = {"session_id": session_id}
-        await self._engine.retry(
-            f"clearing {REQUEST_TABLE} of",
-            lambda: self._engine.run(lambda execute: execute(self._clear, params), write=True))
+        await self._run("clearing", lambda execute: execute(self._clear, params), write=True)
 
 
 def _request(row: Any) -> StopRequest:
-    taken_by, taken_at = row[3], row[4]
-    return StopRequest(str(row[0]), str(row[1]), float(row[2]),
+    taken_by, taken_at = row[4], row[5]
+    return StopRequest(str(row[0]), str(row[1]), str(row[2]), float(row[3]),
                        None if taken_by is None else str(taken_by),
                        None if taken_at is None else float(taken_at))
