@@ -374,10 +374,8 @@ class DrainSession:
         def each(attempt: Attempt) -> None:
             recorder.replayed(attempt)
             self._gauge.add_attempt(attempt)
-            if self._timeouts is not None and not attempt.interrupted:
-                self._timeouts.observe(attempt.run_id, attempt.phase_id,  # (a retry after a
-                                       timed_out=attempt.timed_out,  # timeout: twice its
-                                       seconds=attempt.timeout_seconds)  # limit)
+            if not attempt.interrupted:
+                self._learn_limit(attempt)
 
         done = replay_journal(replay.journal_path, self._policy, selector, each)
         for run_stop in done.unjournaled:  # fired but never journaled (a crash in between)
@@ -389,14 +387,19 @@ class DrainSession:
     def _count(self, attempt: Attempt, selector: Selector, recorder: Recorder,
                scheduler: Scheduler) -> None:
         """An attempt found ended while resuming: the stop rules and the selector learn it."""
-        if self._timeouts is not None:
-            self._timeouts.observe(attempt.run_id, attempt.phase_id,
-                                   timed_out=attempt.timed_out, seconds=attempt.timeout_seconds)
+        self._learn_limit(attempt)
         run_stops, stop = observe(attempt, self._policy, selector)
         for run_stop in run_stops:
             recorder.run_stopped(run_stop)
         if stop is not None:
             scheduler.stop(stop.reason, stop.detail)
+
+    def _learn_limit(self, attempt: Attempt) -> None:
+        """An ended attempt of the session's earlier part: a retry after a timeout gets twice
+        its limit."""
+        if self._timeouts is not None:
+            self._timeouts.observe(attempt.run_id, attempt.phase_id,
+                                   timed_out=attempt.timed_out, seconds=attempt.timeout_seconds)
 
     def _unstop(self, selector: Selector, recorder: Recorder) -> None:
         """``--unstop RUN``: lift the stops the operator named (checked at the start)."""
