@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,14 @@ def test_demo_drains_a_batch_and_says_what_next(tmp_path: Path) -> None:
     assert "[30/30] [lane " in out and "Draining:" in out
     assert "[TIMEOUT]" in out and "[LEAK]" in out and "[OK]" in out and "[FAIL]" in out
     assert "What to try next:" in out
+    # The forecast it suggests runs as printed, on the history the demo just wrote.
+    (hint,) = [line for line in out.splitlines() if "drainer forecast" in line]
+    argv = shlex.split(hint.split("#")[0])
+    assert argv[:3] == ["python", "-m", "drainer"]
+    told = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert told.returncode == 0, told.stderr
+    assert "from 30 attempt(s) in the history" in told.stdout
     (snapshot,) = (tmp_path / "demo" / "sessions").glob("batch-drain-*.json")
     snap = json.loads(snapshot.read_text())
     assert snap["total_processed"] == 30

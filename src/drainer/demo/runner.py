@@ -60,6 +60,8 @@ async def run_demo(
     echo(f"  python -m drainer analyze --session-dir {q(str(sessions))}")
     echo(f"  python -m drainer analyze --history --database-url {q(url)}   # every session's "
          "attempts")
+    echo(f"  python -m drainer forecast --database-url {q(url)} --command {q(DEMO_COMMAND)} "
+         "--lanes 4   # what is left, how long")
     echo(f"  python -m drainer status --database-url {q(url)} --session-dir {q(str(sessions))}")
     echo(f"  less {q(str(summary.snapshot_path))}   # the session file")
     echo(f"  ls {q(str(summary.logs_dir))}         # one stdout/stderr pair per attempt")
