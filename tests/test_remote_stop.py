@@ -88,8 +88,12 @@ def test_a_request_no_session_takes_is_withdrawn_and_never_stops_a_resume(
     assert asked.returncode == 1, asked.stdout + asked.stderr
     assert "no running drainer took the stop request in" in asked.stdout
     assert "so it was withdrawn" in asked.stdout
-    # It withdrew its own request only: the one left without waiting stays.
+    # It withdrew its own request only: the one left without waiting stays, and status
+    # lists it.
     assert [r[2] for r in _requests(url, nobody)] == [None]
+    status = env.run_cli("status", "--database-url", url, "--session-dir", str(env.sessions))
+    assert "Stop requests waiting (drainer stop): 1" in status.stdout, status.stdout
+    assert f"session {nobody}: asked by" in status.stdout
     asked = env.run_cli("stop", "--session", "latest", "--session-dir", str(env.sessions),
                         "--database-url", url, "--wait", "0.3")
     assert asked.returncode == 1 and "no session is running in" in asked.stdout, asked.stdout

@@ -6,12 +6,12 @@ Reads only: nothing is written to the database or the session directory.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .backlog import HISTORY_TABLE, Lease, open_backlog
+from .backlog import HISTORY_TABLE, Lease, StopRequest, open_backlog
 from .config import DEFAULT_TELEMETRY_TABLES
 from .dburl import DatabaseURL
 from .errors import SessionError
@@ -31,6 +31,8 @@ class Status:
     leases: list[tuple[Lease, float]]
     #: the attempt history's rows, sessions and phases; None: no history table yet
     history: tuple[int, int, int] | None = None
+    #: ``drainer stop`` requests no session has taken yet
+    stop_requests: list[StopRequest] = field(default_factory=list)
 
 
 def _as_datetime(value: Any) -> datetime | None:
@@ -53,6 +55,7 @@ async def collect_status(
         rows, db_now = await backlog.phases.non_final()
         leases = await backlog.leases.live()
         history = await backlog.history.size()
+        stop_requests = await backlog.requests.waiting()
     now = _as_datetime(db_now)
     stale: list[tuple[str, str, str, float | None]] = []
     for run_id, phase_id, state, updated in rows:
@@ -68,7 +71,7 @@ async def collect_status(
         except SessionError as exc:
             unreadable.append((journal, str(exc)))
     return Status(by_run=by_run, stale=stale, sessions=sessions, unreadable_sessions=unreadable,
-                  leases=leases, history=history)
+                  leases=leases, history=history, stop_requests=stop_requests)
 
 
 def status_lines(
@@ -117,6 +120,10 @@ def status_lines(
         rows, sessions, phases = status.history
         lines.append(f"Attempt history ({HISTORY_TABLE}): {rows} attempt(s) of {phases} "
                      f"phase(s) in {sessions} session(s) (drainer analyze --history shows it)")
+    lines.append(f"Stop requests waiting (drainer stop): {len(status.stop_requests) or 'none'}")
+    for request in status.stop_requests:
+        lines.append(f"  session {request.session_id}: asked by {request.requested_by}; a "
+                     "running session takes it within seconds, a resume clears it")
     incomplete = [s for s in status.sessions if not s.complete]
     lines.append(f"Sessions in {session_dir}: {len(status.sessions)}, "
                  f"incomplete: {len(incomplete)}")

@@ -137,6 +137,15 @@ class StopRequests:
             "withdrawing a stop request in",
             lambda execute: bool(execute(self._withdraw, params).rowcount), write=True)
 
+    async def waiting(self) -> list[StopRequest]:
+        """Every request no session has taken yet, oldest first (none without the table)."""
+        if not await self.has_table():
+            return []
+        stmt = text(f"SELECT {_COLUMNS} FROM {REQUEST_TABLE} WHERE taken_at IS NULL "
+                    "ORDER BY requested_at, request_id")
+        return await self._run("reading", lambda execute: [
+            _request(row) for row in execute(stmt).all()])
+
     async def clear(self, session_id: str) -> None:
         """A session resumes: requests made while it was not running are void."""
         params = {"session_id": session_id}
