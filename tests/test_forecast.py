@@ -163,10 +163,11 @@ def test_every_interval_keeps_its_value_inside() -> None:
     assert wilson(0, 11).low == 0.0 and wilson(6, 6).high == 1.0
     assert tries(1e-17, 5) == (5.0, pytest.approx(5e-17))
     assert tries(1.0, 3) == (1.0, 1.0)
-    for n, ok in [(11, 0), (6, 6), (44, 0), (30, 29)]:
-        (c,) = forecast_categories({"a": 10}, [_tally("s1", "a", n, ok, 0)], 5)
-        for found in (c.success, c.seconds, c.attempts, c.drained):
-            assert found.low <= found.value <= found.high, (n, ok, c)
+    for n, ok in [(11, 0), (6, 6), (44, 0), (30, 29), (7, 3), (13, 5)]:
+        for limit in (1, 2, 5):
+            (c,) = forecast_categories({"a": 10}, [_tally("s1", "a", n, ok, 0)], limit)
+            for found in (c.success, c.seconds, c.attempts, c.drained):
+                assert found.low <= found.value <= found.high, (n, ok, limit, c)
 
 
 def test_one_sessions_wall_time_counts_its_own_attempts() -> None:
@@ -179,6 +180,17 @@ def test_one_sessions_wall_time_counts_its_own_attempts() -> None:
     assert found.batch_wall_seconds == Interval(100.0, 100.0, 100.0)
     drained = found.batch_drained
     assert drained.value == pytest.approx(5.0) and drained.low < 5.0 < drained.high
+    # A batch that outlasts the backlog drains what the backlog gives, no more.
+    small = Forecast(source="x", lanes=1, runs=5, max_attempts=2, batch_size=14,
+                     history_attempts=60, left={"a": 10},
+                     categories=forecast_categories({"a": 10}, [tally], 2))
+    whole = small.total("drained")
+    assert small.batch_drained.high <= whole.high and small.batch_drained.value <= whole.value
+    large = Forecast(source="x", lanes=1, runs=5, max_attempts=2, batch_size=1000,
+                     history_attempts=60, left={"a": 10},
+                     categories=forecast_categories({"a": 10}, [tally], 2))
+    assert large.batch_wall_seconds == large.wall_seconds
+    assert large.batch_drained == large.total("drained")
 
 
 def test_forecast_needs_a_database(env: Env, tmp_path: Path) -> None:

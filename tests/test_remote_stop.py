@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import anyio
+import pytest
 from sqlalchemy import text as sql_text
 
 from conftest import Env, create_backlog, journal_results, wait_for_worker_file
@@ -63,10 +64,10 @@ def test_a_running_session_stops_on_request_and_resumes_as_planned(
     assert "drainer stop from ops-laptop" in out
     (first,) = journal_results(env.sessions / session_id)
     assert first["cancelled"] and [r[1] for r in _requests(url, session_id)] == ["ops-laptop"]
-    again = env.run_cli("stop", "--session", session_id, "--database-url", url)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert f"session {session_id}: the stop request was taken by drainer on" in again.stdout
-    assert "(earlier)" in again.stdout
+    # Stopped, it takes no more: a later request waits for nobody and is withdrawn.
+    again = env.run_cli("stop", "--session", session_id, "--database-url", url,
+                        "--wait", "0.3")
+    assert again.returncode == 1 and "so it was withdrawn" in again.stdout, again.stdout
 
     plan = env.run_cli("plan", *drain, "--resume", env=worker_env)
     assert plan.returncode == 0, plan.stdout + plan.stderr
@@ -160,10 +161,12 @@ def test_a_failing_look_for_requests_does_not_end_the_drain(env: Env) -> None:
     assert "ok 3  failed 0" in out
 
 
-def test_a_role_that_may_not_create_the_table_drains_and_resumes(env: Env) -> None:
-    # The leases and history exist, made by their owner; this role may use them but not
-    # create drainer_stop_requests. It drains with a warning, and its interrupted session
-    # resumes (the resume once failed on the missing table, every time).
+@pytest.mark.parametrize("table", ["missing", "not granted"])
+def test_a_role_that_may_not_use_the_table_drains_and_resumes(env: Env, table: str) -> None:
+    # The leases and history exist, made by their owner; this role may use them but may not
+    # create drainer_stop_requests, or it exists without a GRANT to this role. It drains
+    # with a warning, and its interrupted session resumes (the resume once failed there,
+    # every time).
     import asyncio
     import uuid
 
@@ -181,10 +184,13 @@ def test_a_role_that_may_not_create_the_table_drains_and_resumes(env: Env) -> No
             await backlog.prepare_for_writes()
         conn = await asyncpg.connect(admin)
         try:
-            await conn.execute("DROP TABLE drainer_stop_requests")
+            if table == "missing":
+                await conn.execute("DROP TABLE drainer_stop_requests")
             await conn.execute(f"CREATE ROLE {role} LOGIN")
             await conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; "
                                f"GRANT USAGE ON SCHEMA public TO {role}")
+            if table == "not granted":
+                await conn.execute(f"REVOKE ALL ON drainer_stop_requests FROM {role}")
         finally:
             await conn.close()
 
@@ -209,10 +215,12 @@ def test_a_role_that_may_not_create_the_table_drains_and_resumes(env: Env) -> No
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, out
-        assert "cannot reach this session" in out
-        assert "CREATE TABLE IF NOT EXISTS drainer_stop_requests" in out
+        if table == "missing":
+            assert "cannot reach this session" in out
+            assert "CREATE TABLE IF NOT EXISTS drainer_stop_requests" in out
         again = env.run_cli("run", *drain, "--resume", env=worker_env)
         assert again.returncode == 0, again.stdout + again.stderr
+        assert "cannot reach this session" in again.stdout
         assert "no candidates left" in again.stdout
     finally:
         drop_database(name)

@@ -46,6 +46,16 @@ class Interval:
     def scaled(self, k: float) -> Interval:
         return Interval(self.value * k, self.low * k, self.high * k)
 
+    def ordered(self) -> Interval:
+        """The value inside its bounds (figures worked out at each end can cross by a
+        rounding)."""
+        return Interval(self.value, min(self.low, self.value), max(self.high, self.value))
+
+    def capped(self, other: Interval) -> Interval:
+        """Each end at most ``other``'s: a part never exceeds the whole."""
+        return Interval(min(self.value, other.value), min(self.low, other.low),
+                        min(self.high, other.high))
+
 
 @dataclass(slots=True)
 class Sums:
@@ -123,8 +133,8 @@ def tries(p: float, limit: int) -> tuple[float, float]:
     ``limit`` times, each attempt succeeding with ``p``."""
     if p <= 1e-12:  # (the limit as p goes to 0; below it the quotient loses every digit)
         return float(limit), limit * max(p, 0.0)
-    if p >= 1.0:
-        return 1.0, 1.0
+    if p >= 1.0 or limit == 1:
+        return 1.0, min(p, 1.0)
     drained = -math.expm1(limit * math.log1p(-p))  # 1 - (1 - p)^limit, without cancellation
     return drained / p, drained
 
@@ -228,13 +238,22 @@ class Forecast:
                           for end in ("value", "low", "high")))
 
     @property
+    def _batch_is_all(self) -> bool:
+        """One session drains the whole backlog even at its most attempts."""
+        return self.batch_size >= self.total("attempts").high
+
+    @property
     def batch_wall_seconds(self) -> Interval:
+        if self._batch_is_all:
+            return self.wall_seconds
         return self._batch("seconds").scaled(1 / max(1, self.lanes))
 
     @property
     def batch_drained(self) -> Interval:
-        """Phases one session drains: its attempts times the success rate per attempt."""
-        return self._batch("success")
+        """Phases one session drains: its attempts times the success rate per attempt, never
+        more than the whole backlog gives."""
+        whole = self.total("drained")
+        return whole if self._batch_is_all else self._batch("success").capped(whole)
 
     def to_json(self) -> dict[str, Any]:
         telemetry = self.telemetry
@@ -291,8 +310,9 @@ def forecast_categories(left: dict[str, int], tallies: Sequence[Tally],
         attempts = [tries(p, max_attempts) for p in (rate.value, rate.high, rate.low)]
         out.append(CategoryForecast(
             category, phases, basis, sums.attempts, rate, seconds, telemetry,
-            Interval(*(phases * a for a, _ in attempts)),
-            Interval(phases * attempts[0][1], phases * attempts[2][1], phases * attempts[1][1])))
+            Interval(*(phases * a for a, _ in attempts)).ordered(),
+            Interval(phases * attempts[0][1], phases * attempts[2][1],
+                     phases * attempts[1][1]).ordered()))
     return out
 
 

@@ -27,18 +27,21 @@ class Asked:
     session_id: str
     request: StopRequest | None  #: as it stands at the end (None: withdrawn)
     waited: float  #: seconds waited
-    earlier: bool = False  #: the session took a request before this one was made
+    cleared: bool = False  #: a resume of the session cleared it (made before it started)
 
     def lines(self) -> list[str]:
         sid, req = self.session_id, self.request
         if req is not None and req.taken_at is not None:
-            when = "earlier" if self.earlier else f"after {self.waited:.1f}s"
             return [f"session {sid}: the stop request was taken by drainer on {req.taken_by} "
-                    f"({when}); it starts no new attempt, gives the attempts in flight "
-                    f"their --stop-grace-seconds, and stays resumable (run --resume {sid})"]
+                    f"(after {self.waited:.1f}s); it starts no new attempt, gives the attempts "
+                    f"in flight their --stop-grace-seconds, and stays resumable (run --resume "
+                    f"{sid})"]
         if req is not None:
             return [f"session {sid}: stop requested; a running session takes it within "
                     f"{POLL_SECONDS:g}s"]
+        if self.cleared:
+            return [f"session {sid}: a resume of the session cleared the stop request, made "
+                    "before it started; ask again to stop it"]
         return [f"session {sid}: no running drainer took the stop request in "
                 f"{self.waited:.1f}s, so it was withdrawn (is the session running against "
                 "this database? see drainer status)"]
@@ -93,17 +96,16 @@ async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
         requests = backlog.requests
         await requests.ensure_table()
         request = await requests.request(session_id, host)
-        if request.taken_at is not None:
-            return Asked(session_id, request, 0.0, earlier=True)
-        if wait == 0:
+        if request is None or wait == 0:
             return Asked(session_id, request, 0.0)
         start = anyio.current_time()
         with anyio.move_on_after(wait):
             while True:
                 await anyio.sleep(_CHECK_EVERY)
                 found = await requests.read(request.request_id)
-                if found is None or found.taken_at is not None:  # (None: a resume cleared it)
-                    return Asked(session_id, found, anyio.current_time() - start)
+                if found is None or found.taken_at is not None:
+                    return Asked(session_id, found, anyio.current_time() - start,
+                                 cleared=found is None)
         withdrawn = await requests.withdraw(request.request_id)
         return Asked(session_id, None if withdrawn else await requests.read(request.request_id),
                      anyio.current_time() - start)

@@ -22,7 +22,7 @@ from .backlog import LEASE_TABLE, Backlog, StopRequests, open_backlog
 from .backlog.requests import DDL as REQUEST_DDL
 from .backlog.requests import POLL_SECONDS
 from .config import DrainConfig
-from .errors import DrainerError, UsageError, drainer_error_in
+from .errors import DatabaseError, DrainerError, UsageError, drainer_error_in
 from .events import DrainEvent, RunUnstopped, SessionResumed, SessionStarted, StaleRestored
 from .journal import (
     Replay,
@@ -204,9 +204,10 @@ class DrainSession:
             self._say(f"[WARN] {backlog.requests_problem}: 'drainer stop --session "
                       f"{self.session_id}' cannot reach this session (the database's owner "
                       f"can create the table: {REQUEST_DDL})")
-        elif replay is not None:  # asked while no drainer ran it (before it shows as running)
-            await backlog.requests.clear(self.session_id)
+        since = await self._requests_clock(backlog) if replay is not None else None
         self._files.create()
+        if since is not None:  # asked while no drainer ran it: void (later ones are for it)
+            await self._clear_requests(backlog, since)
         if not backlog.leases.worker_columns:
             self._say("[WARN] drainer_leases has no worker_pid/worker_created columns and this "
                       "database role may not add them: a take-over on this host finds an "
@@ -408,10 +409,36 @@ class DrainSession:
             if was is not None:
                 recorder.run_unstopped(RunUnstopped(run_id, was))
 
+    async def _requests_clock(self, backlog: Backlog) -> float | None:
+        """The database's clock before a resume takes its journal: stop requests made
+        before it are cleared (None: there is no usable table)."""
+        if backlog.requests_problem is not None:
+            return None
+        try:
+            return await backlog.requests.now()
+        except DatabaseError as exc:
+            if exc.transient:
+                raise
+            backlog.requests_problem = str(exc)
+            return None
+
+    async def _clear_requests(self, backlog: Backlog, since: float) -> None:
+        """Clear the session's requests made before it resumed. A role that may not use the
+        table (its owner created it without a GRANT) resumes all the same, unreachable."""
+        try:
+            await backlog.requests.clear(self.session_id, before=since)
+        except DatabaseError as exc:
+            if exc.transient:
+                raise
+            backlog.requests_problem = str(exc)
+            self._say(f"[WARN] {exc}: 'drainer stop --session {self.session_id}' cannot "
+                      "reach this session")
+
     async def _watch_stop_requests(self, requests: StopRequests) -> None:
-        """``drainer stop --session ID``, from any host: polled every ``POLL_SECONDS``; a
-        request taken stops picking as :meth:`request_stop` does."""
-        failing = False
+        """``drainer stop --session ID``, from any host: polled every ``POLL_SECONDS``; the
+        first request taken stops picking as :meth:`request_stop` does, later ones are taken
+        too (the session is stopping: their asker hears so) until the session ends."""
+        failing = asked = False
         while True:
             await anyio.sleep(POLL_SECONDS)
             try:
@@ -423,9 +450,9 @@ class DrainSession:
                 failing = True
                 continue
             failing = False
-            if taken is not None:
+            if taken is not None and not asked:
+                asked = True
                 self.request_stop(f"drainer stop from {taken.requested_by}")
-                return
 
     def _on_signal(self, name: str, count: int) -> None:
         assert self._scheduler is not None and self._recorder is not None

@@ -4,8 +4,9 @@ from anywhere").
 
 One row per request: the session asked, who asked and when, and who took it and when, by
 the database's clock. Each ``drainer stop`` waits on, and may withdraw, its own row only. A
-session takes every request waiting for it at once, and clears its rows before it resumes,
-so a request made while no drainer ran it never stops its resume.
+session takes every request waiting for it, until it ends. A resume clears the rows made
+before it took the session's journal, so a request made while no drainer ran the session
+never stops its resume, and one made while it starts does.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class StopRequests:
                           "WHERE session_id = :session_id AND taken_at IS NULL")
         self._withdraw = text(f"DELETE FROM {REQUEST_TABLE} WHERE request_id = :request_id "
                               "AND taken_at IS NULL")
-        self._clear = text(f"DELETE FROM {REQUEST_TABLE} WHERE session_id = :session_id")
+        self._clear = text(f"DELETE FROM {REQUEST_TABLE} WHERE session_id = :session_id "
+                           "AND requested_at < :before")
+        self._now = text(f"SELECT {now}")
 
     async def ensure_table(self) -> None:
         with self._engine.errors(f"creating {REQUEST_TABLE} in"):
@@ -92,18 +95,16 @@ class StopRequests:
         return await self._engine.retry(f"{action} {REQUEST_TABLE} of",
                                         lambda: self._engine.run(body, write=write))
 
-    async def request(self, session_id: str, host: str) -> StopRequest:
-        """Ask ``session_id`` to stop: a new request, or the one the session took already
-        (it has stopped picking: nothing more to ask)."""
+    async def request(self, session_id: str, host: str) -> StopRequest | None:
+        """Ask ``session_id`` to stop: the new request as written (None: a resume cleared it
+        at once)."""
         params = {"request_id": secrets.token_hex(16), "session_id": session_id,
                   "host": host}
 
-        def ask(execute: Execute) -> StopRequest:
-            taken = execute(self._taken, params).first()
-            if taken is not None:
-                return _request(taken)
+        def ask(execute: Execute) -> StopRequest | None:
             execute(self._insert, params)
-            return _request(execute(self._one, params).first())
+            row = execute(self._one, params).first()
+            return None if row is None else _request(row)
 
         return await self._run("requesting a stop in", ask, write=True)
 
@@ -126,7 +127,8 @@ class StopRequests:
                 return None
             if not execute(self._take, params).rowcount:
                 return None  # withdrawn at that moment
-            return _request(execute(self._taken, params).first())
+            row = execute(self._taken, params).first()
+            return None if row is None else _request(row)
 
         return await self._run("reading", poll, write=True)
 
@@ -146,9 +148,15 @@ class StopRequests:
         return await self._run("reading", lambda execute: [
             _request(row) for row in execute(stmt).all()])
 
-    async def clear(self, session_id: str) -> None:
-        """A session resumes: requests made while it was not running are void."""
-        params = {"session_id": session_id}
+    async def now(self) -> float:
+        """The database's clock (epoch seconds), as the requests' times are written."""
+        return float(await self._run("reading the clock for", lambda execute: execute(
+            self._now).scalar()))
+
+    async def clear(self, session_id: str, *, before: float) -> None:
+        """A session resumes: its requests made before ``before`` (the database's clock just
+        before it took its journal) are void; later ones are for it."""
+        params = {"session_id": session_id, "before": before}
         await self._run("clearing", lambda execute: execute(self._clear, params), write=True)
 
 
