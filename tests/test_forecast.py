@@ -83,6 +83,9 @@ def _args(env: Env, url: str, *more: str) -> list[str]:
             "--max-fingerprint-repeats", "1000", *more]
 
 
+# On PostgreSQL only (the suite's time): the history's figures are one query, and SQLite's
+# runs in the README walk-through and the demo's test.
+@pytest.mark.parametrize("backend", ["postgresql"])
 def test_the_forecast_learns_the_known_rates_and_its_back_test_holds(
         env: Env, make_url: Any) -> None:
     url = make_url(PHASES)
