@@ -5,15 +5,21 @@ clock, and the one place lower-level errors become :class:`~drainer.errors.Datab
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-from sqlalchemy import event
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..dburl import DatabaseURL
@@ -197,6 +203,35 @@ class Engine:
                         raise
                 await anyio.sleep(pause)
                 pause = min(pause * 2, 0.5)
+
+    async def has_table(self, name: str) -> bool:
+        """Whether table ``name`` exists (False also when the database cannot say)."""
+        try:
+            return bool(await self.run_sync(lambda c: inspect(c).has_table(name)))
+        except SQLAlchemyError:
+            return False
+
+    async def create_table(self, name: str, lock_key: int, statements: Sequence[str],
+                           then: Callable[[AsyncConnection], Awaitable[None]] | None = None
+                           ) -> None:
+        """One of drainer's own tables, created if missing: ``statements`` (and ``then``) in
+        one write transaction. On PostgreSQL a transaction-scoped advisory lock (``lock_key``)
+        serialises drainers starting together, which race in the catalog even with IF NOT
+        EXISTS; SQLite's BEGIN IMMEDIATE already does. Something that does not take the lock
+        creating it at the same moment is fine if the table is there afterwards."""
+        with self.errors(f"creating {name} in"):
+            try:
+                async with self.write() as conn:
+                    if not self.db.is_sqlite:
+                        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                           {"key": lock_key})
+                    for statement in statements:
+                        await conn.execute(text(statement))
+                    if then is not None:
+                        await then(conn)
+            except (IntegrityError, ProgrammingError):
+                if not await self.has_table(name):
+                    raise
 
     async def run_sync(self, fn: Any) -> Any:
         """Run ``fn(sync_connection)`` (schema inspection) on a read connection."""

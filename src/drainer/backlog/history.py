@@ -28,7 +28,7 @@ from sqlalchemy import (
     table,
     text,
 )
-from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ._engine import Engine, Execute
 
@@ -200,32 +200,20 @@ class History:
                 f"ON {HISTORY_TABLE} (run_id, phase_id)")
 
     async def ensure_table(self) -> None:
-        with self._engine.errors(f"creating {HISTORY_TABLE} in"):
-            try:
-                async with self._engine.write() as conn:
-                    if not self._sqlite:  # see Leases.ensure_table
-                        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                           {"key": _HISTORY_DDL_LOCK})
-                    for statement in self.ddl.split("; "):
-                        await conn.execute(text(statement))
-                    # A table of an older drainer lacks the columns added since: add them.
-                    have = set(await conn.run_sync(
-                        lambda c: {col["name"] for col in inspect(c).get_columns(
-                            HISTORY_TABLE)}))
-                    for name, kind in COLUMNS:
-                        if name not in have:
-                            await conn.execute(text(
-                                f"ALTER TABLE {HISTORY_TABLE} ADD COLUMN {name} {kind}"))
-            except (IntegrityError, ProgrammingError):
-                if not await self.has_table():
-                    raise
+        async def add_missing_columns(conn: AsyncConnection) -> None:
+            # A table of an older drainer lacks the columns added since: add them.
+            have = set(await conn.run_sync(
+                lambda c: {col["name"] for col in inspect(c).get_columns(HISTORY_TABLE)}))
+            for name, kind in COLUMNS:
+                if name not in have:
+                    await conn.execute(text(
+                        f"ALTER TABLE {HISTORY_TABLE} ADD COLUMN {name} {kind}"))
+
+        await self._engine.create_table(HISTORY_TABLE, _HISTORY_DDL_LOCK, self.ddl.split("; "),
+                                        then=add_missing_columns)
 
     async def has_table(self) -> bool:
-        try:
-            return bool(await self._engine.run_sync(
-                lambda c: inspect(c).has_table(HISTORY_TABLE)))
-        except SQLAlchemyError:
-            return False
+        return await self._engine.has_table(HISTORY_TABLE)
 
     def insert_with(self, execute: Execute, entry: Entry) -> bool:
         """Insert ``entry`` as part of a round trip; False when its row was there already

@@ -202,11 +202,7 @@ class Leases:
 
     async def has_table(self) -> bool:
         """Whether ``drainer_leases`` exists (a backlog no drainer has run on has none)."""
-        try:
-            return bool(await self._engine.run_sync(
-                lambda c: inspect(c).has_table(LEASE_TABLE)))
-        except SQLAlchemyError:
-            return False
+        return await self._engine.has_table(LEASE_TABLE)
 
     async def claim(self, lease: Lease, ttl: float) -> Claim:
         """Claim ``lease.run_id`` by inserting the lease, and read ``lease.phase_id`` and its

@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import inspect, text
-from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+from sqlalchemy import text
 
 from ._engine import Engine, Execute
 
@@ -51,7 +50,6 @@ class StopRequests:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._sqlite = engine.db.is_sqlite
         now = engine.now_sql
         self._insert = text(f"INSERT INTO {REQUEST_TABLE} (request_id, session_id, "
                             f"requested_by, requested_at) VALUES (:request_id, :session_id, "
@@ -71,24 +69,10 @@ class StopRequests:
         self._now = text(f"SELECT {now}")
 
     async def ensure_table(self) -> None:
-        with self._engine.errors(f"creating {REQUEST_TABLE} in"):
-            try:
-                async with self._engine.write() as conn:
-                    if not self._sqlite:  # see Leases.ensure_table
-                        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                           {"key": _REQUEST_DDL_LOCK})
-                    for statement in DDL.split("; "):
-                        await conn.execute(text(statement))
-            except (IntegrityError, ProgrammingError):
-                if not await self.has_table():
-                    raise
+        await self._engine.create_table(REQUEST_TABLE, _REQUEST_DDL_LOCK, DDL.split("; "))
 
     async def has_table(self) -> bool:
-        try:
-            return bool(await self._engine.run_sync(
-                lambda c: inspect(c).has_table(REQUEST_TABLE)))
-        except SQLAlchemyError:
-            return False
+        return await self._engine.has_table(REQUEST_TABLE)
 
     async def _run(self, action: str, body: Callable[[Execute], T], *,
                    write: bool = False) -> T:
