@@ -13,6 +13,12 @@ so retries and the one error translator treat them as before.
 Two connections: one for reads, one for writes, each used by one round trip at a time; a
 write waiting on a worker's lock (busy timeout) never holds up a read. Neither keeps a
 transaction open between round trips.
+
+One round trip at a time is kept twice. In the event loop a limiter of one per connection
+queues the round trips, so a waiting one holds no thread. In the thread a lock per connection
+is the guarantee: anyio before 4.10 does not hand a released limiter's token to the task it
+wakes, so now and then a third task takes it first and two threads would share one
+``sqlite3`` connection: "cannot commit - no transaction is active", or a crash.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import collections
 import contextlib
 import functools
 import sqlite3
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,6 +85,7 @@ class RawSqlite:
         self._conns: dict[bool, sqlite3.Connection] = {}
         #: one round trip at a time per connection (made on first use, in the event loop)
         self._limiters: dict[bool, anyio.CapacityLimiter] = {}
+        self._locks = {True: threading.Lock(), False: threading.Lock()}
         self._compiled: dict[int, tuple[Any, str, tuple[str, ...], Any]] = {}
 
     async def run(self, body: Callable[[Callable[..., Any]], T], *, write: bool,
@@ -92,6 +100,11 @@ class RawSqlite:
 
     def _run(self, body: Callable[[Callable[..., Any]], T], write: bool,
              transaction: bool) -> T:
+        with self._locks[write]:
+            return self._run_alone(body, write, transaction)
+
+    def _run_alone(self, body: Callable[[Callable[..., Any]], T], write: bool,
+                   transaction: bool) -> T:
         conn = self._conns.get(write)
         if conn is None:
             conn = self._conns[write] = self._connect()

@@ -1,0 +1,59 @@
+"""SQLite's hot path: one round trip at a time on each kept connection."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import text
+
+from drainer.backlog._sqlite import RawSqlite
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_two_round_trips_never_share_a_connection_even_past_the_limiter(
+    tmp_path: Path,
+) -> None:
+    # anyio before 4.10 (the lowest pins) now and then lets a second task past a limiter of
+    # one that was just released; CI saw two threads on the write connection ("cannot commit
+    # - no transaction is active", and a crash). A limiter of two here lets every round trip
+    # past, as that race does: the connection must still serve one at a time, and each
+    # transaction commits whole.
+    db = tmp_path / "backlog.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (round_trip INTEGER, step INTEGER)")
+    raw = RawSqlite(db, busy_timeout=5, cache_kib=1024)
+    raw._limiters[True] = anyio.CapacityLimiter(2)
+    insert = text("INSERT INTO t VALUES (:round_trip, :step)")
+    inside, most_inside, lock = 0, 0, threading.Lock()
+    second_in = threading.Event()
+
+    def body(n: int, execute: Any) -> None:
+        nonlocal inside, most_inside
+        with lock:
+            inside += 1
+            most_inside = max(most_inside, inside)
+            if inside == 2:
+                second_in.set()
+        execute(insert, {"round_trip": n, "step": 1})
+        second_in.wait(0.3)  # room for the other round trip to come in, were it let in
+        execute(insert, {"round_trip": n, "step": 2})
+        with lock:
+            inside -= 1
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for n in range(2):
+                tg.start_soon(lambda n=n: raw.run(lambda ex: body(n, ex), write=True,
+                                                  transaction=True))
+    finally:
+        raw.close()
+    assert most_inside == 1
+    with sqlite3.connect(db) as conn:
+        rows = sorted(conn.execute("SELECT round_trip, step FROM t"))
+    assert rows == [(0, 1), (0, 2), (1, 1), (1, 2)]
