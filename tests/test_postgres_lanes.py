@@ -77,7 +77,7 @@ def _sql(db: str, statement: str) -> list[tuple[object, ...]]:
 
 @pytest.fixture
 def pg_backlog() -> Iterator[str]:
-    phases = [(f"run-{r:02d}", f"P{p}", p, "FAILED", None) for r in range(60) for p in range(5)]
+    phases = [(f"run-{r:02d}", f"P{p}", p, "FAILED", None) for r in range(30) for p in range(5)]
     name = create_database(phases)
     _sql(name, "CREATE TABLE worker_log (id SERIAL PRIMARY KEY, run_id TEXT, phase_id TEXT, "
                "session_id TEXT, pid INT, started DOUBLE PRECISION, ended DOUBLE PRECISION, "
@@ -137,9 +137,9 @@ def test_three_drainers_share_a_backlog_and_survive_one_being_killed(
         for run, phase, _pid, _start, end in rows:
             if end is not None:
                 done[(run, phase)] += 1
-        assert len(done) == 300 and set(done.values()) == {1}
+        assert len(done) == 150 and set(done.values()) == {1}
         states = _sql(pg_backlog, "SELECT state, count(*) FROM phases GROUP BY state")
-        assert states == [("COMPLETE", 300)]
+        assert states == [("COMPLETE", 150)]
         # Per-run exclusivity: no two finished attempts of a run overlap in time.
         spans: dict[object, list[tuple[float, float]]] = defaultdict(list)
         for run, _phase, _pid, start, end in rows:
