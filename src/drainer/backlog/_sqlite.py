@@ -138,7 +138,7 @@ class RawSqlite:
                 conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
             conn.close()  # a damaged file: nothing is kept open
-            raise DBAPIError.instance("PRAGMA cache_size", None, exc, sqlite3.Error) from exc
+            raise DBAPIError.instance("PRAGMA", None, exc, sqlite3.Error) from exc
         return conn
 
     def _plain(self, conn: sqlite3.Connection, sql: str) -> None:
