@@ -27,7 +27,6 @@ from sqlalchemy import (
     table,
     text,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -329,6 +328,9 @@ class Leases:
         lease was there when the statement began; then :meth:`Phases.outcome_of`;
         parameters: :meth:`Lease.params`, ``r`` and ``p``)."""
         if self._pg_claim_stmt is None:
+            # (imported here: a drain on SQLite never loads PostgreSQL's dialect, 24 ms)
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
             t = _lease_table()
             now: Any = literal_column(self._now)
             added = (
