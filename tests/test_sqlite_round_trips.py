@@ -19,9 +19,9 @@ pytestmark = pytest.mark.anyio
 async def test_two_round_trips_never_share_a_connection_even_past_the_limiter(
     tmp_path: Path,
 ) -> None:
-    # anyio before 4.10 (the lowest pins) now and then lets a second task past a limiter of
-    # one that was just released; CI saw two threads on the write connection ("cannot commit
-    # - no transaction is active", and a crash). A limiter of two here lets every round trip
+    # anyio before 4.15 (the lowest pins, and Autopack's 4.12) now and then lets a second
+    # task past a limiter of one that was just released; CI saw two threads on the write
+    # connection ("cannot commit - no transaction is active", and a crash). A limiter of two here lets every round trip
     # past, as that race does: the connection must still serve one at a time, and each
     # transaction commits whole.
     db = tmp_path / "backlog.db"

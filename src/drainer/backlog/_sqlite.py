@@ -16,9 +16,10 @@ transaction open between round trips.
 
 One round trip at a time is kept twice. In the event loop a limiter of one per connection
 queues the round trips, so a waiting one holds no thread. In the thread a lock per connection
-is the guarantee: anyio before 4.10 does not hand a released limiter's token to the task it
-wakes, so now and then a third task takes it first and two threads would share one
-``sqlite3`` connection: "cannot commit - no transaction is active", or a crash.
+is the guarantee: anyio before 4.15 (Autopack pins 4.12) does not hand a released limiter's
+token to the task it wakes, so now and then a third task takes it first and two threads
+would share one ``sqlite3`` connection: "cannot commit - no transaction is active", or a
+crash.
 """
 
 from __future__ import annotations
