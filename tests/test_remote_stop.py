@@ -4,10 +4,13 @@ files and the local PostgreSQL, with real drainers and workers."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -228,3 +231,29 @@ def test_a_role_that_may_not_use_the_table_drains_and_resumes(env: Env, table: s
     finally:
         drop_database(name)
         asyncio.run(drop_role())
+
+
+def test_an_interrupted_stop_command_withdraws_its_request(env: Env) -> None:
+    # Ctrl-C while `drainer stop` waits: the operator gave up, so the request must not stay
+    # for a session to take later (it used to stay, and status listed it forever).
+    create_backlog(env.db, PHASES)
+    nobody = "batch-drain-20260101-000000-abcd"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drainer", "stop", "--session", nobody, "--database-url",
+         f"sqlite:///{env.db}", "--wait", "60"], text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=env.tmp, env=env.worker_env())
+    conn = sqlite3.connect(env.db, timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until its request is in the table
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            with contextlib.suppress(sqlite3.OperationalError):  # (no table yet)
+                if conn.execute("SELECT count(*) FROM drainer_stop_requests").fetchone()[0]:
+                    break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out + err
+        assert conn.execute("SELECT count(*) FROM drainer_stop_requests").fetchone()[0] == 0
+    finally:
+        conn.close()

@@ -3,6 +3,7 @@ through the backlog database (``drainer_stop_requests``), and wait until it take
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .journal import journal_in_use, session_journals
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CHECK_EVERY = 0.1  #: how often the command looks whether the session took its request
+WITHDRAW_LIMIT = 5.0  #: an interrupted wait gives up withdrawing its request after this long
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,21 @@ async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
         if request is None or wait == 0:
             return Asked(session_id, request, 0.0)
         start = anyio.current_time()
-        with anyio.move_on_after(wait):
-            while True:
-                await anyio.sleep(_CHECK_EVERY)
-                found = await requests.read(request.request_id)
-                if found is None or found.taken_at is not None:
-                    return Asked(session_id, found, anyio.current_time() - start,
-                                 cleared=found is None)
+        try:
+            with anyio.move_on_after(wait):
+                while True:
+                    await anyio.sleep(_CHECK_EVERY)
+                    found = await requests.read(request.request_id)
+                    if found is None or found.taken_at is not None:
+                        return Asked(session_id, found, anyio.current_time() - start,
+                                     cleared=found is None)
+        except BaseException:
+            # Interrupted (Ctrl-C) or failed while waiting: the operator has given up, so no
+            # session should take the request later. Best effort, bounded.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(WITHDRAW_LIMIT), \
+                    contextlib.suppress(DrainerError):
+                await requests.withdraw(request.request_id)
+            raise
         withdrawn = await requests.withdraw(request.request_id)
         return Asked(session_id, None if withdrawn else await requests.read(request.request_id),
                      anyio.current_time() - start)
