@@ -103,12 +103,14 @@ class StopRequests:
 
     async def take(self, session_id: str, host: str) -> StopRequest | None:
         """The session's poll: the requests waiting for it, now taken by ``host`` (the first
-        is returned); None when there is none (one indexed read)."""
+        is returned); None when there is none (one indexed read, on the connection for reads:
+        an idle poll never queues behind the attempts' writes)."""
         params = {"session_id": session_id, "host": host}
+        if await self._run("reading", lambda execute: execute(
+                self._waiting, params).first()) is None:
+            return None
 
         def poll(execute: Execute) -> StopRequest | None:
-            if execute(self._waiting, params).first() is None:
-                return None
             if not execute(self._take, params).rowcount:
                 return None  # withdrawn at that moment
             row = execute(self._taken, params).first()
