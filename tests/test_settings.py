@@ -128,6 +128,23 @@ def test_drainer_run_id_in_the_environment_is_not_a_setting(env: Env) -> None:
     assert "run-0 / P" in proc.stdout and "run-1 / P" in proc.stdout
 
 
+def test_unstop_is_taken_from_the_command_line_only(env: Env) -> None:
+    # A one-off for one resume: DRAINER_UNSTOP used to make every drain command fail
+    # ("--unstop ... give --resume too"), naming a flag the user never passed.
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    proc = env.run_cli("plan", *env.base_args(), env=env.worker_env(DRAINER_UNSTOP="run-0"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "run-0 / P" in proc.stdout
+    (env.tmp / "drainer.toml").write_text('unstop = ["run-0"]\n')
+    proc = env.run_cli("run", *env.base_args())
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"drainer: error: 'unstop' in {env.tmp / 'drainer.toml'}: --unstop is given on the "
+        "command line only"
+    ]
+    assert not env.sessions.exists()
+
+
 def test_env_values_with_commas_via_drainer_env(env: Env) -> None:
     proc = env.run_cli("config", "--database-url", env.url,
                        env=env.worker_env(DRAINER_ENV="OPTS=a,b;MODE=x"))

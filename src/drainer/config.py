@@ -171,6 +171,9 @@ class Option:
     default_text: str | None = None  #: how --help shows the default (None: the value)
     resumed: bool = True  #: on --resume, kept from the session unless given again
     relative_to_file: bool = False  #: a relative path in a config file is relative to it
+    #: a one-off for one command: read from the command line only, never from the
+    #: environment or a config file
+    command_line_only: bool = False
 
     @property
     def env_name(self) -> str:
@@ -403,8 +406,8 @@ class DrainConfig:
         STOPS, metavar="N|N%", check=FailureLimit.check)
     unstop: tuple[str, ...] = option(
         (), "--unstop", "with --resume: lift the stop a stop rule put on RUN in the resumed "
-        "session, so that it drains again (repeatable)", STOPS, metavar="RUN", kind=LIST,
-        resumed=False)
+        "session, so that it drains again (repeatable; command line only)", STOPS,
+        metavar="RUN", kind=LIST, resumed=False, command_line_only=True)
     max_leaks: int | None = option(
         None, "--max-leaks", "stop the session when more than N processes have leaked "
         "(default: off)", STOPS, metavar="N", parse=int, check=_whole(0))

@@ -79,6 +79,10 @@ def _check_keys(file: ConfigFile) -> None:
             near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{near[0].replace('_', '-')}'?" if near else ""
             raise UsageError(f"unknown key '{key.replace('_', '-')}' in {file.path}{hint}")
+        opt = OPTIONS[FIELD_OF_KEY[key]]
+        if opt.command_line_only:
+            raise UsageError(f"'{key.replace('_', '-')}' in {file.path}: {opt.flag} is "
+                             "given on the command line only")
 
 
 def resolve(
@@ -106,6 +110,9 @@ def resolve(
         if name == "database_url":
             env_names.append("DATABASE_URL")  # Autopack's own variable, after drainer's
         env_name = next((e for e in env_names if environ.get(e) and e not in WORKER_VARS), None)
+        if opt.command_line_only and name not in given:
+            sources[name] = DEFAULT
+            continue
         if name in given:
             source, value = "command line", opt.convert(given[name], "command line")
         elif env_name is not None:
