@@ -5,7 +5,7 @@ clock, and the one place lower-level errors become :class:`~drainer.errors.Datab
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -232,6 +232,17 @@ class Engine:
             except (IntegrityError, ProgrammingError):
                 if not await self.has_table(name):
                     raise
+
+    @staticmethod
+    async def add_missing_columns(conn: AsyncConnection, table: str,
+                                  columns: Iterable[tuple[str, str]]) -> None:
+        """A table of an older drainer lacks the columns added since: add them (``columns``:
+        name and type), inside ``conn``'s transaction (a :meth:`create_table` ``then``)."""
+        have = set(await conn.run_sync(
+            lambda c: {col["name"] for col in inspect(c).get_columns(table)}))
+        for name, kind in columns:
+            if name not in have:
+                await conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
 
     async def run_sync(self, fn: Any) -> Any:
         """Run ``fn(sync_connection)`` (schema inspection) on a read connection."""

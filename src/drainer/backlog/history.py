@@ -21,14 +21,12 @@ from sqlalchemy import (
     case,
     column,
     func,
-    inspect,
     literal_column,
     or_,
     select,
     table,
     text,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ._engine import Engine, Execute
 
@@ -200,17 +198,9 @@ class History:
                 f"ON {HISTORY_TABLE} (run_id, phase_id)")
 
     async def ensure_table(self) -> None:
-        async def add_missing_columns(conn: AsyncConnection) -> None:
-            # A table of an older drainer lacks the columns added since: add them.
-            have = set(await conn.run_sync(
-                lambda c: {col["name"] for col in inspect(c).get_columns(HISTORY_TABLE)}))
-            for name, kind in COLUMNS:
-                if name not in have:
-                    await conn.execute(text(
-                        f"ALTER TABLE {HISTORY_TABLE} ADD COLUMN {name} {kind}"))
-
-        await self._engine.create_table(HISTORY_TABLE, _HISTORY_DDL_LOCK, self.ddl.split("; "),
-                                        then=add_missing_columns)
+        await self._engine.create_table(
+            HISTORY_TABLE, _HISTORY_DDL_LOCK, self.ddl.split("; "),
+            then=lambda conn: self._engine.add_missing_columns(conn, HISTORY_TABLE, COLUMNS))
 
     async def has_table(self) -> bool:
         return await self._engine.has_table(HISTORY_TABLE)

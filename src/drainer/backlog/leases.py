@@ -27,7 +27,7 @@ from sqlalchemy import (
     table,
     text,
 )
-from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import DatabaseError
@@ -149,26 +149,15 @@ class Leases:
             "expires_at DOUBLE PRECISION NOT NULL, "
             + ", ".join(f"{name} {kind}" for name, kind in _WORKER_COLUMNS.items()) + ")"
         )
-        with self._engine.errors(f"creating {LEASE_TABLE} in"):
-            try:
-                async with self._engine.write() as conn:
-                    if not self._sqlite:
-                        # Two drainers starting together race in PostgreSQL's catalog even
-                        # with IF NOT EXISTS ("type ... already exists"); a transaction-scoped
-                        # advisory lock makes the second wait and then find the table.
-                        # SQLite's BEGIN IMMEDIATE already serialises writers.
-                        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                           {"key": _LEASE_DDL_LOCK})
-                    await conn.execute(text(ddl))
-                    if not self._sqlite:
-                        await self._widen_ids(conn)
-                    await self._add_worker_columns(conn)
-            except (IntegrityError, ProgrammingError):
-                # Something that does not take the lock (an older drainer, a migration tool)
-                # created it at the same moment: fine if the table is there now. (So is an
-                # older table this role does not own and so cannot alter.)
-                if not await self.has_table():
-                    raise
+
+        async def upgrade(conn: AsyncConnection) -> None:
+            # A table this role does not own cannot be altered: create_table then accepts
+            # it as it is (without worker columns, see below).
+            if not self._sqlite:
+                await self._widen_ids(conn)
+            await self._engine.add_missing_columns(conn, LEASE_TABLE, _WORKER_COLUMNS.items())
+
+        await self._engine.create_table(LEASE_TABLE, _LEASE_DDL_LOCK, [ddl], then=upgrade)
         self.worker_columns = await self._has_worker_columns()
         if not self.worker_columns:
             self._worker = "NULL AS worker_pid, NULL AS worker_created"
@@ -182,14 +171,6 @@ class Leases:
             "AND column_name IN ('run_id', 'phase_id')"), {"table": LEASE_TABLE})).scalars()
         for name in sorted(narrow):
             await conn.execute(text(f"ALTER TABLE {LEASE_TABLE} ALTER COLUMN {name} TYPE TEXT"))
-
-    async def _add_worker_columns(self, conn: AsyncConnection) -> None:
-        """A table from an older drainer has no worker columns: add them (NULL)."""
-        have = set(await conn.run_sync(
-            lambda c: {col["name"] for col in inspect(c).get_columns(LEASE_TABLE)}))
-        for name, kind in _WORKER_COLUMNS.items():
-            if name not in have:
-                await conn.execute(text(f"ALTER TABLE {LEASE_TABLE} ADD COLUMN {name} {kind}"))
 
     async def _has_worker_columns(self) -> bool:
         try:
