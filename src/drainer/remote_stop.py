@@ -96,7 +96,8 @@ async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
     check_session_id(session_id)
     async with open_backlog(db, schema=schema) as backlog:
         requests = backlog.requests
-        await requests.ensure_table()
+        if not await requests.has_table():  # (a write transaction only the first time)
+            await requests.ensure_table()
         request = await requests.request(session_id, host)
         if request is None or wait == 0:
             return Asked(session_id, request, 0.0)
