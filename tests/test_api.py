@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+from dataclasses import replace
 
 import anyio
 import pytest
@@ -15,6 +16,8 @@ from drainer import (
     AttemptStarted,
     DrainConfig,
     DrainEvent,
+    RunStopped,
+    RunUnstopped,
     SessionStopped,
     UsageError,
     drain,
@@ -188,3 +191,28 @@ async def test_a_full_disk_while_cancelled_does_not_replace_the_cancellation(
     assert not journal_in_use(journal)
     state, reason = phase_states(env.db)[("run-0", "P")]
     assert state == "FAILED" and (reason or "").startswith("drainer:")
+
+
+async def test_an_unstop_reaches_the_embedder_as_an_event(env: Env) -> None:
+    # A resume with `unstop` hands the lift to on_event too (and so to `run --json`), not
+    # only to the journal and the progress lines.
+    create_backlog(env.db, [("run-t", "T0", 0, "FAILED", None), ("run-t", "T1", 1, "FAILED", None),
+                            ("run-z", "Z0", 0, "FAILED", None)])
+    (env.out / "hang-next").touch()  # the first attempt hangs, times out and stops its run
+    config = _config(env, "ok", phase_timeout=1.0, max_timeouts_per_run=1, retry_backoff=0.0)
+    async with open_drainer(config) as d, anyio.create_task_group() as tg:
+        tg.start_soon(d.run)
+        async for event in d.events():
+            if isinstance(event, RunStopped):
+                stopped = event.run_id
+                d.stop("a run stopped")  # resumable, with the run's stop in its journal
+    assert d.statistics().stop_reason == "cancelled"
+
+    events: list[DrainEvent] = []
+    summary = await drain(replace(config, resume="latest", unstop=(stopped,)), events.append)
+    lifted = [e for e in events if isinstance(e, RunUnstopped)]
+    assert [e.to_json() for e in lifted] == [{"event": "run_unstopped", "session_id": d.session_id,
+                                              "run_id": stopped, "was": "max_timeouts_per_run"}]
+    assert events.index(lifted[0]) == 0
+    assert summary.exit_code == 1  # (the resumed session had a timeout)
+    assert set(phase_states(env.db).values()) == {("COMPLETE", None)}

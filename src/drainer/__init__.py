@@ -18,6 +18,7 @@ _EXPORTS = {
     "DrainStatistics": "drainer.api",
     "Drainer": "drainer.api",
     "RunStopped": "drainer.events",
+    "RunUnstopped": "drainer.events",
     "SessionStopped": "drainer.events",
     "open_drainer": "drainer.api",
     "DatabaseError": "drainer.errors",
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .events import AttemptStarted as AttemptStarted
     from .events import DrainEvent as DrainEvent
     from .events import RunStopped as RunStopped
+    from .events import RunUnstopped as RunUnstopped
     from .events import SessionStopped as SessionStopped
     from .journal import iter_attempts as iter_attempts
     from .models import OUTCOMES as OUTCOMES

@@ -180,15 +180,21 @@ class RunUnstopped:
     """``--unstop RUN`` on ``--resume``: the run's stop is lifted; it drains again."""
 
     kind: ClassVar[str] = "run_unstopped"
+    session_id: str
     run_id: str
     was: str  #: the reason of the stop it lifts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.kind, "session_id": self.session_id, "run_id": self.run_id,
+                "was": self.was}
 
     def to_journal(self) -> dict[str, Any]:
         return {"type": self.kind, "run_id": self.run_id, "was": self.was}
 
     @classmethod
-    def from_journal(cls, data: dict[str, Any]) -> RunUnstopped:
-        return cls(run_id=str(data["run_id"]), was=str(data.get("was", "")))
+    def from_journal(cls, data: dict[str, Any], session_id: str = "") -> RunUnstopped:
+        return cls(session_id=session_id, run_id=str(data["run_id"]),
+                   was=str(data.get("was", "")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +252,7 @@ class StaleRestored:
                                  str(x["reason"])) for x in data.get("phases") or ()))
 
 
-DrainEvent = AttemptStarted | AttemptFinished | RunStopped | SessionStopped
+DrainEvent = AttemptStarted | AttemptFinished | RunStopped | RunUnstopped | SessionStopped
 """What an embedding application receives (``on_event``, ``Drainer.events()``, ``--json``)."""
 
 JournalEvent = (SessionStarted | SessionResumed | AttemptStarted | AttemptSpawned

@@ -144,11 +144,13 @@ class Recorder:
         self.echo(f"[STOP] run {shown_id(stop.run_id)}: {stop.reason} ({stop.detail})")
         self.emit(event)
 
-    def run_unstopped(self, event: RunUnstopped) -> None:
+    def run_unstopped(self, run_id: str, was: str) -> None:
         """``--unstop``: a run's stop is lifted."""
+        event = RunUnstopped(session_id=self.session_id, run_id=run_id, was=str(was))
         self.journal(event)
-        self.echo(f"[UNSTOP] run {shown_id(event.run_id)}: its stop ({event.was}) is lifted; "
+        self.echo(f"[UNSTOP] run {shown_id(run_id)}: its stop ({was}) is lifted; "
                   "it drains again")
+        self.emit(event)
 
     def stale_restored(self, event: StaleRestored) -> None:
         """``--restore-stale-after`` ran: journaled when it restored something, said

@@ -23,7 +23,7 @@ from .backlog.requests import DDL as REQUEST_DDL
 from .backlog.requests import POLL_SECONDS
 from .config import DrainConfig
 from .errors import DatabaseError, DrainerError, UsageError, drainer_error_in
-from .events import DrainEvent, RunUnstopped, SessionResumed, SessionStarted, StaleRestored
+from .events import DrainEvent, SessionResumed, SessionStarted, StaleRestored
 from .journal import (
     Replay,
     SessionFiles,
@@ -407,7 +407,7 @@ class DrainSession:
         for run_id in self.config.unstop:
             was = lift(run_id, self._policy, selector)
             if was is not None:
-                recorder.run_unstopped(RunUnstopped(run_id, was))
+                recorder.run_unstopped(run_id, was)
 
     async def _requests_clock(self, backlog: Backlog) -> float | None:
         """The database's clock before a resume takes its journal: stop requests made
