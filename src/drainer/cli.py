@@ -77,6 +77,12 @@ def _add_drain_options(p: argparse.ArgumentParser) -> None:
                               "SESSION_ID; options not given again keep the session's values")
 
 
+def _add_schema_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="settings file for the schema mapping (default: drainer.toml or "
+                        "pyproject.toml in the current directory)")
+
+
 def _sub(sub: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, argument_default=argparse.SUPPRESS,
                                                      **kw)
@@ -156,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option(st, "session_dir", OPTIONS["session_dir"])
     st.add_argument("--stale-minutes", type=float, default=60.0, metavar="M",
                     help="a non-final phase not updated for M minutes is stale (default: 60)")
-    st.add_argument("--config", metavar="FILE",
-                    help="settings file for the schema mapping (default: drainer.toml or "
-                         "pyproject.toml in the current directory)")
+    _add_schema_config(st)
     stop = _sub(sub, "stop", help="ask a running session, on any host, to stop picking",
                 description="Ask a running session to stop picking, through the backlog "
                             "database: it starts no new attempt, gives the attempts in flight "
@@ -175,9 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option(stop, "database_url", OPTIONS["database_url"])
     _add_option(stop, "host_name", OPTIONS["host_name"])
     _add_option(stop, "session_dir", OPTIONS["session_dir"])
-    stop.add_argument("--config", metavar="FILE",
-                      help="settings file for the schema mapping (default: drainer.toml or "
-                           "pyproject.toml in the current directory)")
+    _add_schema_config(stop)
     demo = _sub(sub, "demo", help="build a realistic SQLite backlog and drain a batch of it",
                 description="Build a demo backlog (56 runs, 274 FAILED phases) in a SQLite "
                             "file and drain a batch with a simulated worker.")

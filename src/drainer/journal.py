@@ -372,20 +372,16 @@ def _bad_fields(kind: str, exc: Exception) -> str:
 def iter_attempts(path: Path, *, upto: int | None = None) -> Iterator[Attempt]:
     """Every finished attempt of a session's journal, in order, streamed. A finish line that
     is not an attempt record is skipped (:func:`replay` reports it as damage)."""
-    for _number, data in _walk(path, upto=upto):
-        if data["type"] == AttemptFinished.kind:
-            try:
-                attempt = Attempt.from_json(data)
-            except (KeyError, TypeError, ValueError):
-                continue
-            yield attempt
+    return (item for item in iter_outcomes(path, upto=upto) if isinstance(item, Attempt))
 
 
-def iter_outcomes(path: Path) -> Iterator[Attempt | RunStopped | RunUnstopped]:
+def iter_outcomes(
+    path: Path, *, upto: int | None = None
+) -> Iterator[Attempt | RunStopped | RunUnstopped]:
     """The finished attempts and the run stops and lifts of a session's journal, in journal
     order, streamed: what a resume replays into the stop rules (a lift resets the rules'
     counts for its run, so the order matters)."""
-    for _number, data in _walk(path):
+    for _number, data in _walk(path, upto=upto):
         kind = data["type"]
         try:
             if kind == AttemptFinished.kind:

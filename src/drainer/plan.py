@@ -133,12 +133,9 @@ async def _resume(config: DrainConfig, selector: Selector) -> Resumed | None:
     """The resumed session replayed into the plan's selector, as ``run --resume`` does."""
     assert config.resume is not None
     replay = find_resumable(config.session_dir, config.resume)
-    if replay is None:
-        if config.unstop:
-            raise UsageError(f"--unstop lifts stops of a resumed session, and there is no "
-                             f"incomplete session in {config.session_dir} to resume")
-        return None
     check_unstop(config, replay)
+    if replay is None:
+        return None
     policy = Policy(config)
     await selector.load()
     done = replay_journal(replay.journal_path, policy, selector)

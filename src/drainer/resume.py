@@ -30,12 +30,16 @@ class Replayed:
     session_stop: SessionStop | None = None  #: the first session stop the rules answered
 
 
-def check_unstop(config: DrainConfig, replay: Replay) -> None:
-    """``--unstop``: every run named must be stopped in the session resumed, as its replay
-    leaves it (journaled stops, and those the rules fire again from its attempts under the
-    options given now). Reads the journal only: before anything is written."""
+def check_unstop(config: DrainConfig, replay: Replay | None) -> None:
+    """``--unstop``: there must be a session to resume, and every run named must be stopped
+    in it, as its replay leaves it (journaled stops, and those the rules fire again from its
+    attempts under the options given now). Reads the journal only: before anything is
+    written."""
     if not config.unstop:
         return
+    if replay is None:
+        raise UsageError(f"--unstop lifts stops of a resumed session, and there is no "
+                         f"incomplete session in {config.session_dir} to resume")
     policy = Policy(config)
     replay_journal(replay.journal_path, policy, None)
     for run_id in config.unstop:
@@ -45,17 +49,26 @@ def check_unstop(config: DrainConfig, replay: Replay) -> None:
                              f"not stopped that run (its stopped runs: {stopped})")
 
 
-def observe(attempt: Attempt, policy: Policy,
-            selector: Selector | None) -> tuple[list[RunStop], SessionStop | None]:
-    """An ended attempt of the session's earlier part, as the drain learnt it: the runs it
-    stops (the selector is told) and the session stop it brings."""
-    started_stop = policy.started()
+def learn(attempt: Attempt, policy: Policy,
+          selector: Selector | None) -> tuple[list[RunStop], SessionStop | None]:
+    """An ended attempt, fed to the stop rules and the selector (None: the rules only), live
+    or replayed alike: the runs it stops (the selector is told) and the session stop it
+    brings."""
     run_stops, session_stop = policy.observe(attempt)
     if selector is not None:
         selector.observe(attempt, fingerprint_seen_before=policy.fingerprints.seen_before(
             attempt.failure_fingerprint))
         for stop in run_stops:
             selector.stop_run(stop.run_id)
+    return run_stops, session_stop
+
+
+def observe(attempt: Attempt, policy: Policy,
+            selector: Selector | None) -> tuple[list[RunStop], SessionStop | None]:
+    """An ended attempt of the session's earlier part, as the drain learnt it: :func:`learn`,
+    with the stop its start brought first."""
+    started_stop = policy.started()
+    run_stops, session_stop = learn(attempt, policy, selector)
     return run_stops, started_stop or session_stop
 
 

@@ -24,6 +24,7 @@ from .leaks import LeakGauge
 from .models import Attempt, SessionStop, StopReason
 from .policy import Policy
 from .recorder import Recorder
+from .resume import learn
 from .selection import Selector
 
 #: when only runs leased elsewhere are left, read the lease table this often (one small read)
@@ -223,11 +224,8 @@ class Scheduler:
         others = [a for a in self._running.values() if a != attempt.attempt_id]
         for proc in await leaks.sample(others):
             self._recorder.leak_found(proc)
-        run_stops, session_stop = self._policy.observe(attempt)
-        self._selector.observe(attempt, fingerprint_seen_before=self._policy.fingerprints
-                               .seen_before(attempt.failure_fingerprint))
+        run_stops, session_stop = learn(attempt, self._policy, self._selector)
         for stop in run_stops:
-            self._selector.stop_run(stop.run_id)
             self._recorder.run_stopped(stop)
         self._decide(session_stop)
         await self._recorder.snapshot_if_due()

@@ -168,14 +168,11 @@ class DrainSession:
         replay = find_resumable(cfg.session_dir, cfg.resume, unreadable)
         for why in unreadable:
             self._say(f"[WARN] passed over: {why}")
+        check_unstop(cfg, replay)
         if replay is None:
-            if cfg.unstop:
-                raise UsageError(f"--unstop lifts stops of a resumed session, and there is no "
-                                 f"incomplete session in {cfg.session_dir} to resume")
             self._say(f"[RESUME] no incomplete session in {cfg.session_dir}; "
                       "starting a new one")
             return None
-        check_unstop(cfg, replay)
         if replay.damage is not None and replay.damage.count:
             self._say(f"[WARN] {replay.damage.describe()}; resuming from the lines that "
                       "could be read")
