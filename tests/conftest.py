@@ -72,7 +72,7 @@ CONTRACT_WORKER = textwrap.dedent(
         fh.write(json.dumps({"argv": sys.argv[1:], "attempt": os.environ["DRAINER_ATTEMPT_ID"]}) + "\\n")
     url = os.environ["DATABASE_URL"]
     assert url.startswith("sqlite:///"), url
-    db = sqlite3.connect(url[len("sqlite:///"):], timeout=30)
+    db = sqlite3.connect(url[len("sqlite:///"):].split("?")[0], timeout=30)
     def set_state(state, reason=None):
         db.execute("UPDATE phases SET state=?, last_failure_reason=? WHERE run_id=? AND phase_id=?",
                    (state, reason, run_id, phase_id))

@@ -102,6 +102,9 @@ def test_database_url_from_environment(good_db: Env) -> None:
         ("not a url at all", "bad database URL"),
         ("sqlite://", "SQLite URL needs a file path"),
         ("sqlite:///:memory:", "SQLite URL needs a file path"),
+        ("sqlite:///b.db?timeout=soon", "timeout= must be given once, as a positive number"),
+        ("sqlite:///b.db?timeout=-1", "timeout= must be given once, as a positive number"),
+        ("sqlite:///b.db?timeout=1&timeout=2", "timeout= must be given once"),
     ],
 )
 def test_bad_url(env: Env, url: str, needle: str) -> None:

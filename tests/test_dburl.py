@@ -3,6 +3,7 @@ SQLAlchemy); SQLAlchemy's own ``make_url`` is the reference it must agree with."
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,26 @@ def test_an_unparsable_url_with_a_lone_user_shows_none_of_it(env: Env) -> None:
                        "postgresql://ghp_SECRETTOKEN@db.example:54x2/autopack")
     assert proc.returncode == 2
     assert "SECRET" not in proc.stdout + proc.stderr, proc.stderr
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("query", "ms"), [("", 30000), ("?timeout=2.5", 2500)])
+async def test_the_sqlite_urls_timeout_is_how_long_every_connection_waits_for_a_lock(
+        tmp_path: Path, query: str, ms: int) -> None:
+    # As for sqlite3.connect and SQLAlchemy: `timeout` (seconds) in the URL is the busy
+    # timeout, on the hot path's kept connections and on the pooled ones alike.
+    from sqlalchemy import text
+
+    from drainer.backlog._engine import Engine
+
+    db = tmp_path / "b.db"
+    sqlite3.connect(db).close()
+    engine = Engine(parse_database_url(f"sqlite:///{db}{query}"))
+    try:
+        pragma = text("PRAGMA busy_timeout")
+        assert await engine.run(lambda execute: execute(pragma).scalar()) == ms
+        assert await engine.run(lambda execute: execute(pragma).scalar(), write=True) == ms
+        async with engine.read() as conn:
+            assert (await conn.execute(pragma)).scalar() == ms
+    finally:
+        await engine.aclose()

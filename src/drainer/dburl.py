@@ -6,6 +6,7 @@ drainer opens them with async drivers and hands workers the sync form in ``DATAB
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -191,6 +192,14 @@ class DatabaseURL:
     def sqlite_path(self) -> Path | None:
         return Path(self.parts.database) if self.is_sqlite and self.parts.database else None
 
+    @property
+    def sqlite_timeout(self) -> float | None:
+        """SQLite: the URL's ``timeout`` (seconds to wait for a lock), as for Python's
+        ``sqlite3.connect`` and SQLAlchemy; None when not given (validated on parsing)."""
+        if not self.is_sqlite:
+            return None
+        return next((float(v) for k, v in self.parts.query if k == "timeout"), None)
+
 
 def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL:
     """Validate ``raw`` and derive the async, sync and redacted forms.
@@ -214,6 +223,7 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
         path = Path(db)
         if not path.is_absolute():
             path = (base_dir or Path(os.getcwd())) / path
+        _check_sqlite_timeout(url.query, raw)
         url = replace(url, drivername="sqlite+aiosqlite", database=str(path))
         sync = replace(url, drivername="sqlite" if name == "sqlite+aiosqlite" else name)
     elif name in _POSTGRES:
@@ -233,6 +243,20 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
         redacted=sync.render(hide_password=True),
         password=url.secret,
     )
+
+
+def _check_sqlite_timeout(query: tuple[tuple[str, str], ...], raw: str) -> None:
+    values = [v for k, v in query if k == "timeout"]
+    if not values:
+        return
+    try:
+        seconds = float(values[0])
+    except ValueError:
+        seconds = math.nan
+    if len(values) > 1 or not (0 < seconds < math.inf):
+        raise UsageError(f"bad database URL {_redact_raw(raw)!r}: timeout= must be given "
+                         "once, as a positive number of seconds (how long to wait for "
+                         "SQLite's lock)")
 
 
 def _quote_password(raw: str) -> str:

@@ -28,13 +28,11 @@ from ._sqlite import RawSqlite
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
-SQLITE_BUSY_TIMEOUT = 30.0  #: wait this long for a worker's write lock instead of failing
-RETRY_WITHIN = 60.0  #: a transient fault is retried for this long (a lock held past the
-#: busy timeout is waited out once more) before it counts
+#: wait this long for a worker's write lock instead of failing (the SQLite URL's ``timeout``
+#: sets it; PostgreSQL's limits below are derived from this default)
+SQLITE_BUSY_TIMEOUT = 30.0
 RETRY_FIRST_PAUSE = 0.05  #: then doubled per retry, up to RETRY_MAX_PAUSE
 RETRY_MAX_PAUSE = 2.0
-#: a statement is never cancelled half-way (a stop waits for it), but gives up after this long
-STATEMENT_LIMIT = 2 * SQLITE_BUSY_TIMEOUT + 10.0
 #: PostgreSQL SQLSTATEs that pass by themselves: connection exceptions (class 08), the server
 #: shutting down or starting (57P01-57P03), serialization failure, deadlock, lock not available
 _TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "55P03")
@@ -74,11 +72,19 @@ class Engine:
         self.db = db
         self._file = db.sqlite_path
         self._identity = _file_identity(self._file) if self._file is not None else None
+        busy = db.sqlite_timeout if db.sqlite_timeout is not None else SQLITE_BUSY_TIMEOUT
+        self.busy_timeout = busy
+        #: a transient fault is retried for this long before it counts (a lock held past
+        #: the busy timeout is waited out once more)
+        self.retry_within = 2 * busy
+        #: a statement is never cancelled half-way (a stop waits for it), but gives up
+        #: after this long
+        self.statement_limit = 2 * busy + 10.0
         try:
-            self._engine = _make_engine(db)
+            self._engine = _make_engine(db, busy)
         except (SQLAlchemyError, ImportError) as exc:
             raise DatabaseError(f"cannot open {db.redacted}: {_import_hint(exc)}") from exc
-        self._raw = RawSqlite(self._file, busy_timeout=SQLITE_BUSY_TIMEOUT,
+        self._raw = RawSqlite(self._file, busy_timeout=busy,
                               cache_kib=SQLITE_CACHE_KIB) if self._file is not None else None
 
     def check_identity(self) -> None:
@@ -112,7 +118,7 @@ class Engine:
 
     async def retry(self, action: str, body: Callable[[], Awaitable[T]]) -> T:
         """``await body()`` (which opens its own connection), translated as :meth:`errors`
-        does; a transient fault is retried with backoff for up to ``RETRY_WITHIN`` seconds.
+        does; a transient fault is retried with backoff for up to :attr:`retry_within` seconds.
         The pool drops a connection found broken, so each retry runs on a fresh one.
 
         Each try is shielded: a cancellation (a stop, a lost lease, the end of an attempt)
@@ -120,15 +126,15 @@ class Engine:
         SQLAlchemy would invalidate the connection, and with aiosqlite its close could then
         hang the event loop's shutdown forever (seen with SQLAlchemy 2.1 and aiosqlite 0.22
         when a heartbeat was cancelled while it waited on a write lock)."""
-        deadline = anyio.current_time() + RETRY_WITHIN
+        deadline = anyio.current_time() + self.retry_within
         pause = RETRY_FIRST_PAUSE
         while True:
             try:
                 with self.errors(action), anyio.CancelScope(shield=True) as scope:
-                    scope.deadline = anyio.current_time() + STATEMENT_LIMIT
+                    scope.deadline = anyio.current_time() + self.statement_limit
                     return await body()
                 raise DatabaseError(f"{action} {self.db.redacted} failed: no answer within "
-                                    f"{STATEMENT_LIMIT:g}s")
+                                    f"{self.statement_limit:g}s")
             except DatabaseError as exc:
                 if not exc.transient or anyio.current_time() + pause > deadline:
                     raise
@@ -189,7 +195,7 @@ class Engine:
         while another connection holds the write lock (another drainer creating its lease
         table, a worker writing) it answers "database is locked" at once. So the switch is
         retried, with backoff, for up to the busy timeout."""
-        deadline = anyio.current_time() + SQLITE_BUSY_TIMEOUT
+        deadline = anyio.current_time() + self.busy_timeout
         pause = 0.01
         with self.errors("switching to WAL mode in"):
             while True:
@@ -291,10 +297,9 @@ def _import_hint(exc: BaseException) -> str:
     return first_line(exc)
 
 
-def _make_engine(db: DatabaseURL) -> AsyncEngine:
+def _make_engine(db: DatabaseURL, busy_timeout: float) -> AsyncEngine:
     if db.is_sqlite:
-        engine = create_async_engine(db.async_url,
-                                     connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        engine = create_async_engine(db.async_url, connect_args={"timeout": busy_timeout})
         _sqlite_transactions(engine)
         return engine
     try:
