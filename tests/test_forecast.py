@@ -7,6 +7,8 @@ test is the same at every run (each draw is independent, as the model assumes)."
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -24,10 +26,10 @@ REASONS = {"imp": "ImportError: cannot import name 'X' from 'pkg'",
 CATEGORY = {"imp": "collection/import", "del": "deliverable/missing"}
 
 # Succeeds with its kind's rate: a hash of (phase, attempt number) is the draw. Telemetry:
-# one event per success. Both databases.
+# one event per success. Both databases (PostgreSQL through psql).
 WORKER = textwrap.dedent(
     """
-    import asyncio, hashlib, os, sqlite3, sys
+    import hashlib, os, sqlite3, sys
     run_id, phase_id = sys.argv[1], sys.argv[2]
     kind = phase_id.split("-")[0]
     rate = {"imp": 0.3, "del": 0.7}[kind]
@@ -54,19 +56,16 @@ WORKER = textwrap.dedent(
             db.execute(event.format(s="?", t=1, f=0), (run_id, phase_id))
         db.execute(update.format(s="?"), (state, reason, run_id, phase_id))
         db.commit()
-    else:
-        import asyncpg
-        async def main():
-            conn = await asyncpg.connect(url)
-            try:
-                if ok:
-                    await conn.execute(event.replace("{s}", "${}").format(1, 2, t="true", f="false"),
-                                       run_id, phase_id)
-                await conn.execute(update.replace("{s}", "${}").format(1, 2, 3, 4),
-                                   state, reason, run_id, phase_id)
-            finally:
-                await conn.close()
-        asyncio.run(main())
+    else:  # psql, quicker to start than asyncpg; it quotes the values itself (:'name')
+        import subprocess
+        sql = (event.replace("{s}", ":'run'", 1).replace("{s}", ":'phase'", 1)
+               .format(t="true", f="false") + ";\\n") if ok else ""
+        sql += update.replace("{s}", ":'state'", 1).replace("{s}", "NULLIF(:'reason', '')", 1) \
+            .replace("{s}", ":'run'", 1).replace("{s}", ":'phase'", 1) + ";\\n"
+        values = {"run": run_id, "phase": phase_id, "state": state, "reason": reason or ""}
+        args = [a for k, v in values.items() for a in ("-v", f"{k}={v}")]
+        subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", *args, url], input=sql,
+                       text=True, check=True, stdout=subprocess.DEVNULL)
     sys.exit(0 if ok else 1)
     """
 )
@@ -88,6 +87,10 @@ def _args(env: Env, url: str, *more: str) -> list[str]:
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_the_forecast_learns_the_known_rates_and_its_back_test_holds(
         env: Env, make_url: Any) -> None:
+    if shutil.which("psql") is None:  # (PostgreSQL's client: the worker writes through it)
+        if os.environ.get("DRAINER_REQUIRE_PG"):
+            raise RuntimeError("psql is not installed")
+        pytest.skip("psql is not installed")
     url = make_url(PHASES)
     empty = env.run_cli("forecast", *_args(env, url))
     assert empty.returncode == 0, empty.stdout + empty.stderr

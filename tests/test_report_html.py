@@ -8,6 +8,7 @@ import re
 import struct
 import subprocess
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -221,14 +222,21 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
     return width, height, rows
 
 
-def count_colour(rows: list[bytes], hex_colour: str, tolerance: int = 8) -> int:
+def colours(rows: list[bytes]) -> Counter[tuple[int, int, int]]:
+    """How many pixels of each colour the image has."""
+    data = b"".join(rows)
+    return Counter(zip(data[0::3], data[1::3], data[2::3], strict=True))
+
+
+def count_colour(pixels: Counter[tuple[int, int, int]], hex_colour: str,
+                 tolerance: int = 8) -> int:
     want = bytes.fromhex(hex_colour.lstrip("#"))
-    return sum(
-        1
-        for row in rows
-        for x in range(0, len(row), 3)
-        if all(abs(row[x + c] - want[c]) <= tolerance for c in range(3))
-    )
+    return sum(n for pixel, n in pixels.items()
+               if all(abs(pixel[c] - want[c]) <= tolerance for c in range(3)))
+
+
+#: screenshots at half scale: a quarter of the pixels to decode and count
+HALF_SCALE = ("--window-size=1280,2400", "--force-device-scale-factor=0.5")
 
 
 def run_chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -266,16 +274,18 @@ def test_chromium_parses_and_paints_the_report(tmp_path: Path) -> None:
     assert_no_console_errors(dom)
 
     png = tmp_path / "report.png"
-    shot = run_chromium(tmp_path / "profile-shot", f"--screenshot={png}", "--window-size=1280,2400", page.as_uri())
+    shot = run_chromium(tmp_path / "profile-shot", f"--screenshot={png}", *HALF_SCALE,
+                        page.as_uri())
     assert png.is_file(), shot.stderr[-2000:]
     assert_no_console_errors(shot)
     width, height, rows = decode_png(png.read_bytes())
-    assert (width, height) == (1280, 2400)
-    # The timeline's green rects are ~590 x 20 px, the red ones (timeline and fingerprint
-    # bars) bigger still: thousands of pixels each, far above anti-aliasing noise.
-    assert count_colour(rows, COLOURS["success"]) > 2000
-    assert count_colour(rows, COLOURS["failed"]) > 2000
-    assert count_colour(rows, COLOURS["timeout"]) > 500
+    assert (width, height) == (640, 1200)
+    pixels = colours(rows)
+    # The timeline's green rects are ~295 x 10 px at half scale, the red ones (timeline and
+    # fingerprint bars) bigger still: thousands of pixels each, far above anti-aliasing noise.
+    assert count_colour(pixels, COLOURS["success"]) > 1000
+    assert count_colour(pixels, COLOURS["failed"]) > 1000
+    assert count_colour(pixels, COLOURS["timeout"]) > 500
 
 
 @pytest.mark.slow
@@ -301,12 +311,12 @@ def test_the_demo_sessions_report_opens_in_chromium_with_its_charts(tmp_path: Pa
         assert f'id="{chart_id}"' in dom.stdout
     assert_no_console_errors(dom)
     png = tmp_path / "demo-report.png"
-    shot = run_chromium(tmp_path / "profile-shot", f"--screenshot={png}",
-                        "--window-size=1280,2400", page.as_uri())
+    shot = run_chromium(tmp_path / "profile-shot", f"--screenshot={png}", *HALF_SCALE,
+                        page.as_uri())
     assert png.is_file(), shot.stderr[-2000:]
     assert_no_console_errors(shot)
-    _, _, rows = decode_png(png.read_bytes())
+    pixels = colours(decode_png(png.read_bytes())[2])
     # The demo has successes, failures and two timeouts: all three colours are painted.
-    assert count_colour(rows, COLOURS["success"]) > 500
-    assert count_colour(rows, COLOURS["failed"]) > 500
-    assert count_colour(rows, COLOURS["timeout"]) > 100
+    assert count_colour(pixels, COLOURS["success"]) > 125
+    assert count_colour(pixels, COLOURS["failed"]) > 125
+    assert count_colour(pixels, COLOURS["timeout"]) > 25

@@ -88,17 +88,17 @@ def test_an_adaptive_limit_completes_what_a_fixed_one_cut_short_and_ends_a_hang(
     train = [f"train-{n}" for n in range(5)]
     url = make_url([(run, "P1-ok", 0, "FAILED", None)
                     for run in (*train, "slow-a", "slow-b", "hung-a")])
-    sleeps = {"SLEEP_BY_RUN": "slow-a=1.8,slow-b=1.8,hung-a=600", "WORKER_SLEEP": "1.0"}
-    # A history: five attempts of about a second, in category "none" (no reason yet).
+    sleeps = {"SLEEP_BY_RUN": "slow-a=0.9,slow-b=0.9,hung-a=600", "WORKER_SLEEP": "0.5"}
+    # A history: five attempts of about half a second, in category "none" (no reason yet).
     trained = env.run_cli("run", *args(env, url, "--lanes", "2", "--skip-run-prefix", "slow",
                                        "--skip-run-prefix", "hung"),
                           env=env.worker_env(**sleeps))
     assert trained.returncode == 0, trained.stdout + trained.stderr
     durations = [r.duration_seconds for r in history(url)]
-    assert len(durations) == 5 and all(d >= 1.0 for d in durations)
+    assert len(durations) == 5 and all(d >= 0.5 for d in durations)
     # A fixed limit a little above them cuts a slower phase short.
     fixed = env.run_cli("run", *args(env, url, "--run-id", "slow-b", "--max-attempts-per-phase",
-                                     "1", timeout="1.4"), env=env.worker_env(**sleeps))
+                                     "1", timeout="0.7"), env=env.worker_env(**sleeps))
     assert fixed.returncode == 1, fixed.stdout + fixed.stderr
     assert [r.outcome for r in history(url) if r.run_id == "slow-b"] == ["timed out"]
     # The adaptive limit: 3 x the 95th percentile of the five.
