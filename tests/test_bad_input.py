@@ -102,8 +102,10 @@ def test_database_url_from_environment(good_db: Env) -> None:
         ("not a url at all", "bad database URL"),
         ("sqlite://", "SQLite URL needs a file path"),
         ("sqlite:///:memory:", "SQLite URL needs a file path"),
-        ("sqlite:///b.db?timeout=soon", "timeout= must be given once, as a positive number"),
-        ("sqlite:///b.db?timeout=-1", "timeout= must be given once, as a positive number"),
+        ("sqlite:///b.db?timeout=soon", "timeout= must be given once, as seconds from 0.001"),
+        ("sqlite:///b.db?timeout=-1", "timeout= must be given once, as seconds from 0.001"),
+        ("sqlite:///b.db?timeout=0", "timeout= must be given once, as seconds from 0.001"),
+        ("sqlite:///b.db?timeout=1e7", "as seconds from 0.001 to 3600"),  # (overflows sqlite3)
         ("sqlite:///b.db?timeout=1&timeout=2", "timeout= must be given once"),
     ],
 )

@@ -4,13 +4,15 @@ SQLAlchemy); SQLAlchemy's own ``make_url`` is the reference it must agree with."
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
 from conftest import Env, create_backlog
-from drainer.cli import _redacted
+from drainer.cli import _identity
 from drainer.dburl import parse_database_url
 
 URLS = [
@@ -54,10 +56,11 @@ def test_drainer_and_its_workers_read_a_url_as_sqlalchemy_does(raw: str) -> None
 def test_a_redacted_url_read_back_is_redacted_the_same(raw: str) -> None:
     # --resume compares the URL a session saved (redacted) with the one given now.
     db = parse_database_url(raw)
-    assert _redacted(db.redacted) == db.redacted
+    assert db.identity == db.redacted  # (no SQLite timeout among them)
+    assert _identity(db.redacted) == db.identity
     assert "***@***" not in db.redacted and "%2A" not in db.redacted
     older = make_url(db.sync_url).render_as_string(hide_password=True)  # as drainer <= 0.1
-    assert _redacted(older) == db.redacted
+    assert _identity(older) == db.identity
 
 
 @pytest.mark.parametrize("raw, hidden", [
@@ -112,3 +115,41 @@ async def test_the_sqlite_urls_timeout_is_how_long_every_connection_waits_for_a_
             assert (await conn.execute(pragma)).scalar() == ms
     finally:
         await engine.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_session_resumes_with_another_sqlite_timeout_and_not_on_another_file(
+        env: Env) -> None:
+    # The timeout says how long to wait, not which database: raising it after lock trouble
+    # and resuming is the point of it. Another file is still refused.
+    import anyio
+
+    from drainer import DrainConfig, open_drainer
+
+    create_backlog(env.db, [(f"run-{i}", "P", 0, "FAILED", None) for i in range(3)])
+    config = DrainConfig(database_url=env.url, session_dir=env.sessions,
+                         command=[sys.executable, str(env.worker), "{run_id}", "{phase_id}"],
+                         env=(("TEST_OUT", str(env.out)),))
+    async with open_drainer(config) as d, anyio.create_task_group() as tg:
+        tg.start_soon(d.run)
+        async for _event in d.events():
+            d.stop("enough")  # resumable, after its first attempt
+    other = env.tmp / "other.db"
+    create_backlog(other, [("run-0", "P", 0, "FAILED", None)])
+
+    def plan(url: str) -> subprocess.CompletedProcess[str]:
+        return env.run_cli("plan", "--resume", "--database-url", url,
+                           "--session-dir", str(env.sessions))
+
+    for url in (f"{env.url}?timeout=60", env.url):
+        proc = plan(url)
+        assert proc.returncode == 0 and d.session_id in proc.stdout, proc.stdout + proc.stderr
+    refused = plan(f"sqlite:///{other}")
+    assert refused.returncode == 2 and "resume it with the same database" in refused.stderr
+    # A session an older drainer started with a timeout it did not check resumes too.
+    journal = env.sessions / d.session_id / "journal.jsonl"
+    first, rest = journal.read_text().split("\n", 1)
+    journal.write_text(first.replace('backlog.db"', 'backlog.db?timeout=abc"', 1) + "\n" + rest)
+    assert "timeout=abc" in journal.read_text()
+    proc = plan(f"{env.url}?timeout=5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr

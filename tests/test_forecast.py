@@ -51,7 +51,7 @@ WORKER = textwrap.dedent(
              "actual_output_tokens, selected_budget, success, truncated) VALUES ({s}, {s}, "
              "'2026-01-01', 'c', 'low', 1, '[]', 1, 1, 1, {t}, {f})")
     if url.startswith("sqlite:///"):
-        db = sqlite3.connect(url[len("sqlite:///"):], timeout=30)
+        db = sqlite3.connect(url[len("sqlite:///"):].split("?")[0], timeout=30)
         if ok:
             db.execute(event.format(s="?", t=1, f=0), (run_id, phase_id))
         db.execute(update.format(s="?"), (state, reason, run_id, phase_id))

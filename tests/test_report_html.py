@@ -282,10 +282,11 @@ def test_chromium_parses_and_paints_the_report(tmp_path: Path) -> None:
     assert (width, height) == (640, 1200)
     pixels = colours(rows)
     # The timeline's green rects are ~295 x 10 px at half scale, the red ones (timeline and
-    # fingerprint bars) bigger still: thousands of pixels each, far above anti-aliasing noise.
-    assert count_colour(pixels, COLOURS["success"]) > 1000
-    assert count_colour(pixels, COLOURS["failed"]) > 1000
-    assert count_colour(pixels, COLOURS["timeout"]) > 500
+    # fingerprint bars) bigger still: thousands of pixels each, far above anti-aliasing noise
+    # (the full-size page's thresholds, over the 4 of half scale; seen: 5369, 5614, 4032).
+    assert count_colour(pixels, COLOURS["success"]) > 500
+    assert count_colour(pixels, COLOURS["failed"]) > 500
+    assert count_colour(pixels, COLOURS["timeout"]) > 125
 
 
 @pytest.mark.slow

@@ -217,7 +217,7 @@ def make_config(
                     fields[name] = saved_value(name, value)
             config = DrainConfig(**fields, resume=replay.session_id)
             saved_db = replay.config.get("database_url")
-            if saved_db and _redacted(saved_db) != config.db.redacted:
+            if saved_db and _identity(saved_db) != config.db.identity:
                 raise UsageError(
                     f"session {replay.session_id} drained {saved_db}, not "
                     f"{config.db.redacted}; resume it with the same database"
@@ -496,13 +496,17 @@ def _stop(args: argparse.Namespace, values: dict[str, Any], schema: Any) -> int:
     return EXIT_OK if asked.taken or args.wait == 0 else EXIT_FAILED
 
 
-def _redacted(saved_url: str) -> str:
-    """A session's saved (redacted) URL as this drainer redacts it (older drainers showed a
-    lone user), so that ``--resume`` compares like with like."""
+def _identity(saved_url: str) -> str:
+    """The database a session's saved (redacted) URL names, as this drainer writes it (older
+    drainers showed a lone user; a SQLite ``timeout`` does not count, and one an older
+    drainer let through unchecked is dropped first), so that ``--resume`` compares like
+    with like."""
     from .dburl import parse_database_url
 
+    base, _, query = saved_url.partition("?")
+    kept = "&".join(p for p in query.split("&") if p and p.partition("=")[0] != "timeout")
     try:
-        return parse_database_url(saved_url).redacted
+        return parse_database_url(f"{base}?{kept}" if kept else base).identity
     except UsageError:
         return saved_url
 

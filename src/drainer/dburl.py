@@ -173,6 +173,11 @@ class DatabaseURL:
     sync_url: str  #: what workers get in DATABASE_URL (password intact)
     redacted: str  #: what drainer prints and writes (password, or a lone user, as ***)
     password: str | None
+    #: SQLite: the URL's ``timeout``, seconds to wait for a lock, as for Python's
+    #: ``sqlite3.connect`` and SQLAlchemy (None: not given)
+    sqlite_timeout: float | None = None
+    #: the redacted URL without ``timeout``: which database it names (``--resume`` compares it)
+    identity: str = ""
 
     @property
     def async_url(self) -> URL:
@@ -192,14 +197,6 @@ class DatabaseURL:
     def sqlite_path(self) -> Path | None:
         return Path(self.parts.database) if self.is_sqlite and self.parts.database else None
 
-    @property
-    def sqlite_timeout(self) -> float | None:
-        """SQLite: the URL's ``timeout`` (seconds to wait for a lock), as for Python's
-        ``sqlite3.connect`` and SQLAlchemy; None when not given (validated on parsing)."""
-        if not self.is_sqlite:
-            return None
-        return next((float(v) for k, v in self.parts.query if k == "timeout"), None)
-
 
 def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL:
     """Validate ``raw`` and derive the async, sync and redacted forms.
@@ -214,6 +211,7 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
     except ValueError as exc:
         raise UsageError(f"bad database URL {_redact_raw(raw)!r}: {EXAMPLES}") from exc
     name = url.drivername
+    timeout: float | None = None
     if name in _SQLITE:
         db = url.database
         if not db or db == ":memory:" or db.startswith("file:"):
@@ -223,7 +221,7 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
         path = Path(db)
         if not path.is_absolute():
             path = (base_dir or Path(os.getcwd())) / path
-        _check_sqlite_timeout(url.query, raw)
+        timeout = _sqlite_timeout(url.query, raw)
         url = replace(url, drivername="sqlite+aiosqlite", database=str(path))
         sync = replace(url, drivername="sqlite" if name == "sqlite+aiosqlite" else name)
     elif name in _POSTGRES:
@@ -237,26 +235,39 @@ def parse_database_url(raw: str, *, base_dir: Path | None = None) -> DatabaseURL
             f"unsupported database URL scheme {name!r}: drainer supports SQLite and PostgreSQL, "
             f"{EXAMPLES}"
         )
+    named = sync if timeout is None else \
+        replace(sync, query=tuple(kv for kv in sync.query if kv[0] != "timeout"))
     return DatabaseURL(
         parts=url,
         sync_url=sync.render(hide_password=False),
         redacted=sync.render(hide_password=True),
         password=url.secret,
+        sqlite_timeout=timeout,
+        identity=named.render(hide_password=True),
     )
 
 
-def _check_sqlite_timeout(query: tuple[tuple[str, str], ...], raw: str) -> None:
+#: the SQLite ``timeout`` drainer accepts, in seconds: ``sqlite3`` keeps it as whole
+#: milliseconds in a C int, so a value below a millisecond waits not at all and one above
+#: about 24 days overflows to no wait; drainer's retries and stops scale with it
+SQLITE_TIMEOUT_RANGE = (0.001, 3600.0)
+
+
+def _sqlite_timeout(query: tuple[tuple[str, str], ...], raw: str) -> float | None:
+    """The URL's ``timeout``, checked (an empty one is dropped, as SQLAlchemy drops it)."""
     values = [v for k, v in query if k == "timeout"]
     if not values:
-        return
+        return None
+    low, high = SQLITE_TIMEOUT_RANGE
     try:
         seconds = float(values[0])
     except ValueError:
         seconds = math.nan
-    if len(values) > 1 or not (0 < seconds < math.inf):
+    if len(values) > 1 or not (low <= seconds <= high):
         raise UsageError(f"bad database URL {_redact_raw(raw)!r}: timeout= must be given "
-                         "once, as a positive number of seconds (how long to wait for "
+                         f"once, as seconds from {low:g} to {high:g} (how long to wait for "
                          "SQLite's lock)")
+    return seconds
 
 
 def _quote_password(raw: str) -> str:

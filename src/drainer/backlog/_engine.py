@@ -29,7 +29,8 @@ from ._sqlite import RawSqlite
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
 #: wait this long for a worker's write lock instead of failing (the SQLite URL's ``timeout``
-#: sets it; PostgreSQL's limits below are derived from this default)
+#: sets it); the retry window and the statement limit (:class:`Engine`) derive from it, on
+#: PostgreSQL from this default
 SQLITE_BUSY_TIMEOUT = 30.0
 RETRY_FIRST_PAUSE = 0.05  #: then doubled per retry, up to RETRY_MAX_PAUSE
 RETRY_MAX_PAUSE = 2.0
