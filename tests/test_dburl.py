@@ -31,6 +31,7 @@ URLS = [
     "postgresql+asyncpg://u:pw@h/db",
     "postgresql://postgres@127.0.0.1:5432/test",  # a lone user (hidden as ***)
     "postgresql://tok%2Fen@h/my%20db",  # a lone user in a URL SQLAlchemy reads
+    "postgresql://u:pw@h/db?timeout=5",  # (only SQLite's timeout is drainer's)
 ]
 
 

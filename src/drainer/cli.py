@@ -503,10 +503,12 @@ def _identity(saved_url: str) -> str:
     with like."""
     from .dburl import parse_database_url
 
-    base, _, query = saved_url.partition("?")
-    kept = "&".join(p for p in query.split("&") if p and p.partition("=")[0] != "timeout")
+    if saved_url.startswith("sqlite"):
+        base, _, query = saved_url.partition("?")
+        kept = "&".join(p for p in query.split("&") if p and p.partition("=")[0] != "timeout")
+        saved_url = f"{base}?{kept}" if kept else base
     try:
-        return parse_database_url(f"{base}?{kept}" if kept else base).identity
+        return parse_database_url(saved_url).identity
     except UsageError:
         return saved_url
 
