@@ -19,6 +19,8 @@ from sqlalchemy import text as sql_text
 
 from conftest import Env, create_backlog, journal_results, wait_for_worker_file
 from drainer.backlog import open_backlog
+from drainer.backlog.requests import StopRequests
+from drainer.cli import main
 from drainer.dburl import parse_database_url
 from test_history import args
 
@@ -257,3 +259,25 @@ def test_an_interrupted_stop_command_withdraws_its_request(env: Env) -> None:
         assert conn.execute("SELECT count(*) FROM drainer_stop_requests").fetchone()[0] == 0
     finally:
         conn.close()
+
+
+def test_ctrl_c_as_the_request_is_written_still_withdraws_it(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The race behind a failed CI run of the test above: Ctrl-C cancels `anyio.run`'s task
+    # where it awaits, and the row can be committed while the command still awaits the
+    # write's thread. Here the signal comes at exactly that point, every time.
+    create_backlog(env.db, PHASES)
+    write = StopRequests.request
+
+    async def interrupted(self: StopRequests, *given: Any) -> Any:
+        written = await write(self, *given)
+        signal.raise_signal(signal.SIGINT)  # asyncio's runner cancels the task ...
+        await anyio.lowlevel.checkpoint()  # ... at its next await, still in the write
+        return written
+
+    monkeypatch.setattr(StopRequests, "request", interrupted)
+    code = main(["stop", "--session", "batch-drain-20260101-000000-abcd", "--database-url",
+                 f"sqlite:///{env.db}", "--wait", "60", "--session-dir", str(env.sessions)])
+    assert code == 130
+    with contextlib.closing(sqlite3.connect(env.db)) as conn:
+        assert conn.execute("SELECT count(*) FROM drainer_stop_requests").fetchone()[0] == 0

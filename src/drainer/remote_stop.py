@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 
 from .backlog import StopRequest, open_backlog
-from .backlog.requests import POLL_SECONDS
+from .backlog.requests import POLL_SECONDS, new_request_id
 from .dburl import DatabaseURL
 from .errors import DrainerError, UsageError
 from .journal import journal_in_use, session_journals
@@ -98,15 +98,18 @@ async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
         requests = backlog.requests
         if not await requests.has_table():  # (a write transaction only the first time)
             await requests.ensure_table()
-        request = await requests.request(session_id, host)
-        if request is None or wait == 0:
-            return Asked(session_id, request, 0.0)
+        request_id = new_request_id()
         start = anyio.current_time()
         try:
+            # Inside the try: Ctrl-C cancels the task where it awaits, and the row may be
+            # written by the time it does, so an interrupted write is withdrawn too.
+            request = await requests.request(request_id, session_id, host)
+            if request is None or wait == 0:
+                return Asked(session_id, request, 0.0)
             with anyio.move_on_after(wait):
                 while True:
                     await anyio.sleep(_CHECK_EVERY)
-                    found = await requests.read(request.request_id)
+                    found = await requests.read(request_id)
                     if found is None or found.taken_at is not None:
                         return Asked(session_id, found, anyio.current_time() - start,
                                      cleared=found is None)
@@ -115,8 +118,8 @@ async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
             # session should take the request later. Best effort, bounded.
             with anyio.CancelScope(shield=True), anyio.move_on_after(WITHDRAW_LIMIT), \
                     contextlib.suppress(DrainerError):
-                await requests.withdraw(request.request_id)
+                await requests.withdraw(request_id)
             raise
-        withdrawn = await requests.withdraw(request.request_id)
-        return Asked(session_id, None if withdrawn else await requests.read(request.request_id),
+        withdrawn = await requests.withdraw(request_id)
+        return Asked(session_id, None if withdrawn else await requests.read(request_id),
                      anyio.current_time() - start)

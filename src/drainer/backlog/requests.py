@@ -33,6 +33,10 @@ DDL = (f"CREATE TABLE IF NOT EXISTS {REQUEST_TABLE} (request_id VARCHAR(32) PRIM
 _COLUMNS = "request_id, session_id, requested_by, requested_at, taken_by, taken_at"
 
 
+def new_request_id() -> str:
+    return secrets.token_hex(16)
+
+
 @dataclass(frozen=True, slots=True)
 class StopRequest:
     """A stop request as read back."""
@@ -79,11 +83,11 @@ class StopRequests:
         return await self._engine.retry(f"{action} {REQUEST_TABLE} of",
                                         lambda: self._engine.run(body, write=write))
 
-    async def request(self, session_id: str, host: str) -> StopRequest | None:
-        """Ask ``session_id`` to stop: the new request as written (None: a resume cleared it
-        at once)."""
-        params = {"request_id": secrets.token_hex(16), "session_id": session_id,
-                  "host": host}
+    async def request(self, request_id: str, session_id: str, host: str) -> StopRequest | None:
+        """Ask ``session_id`` to stop (``request_id``: from :func:`new_request_id`, known
+        before the row is written, so it can be withdrawn however the write ends): the new
+        request as written (None: a resume cleared it at once)."""
+        params = {"request_id": request_id, "session_id": session_id, "host": host}
 
         def ask(execute: Execute) -> StopRequest | None:
             execute(self._insert, params)
