@@ -92,8 +92,11 @@ CONTRACT_WORKER = textwrap.dedent(
     if kind == "hang":  # stay EXECUTING forever, with a setsid grandchild
         gc = subprocess.Popen([sys.executable, "-c",
                                "import os, time; os.setsid(); time.sleep(600)"])
-        with open(os.path.join(out_dir, "hung.%d" % os.getpid()), "w") as fh:
+        # Written whole, then renamed: a test that sees hung.<pid> can read the pid in it.
+        tmp = os.path.join(out_dir, "tmp-hung.%d" % os.getpid())
+        with open(tmp, "w") as fh:
             fh.write(str(gc.pid))
+        os.rename(tmp, os.path.join(out_dir, "hung.%d" % os.getpid()))
         time.sleep(600)
     if kind == "events_then_hang":  # write WORKER_EVENTS telemetry rows, say so, then hang
         for _ in range(int(os.environ.get("WORKER_EVENTS", "3"))):

@@ -517,8 +517,10 @@ def test_backoff_delays_a_timed_out_phase_while_others_drain(env: Env, make_url:
     url = make_url([(run, "P1-ok", 0, "FAILED", None) for run in ("run-a", "run-b", "run-c")])
     hang = env.tmp / "hang-once"
     hang.touch()
+    # (A 3 s limit: a PostgreSQL worker's start-up and connection take about 0.2 s here,
+    # and each of three attempts must finish inside the limit on a loaded machine.)
     proc = env.run_cli("run", *args(env, url, "--max-attempts-per-phase", "2", backoff="2",
-                                    timeout="1"), env=env.worker_env(HANG_ONCE=str(hang)))
+                                    timeout="3"), env=env.worker_env(HANG_ONCE=str(hang)))
     assert proc.returncode == 1, proc.stdout + proc.stderr  # (an attempt timed out)
     (records,) = sessions(env).values()
     order = [(r["run_id"], r["timed_out"]) for r in records]

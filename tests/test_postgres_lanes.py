@@ -44,9 +44,15 @@ PG_WORKER = textwrap.dedent(
             run_id, phase_id, os.environ["DRAINER_SESSION_ID"], os.getpid(), time.time())
         await conn.execute("UPDATE phases SET state='EXECUTING' WHERE run_id=$1 AND phase_id=$2",
                            run_id, phase_id)
-        if os.environ.get("HANG_ONCE") and await conn.fetchval(
-                "UPDATE flags SET armed=false WHERE name='hang' AND armed RETURNING name"):
-            await conn.execute("UPDATE worker_log SET hung=true WHERE id=$1", log_id)
+        hang = None
+        if os.environ.get("HANG_ONCE"):
+            # One transaction: the test, which waits for the flag, sees the hang recorded too.
+            async with conn.transaction():
+                hang = await conn.fetchval(
+                    "UPDATE flags SET armed=false WHERE name='hang' AND armed RETURNING name")
+                if hang:
+                    await conn.execute("UPDATE worker_log SET hung=true WHERE id=$1", log_id)
+        if hang:
             await conn.close()
             time.sleep(600)
         await asyncio.sleep(0.05)

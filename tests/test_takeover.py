@@ -125,16 +125,25 @@ def _start_drainer(env: Env, args: list[str], **extra: str) -> subprocess.Popen[
                             env=env.worker_env(**extra), cwd=env.tmp)
 
 
-def _wait_worker_recorded(db: Path, worker_pid: int, proc: subprocess.Popen[str]) -> None:
-    """Until the lease names the worker (its first heartbeat), or the drainer exits."""
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        while conn.execute("SELECT count(*) FROM drainer_leases WHERE worker_pid = ?",
-                           (worker_pid,)).fetchone()[0] == 0:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.02)
-    finally:
-        conn.close()
+def _sqlite_names(db: Path) -> Callable[[int], bool]:
+    """Whether the lease names a worker pid yet (written by the attempt's first heartbeat)."""
+    def names(worker_pid: int) -> bool:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+            return bool(conn.execute("SELECT count(*) FROM drainer_leases WHERE worker_pid = ?",
+                                     (worker_pid,)).fetchone()[0])
+    return names
+
+
+def _stop_after_a_heartbeat(proc: subprocess.Popen[str], running: Path,
+                            names: Callable[[int], bool]) -> None:
+    """SIGSTOP ``proc`` once the lease names the worker (``running.<pid>``): just after a
+    heartbeat, so it is frozen holding no database lock (the next renewal is a third of the
+    TTL away; frozen inside one, it would hold SQLite's write lock or the lease row)."""
+    worker_pid = int(running.name.split(".")[1])
+    while not names(worker_pid):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGSTOP)
 
 
 def _results(env: Env) -> list[dict[str, object]]:
@@ -147,7 +156,8 @@ def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over(
         env: Env, clean: bool) -> None:
     _frozen_drainer_is_taken_over(env, _setup(env), clean=clean,
                                   states=lambda: phase_states(env.db),
-                                  leases=lambda: not _no_drainer_leases(env.db))
+                                  leases=lambda: not _no_drainer_leases(env.db),
+                                  names=_sqlite_names(env.db))
 
 
 def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over_on_postgresql(
@@ -158,23 +168,30 @@ def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over_on_post
     name = create_database(PHASES)
     url = f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
 
-    def leases() -> bool:
+    def fetch(query: str, *args: object) -> int:
         import asyncio
 
         import asyncpg
 
-        async def count() -> int:
+        async def one() -> int:
             conn = await asyncpg.connect(url)
             try:
-                return int(await conn.fetchval("SELECT count(*) FROM drainer_leases"))
+                return int(await conn.fetchval(query, *args))
             finally:
                 await conn.close()
 
-        return asyncio.run(count()) > 0
+        return asyncio.run(one())
+
+    def leases() -> bool:
+        return fetch("SELECT count(*) FROM drainer_leases") > 0
+
+    def names(worker_pid: int) -> bool:
+        return fetch("SELECT count(*) FROM drainer_leases WHERE worker_pid = $1", worker_pid) > 0
 
     try:
         _frozen_drainer_is_taken_over(env, _setup(env, url), clean=False,
-                                      states=lambda: fetch_states(name), leases=leases)
+                                      states=lambda: fetch_states(name), leases=leases,
+                                      names=names)
     finally:
         drop_database(name)
 
@@ -182,16 +199,14 @@ def test_a_frozen_drainers_worker_is_killed_before_its_run_is_taken_over_on_post
 def _frozen_drainer_is_taken_over(
     env: Env, args: list[str], *, clean: bool,
     states: Callable[[], dict[tuple[str, str], tuple[str, str | None]]],
-    leases: Callable[[], bool],
+    leases: Callable[[], bool], names: Callable[[int], bool],
 ) -> None:
     frozen = _start_drainer(env, args, **({"CLEAN_GRANDCHILD": "1"} if clean else {}))
     try:
         running = wait_for_worker_file(env.out, "running.*", frozen)
-        if clean:
-            # The child without a marker is found through the worker's pid and create time,
-            # which the lease holds from the attempt's first heartbeat.
-            _wait_worker_recorded(env.db, int(running.name.split(".")[1]), frozen)
-        os.kill(frozen.pid, signal.SIGSTOP)  # frozen: its lease stops being renewed
+        # Frozen, its lease stops being renewed. (The child without a marker is found
+        # through the worker's pid and create time, which the heartbeat wrote.)
+        _stop_after_a_heartbeat(frozen, running, names)
         other = env.run_cli("run", *args)
         assert other.returncode == 0, other.stdout + other.stderr
         assert (f"killed {3 if clean else 2} process(es) of its attempt before taking the run "
@@ -225,7 +240,7 @@ def test_a_frozen_drainer_on_another_host_stops_its_own_worker_on_waking(env: En
     frozen = _start_drainer(env, [*args, "--host-name", "host-a"])
     try:
         running = wait_for_worker_file(env.out, "running.*", frozen)
-        os.kill(frozen.pid, signal.SIGSTOP)
+        _stop_after_a_heartbeat(frozen, running, _sqlite_names(env.db))
         other = env.run_cli("run", *args, "--host-name", "host-b")
         assert other.returncode == 0, other.stdout + other.stderr
         assert "before taking the run over" not in other.stdout  # out of its reach
