@@ -26,7 +26,7 @@ from drainer import (
 )
 from drainer import api as api_module
 from drainer.errors import SessionError
-from drainer.journal import journal_in_use
+from drainer.journal import SessionFiles, journal_in_use
 from drainer.snapshot import Snapshot
 from test_resume import _processes_with
 
@@ -216,3 +216,27 @@ async def test_an_unstop_reaches_the_embedder_as_an_event(env: Env) -> None:
     assert events.index(lifted[0]) == 0
     assert summary.exit_code == 1  # (the resumed session had a timeout)
     assert set(phase_states(env.db).values()) == {("COMPLETE", None)}
+
+
+async def test_a_new_session_never_writes_into_another_sessions_files(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sessions started in the same second in one directory share all but 4 random hex digits
+    # of their ids: once in 65,536 they drew the same, and the second appended to the first's
+    # journal. Here the draws repeat the first session's id before a free one comes.
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None), ("run-1", "P", 1, "FAILED", None)])
+    first = await drain(_config(env, "ok", batch_size=1))
+    journal = env.sessions / first.session_id / "journal.jsonl"
+    written = journal.read_bytes()
+    free = "batch-drain-20260101-000000-beef"
+    draws = iter([first.session_id, first.session_id, free])
+    for module in ("drainer.journal", "drainer.session"):
+        monkeypatch.setattr(f"{module}.new_session_id", lambda: next(draws), raising=False)
+    second = await drain(_config(env, "ok", batch_size=1))
+    assert second.session_id == free and second.total_processed == 1
+    assert journal.read_bytes() == written
+    # Two drainers that drew the same id at once: the second to create its files stops,
+    # before writing anything.
+    late = SessionFiles(env.sessions, first.session_id)
+    with pytest.raises(SessionError, match="just started by another drainer"):
+        late.create(new=True)
+    assert journal.read_bytes() == written

@@ -60,6 +60,17 @@ def new_session_id(now: datetime | None = None) -> str:
     return f"batch-drain-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
+def unused_session_id(session_dir: Path) -> str:
+    """A new session id that no session in ``session_dir`` has (sessions started in the
+    same second share all but the 4 random hex digits). Only looks: the directory is made
+    when the session starts writing (:meth:`SessionFiles.create`), exclusively."""
+    while True:
+        session_id = new_session_id()
+        if not any(os.path.lexists(session_dir / name)  # (False where it cannot look)
+                   for name in (session_id, f"{session_id}.json")):
+            return session_id
+
+
 def hostname(name: str | None = None) -> str:
     """The host drainer records: ``--host-name`` when given, else the machine's name."""
     return name or socket.gethostname()
@@ -158,7 +169,21 @@ class SessionFiles:
             data = data.replace(secret, b"***")
         return data
 
-    def create(self) -> None:
+    def create(self, *, new: bool = False) -> None:
+        """Open the journal (locked: one drainer per session); ``new``: a new session, whose
+        directory must not exist yet (a drainer that drew the same id in the same second
+        has it)."""
+        if new:
+            try:
+                self.root.mkdir(parents=True)
+            except FileExistsError:
+                raise SessionError(
+                    f"session {self.session_id} was just started by another drainer in "
+                    f"{self.root.parent} (same second, same random part); start again"
+                ) from None
+            except OSError as exc:
+                raise SessionError(f"cannot create session files in {self.root}: "
+                                   f"{exc}") from exc
         try:
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             # Unbuffered append: each event reaches the kernel in one write, so a killed

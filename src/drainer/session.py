@@ -31,7 +31,7 @@ from .journal import (
     find_resumable,
     hostname,
     iso,
-    new_session_id,
+    unused_session_id,
     utcnow,
 )
 from .leaks import LeakGauge
@@ -68,7 +68,7 @@ class DrainSession:
         self._say = make_echo(config, echo)
         self._on_event = on_event
         self._handle_signals = handle_signals
-        self.session_id = new_session_id()
+        self.session_id = unused_session_id(config.session_dir)
         self.started_at = iso(utcnow())
         self.completed_at: str | None = None
         self._host = hostname(config.host_name)
@@ -202,7 +202,7 @@ class DrainSession:
                       f"{self.session_id}' cannot reach this session (the database's owner "
                       f"can create the table: {REQUEST_DDL})")
         since = await self._requests_clock(backlog) if replay is not None else None
-        self._files.create()
+        self._files.create(new=replay is None)
         if since is not None:  # asked while no drainer ran it: void (later ones are for it)
             await self._clear_requests(backlog, since)
         if not backlog.leases.worker_columns:
