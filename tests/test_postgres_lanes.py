@@ -110,7 +110,7 @@ def test_three_drainers_share_a_backlog_and_survive_one_being_killed(
         extra = ["--env", "HANG_ONCE=1"] if name == "a" else []
         procs[name] = subprocess.Popen(
             [sys.executable, "-m", "drainer", "run", *args, *extra, "--lanes", "4",
-             "--batch-size", "1000", "--lease-ttl-seconds", "2",
+             "--batch-size", "1000", "--lease-ttl-seconds", "4",
              "--max-fingerprint-repeats", "100"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.tmp,
             env=env.worker_env(),
