@@ -77,3 +77,43 @@ async def test_commits_are_synced_so_the_database_is_never_behind_the_journal(
             assert got == 2
     finally:
         raw.close()
+
+
+def test_closing_never_closes_a_connection_a_round_trip_is_using(tmp_path: Path) -> None:
+    # A second Ctrl-C on `drainer stop` while its write waited on a lock: asyncio's runner
+    # tore the event loop down past every shield, the connections were closed under the
+    # thread still using one, and the process crashed (SIGSEGV) with the request left behind.
+    db = tmp_path / "backlog.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    raw = RawSqlite(db, busy_timeout=4, cache_kib=1024)
+    insert = text("INSERT INTO t VALUES (1)")
+    raw._run(lambda execute: execute(insert), True, False)  # opens the write connection
+    (used,) = raw._conns.values()
+    started = threading.Event()
+    used.set_trace_callback(lambda _sql: started.set())  # called inside sqlite3_step
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the round trip below waits on this lock
+    ended: list[str] = []
+
+    def round_trip() -> None:
+        try:
+            raw._run(lambda execute: execute(insert), True, False)
+            ended.append("committed")
+        except Exception as exc:
+            ended.append(str(exc))
+
+    thread = threading.Thread(target=round_trip)
+    thread.start()
+    try:
+        assert started.wait(30)
+        raw.close()  # waits a moment, then leaves the connection to its round trip
+        assert thread.is_alive()  # (it waits for the lock for up to 4 s)
+        assert used.total_changes == 1  # still open: closing it would have raised here
+        with pytest.raises(Exception, match="closed its connections"):
+            raw._run(lambda execute: execute(insert), True, False)  # none opened anew
+    finally:
+        thread.join()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert len(ended) == 1 and "database is locked" in ended[0]

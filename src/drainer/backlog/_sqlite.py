@@ -39,6 +39,7 @@ from sqlalchemy.exc import DBAPIError
 
 T = TypeVar("T")
 _COMPILED_MAX = 64  #: statements kept compiled (the hot path's few; others compile per use)
+CLOSE_WAIT = 1.0  #: how long closing waits for a round trip it interrupted (seconds)
 
 
 class RawResult:
@@ -88,6 +89,7 @@ class RawSqlite:
         self._limiters: dict[bool, anyio.CapacityLimiter] = {}
         self._locks = {True: threading.Lock(), False: threading.Lock()}
         self._compiled: dict[int, tuple[Any, str, tuple[str, ...], Any]] = {}
+        self._closed = False
 
     async def run(self, body: Callable[[Callable[..., Any]], T], *, write: bool,
                   transaction: bool) -> T:
@@ -106,6 +108,9 @@ class RawSqlite:
 
     def _run_alone(self, body: Callable[[Callable[..., Any]], T], write: bool,
                    transaction: bool) -> T:
+        if self._closed:  # (a round trip queued behind one that close() left running)
+            raise DBAPIError.instance("connect", None, sqlite3.ProgrammingError(
+                "drainer has closed its connections to the database"), sqlite3.Error)
         conn = self._conns.get(write)
         if conn is None:
             conn = self._conns[write] = self._connect()
@@ -179,9 +184,26 @@ class RawSqlite:
             conn.close()
 
     def close(self) -> None:
-        """Close the kept connections (no round trip is in flight by then)."""
-        conns, self._conns = list(self._conns.values()), {}
-        for conn in conns:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+        """Close the kept connections; later round trips fail instead of opening new ones.
+
+        Normally no round trip is in flight by then. But asyncio's runner, on a second
+        Ctrl-C, tears the event loop down past every shield, and a round trip may still be
+        in its thread, waiting on a lock: that one is interrupted and waited for a moment.
+        A connection still in use after that is left open (closing it under its thread
+        crashed the process: SIGSEGV), and its round trip ends by itself, at the latest when
+        the busy timeout runs out (``interrupt`` does not cut a wait for a lock short);
+        round trips queued behind it do not run."""
+        self._closed = True
+        for write, conn in list(self._conns.items()):
+            lock = self._locks[write]
+            if not lock.acquire(blocking=False):
+                conn.interrupt()
+                if not lock.acquire(timeout=CLOSE_WAIT):
+                    continue
+            try:
+                self._conns.pop(write, None)
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            finally:
+                lock.release()
 
