@@ -22,6 +22,7 @@ from drainer.backlog import open_backlog
 from drainer.backlog.requests import StopRequests
 from drainer.cli import main
 from drainer.dburl import parse_database_url
+from drainer.errors import DatabaseError
 from test_history import args
 
 PHASES = [(f"run-{i}", "P1-ok", 0, "FAILED", None) for i in range(5)]
@@ -281,3 +282,25 @@ def test_ctrl_c_as_the_request_is_written_still_withdraws_it(
     assert code == 130
     with contextlib.closing(sqlite3.connect(env.db)) as conn:
         assert conn.execute("SELECT count(*) FROM drainer_stop_requests").fetchone()[0] == 0
+
+
+def test_a_write_that_failed_by_itself_is_reported_without_a_withdraw(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A write that fails (a lock held past the retry window) wrote nothing; withdrawing it
+    # anyway waited one more busy timeout before the error was shown (30 s by default).
+    create_backlog(env.db, PHASES)
+    withdrawn: list[str] = []
+
+    async def failed(self: StopRequests, *_given: Any) -> Any:
+        raise DatabaseError("requesting a stop in drainer_stop_requests failed: database is "
+                            "locked")
+
+    async def withdraw(self: StopRequests, request_id: str) -> bool:
+        withdrawn.append(request_id)
+        return False
+
+    monkeypatch.setattr(StopRequests, "request", failed)
+    monkeypatch.setattr(StopRequests, "withdraw", withdraw)
+    code = main(["stop", "--session", "batch-drain-20260101-000000-abcd", "--database-url",
+                 f"sqlite:///{env.db}", "--wait", "60", "--session-dir", str(env.sessions)])
+    assert code == 2 and withdrawn == []

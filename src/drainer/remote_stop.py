@@ -100,10 +100,12 @@ async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
             await requests.ensure_table()
         request_id = new_request_id()
         start = anyio.current_time()
+        written = False
         try:
             # Inside the try: Ctrl-C cancels the task where it awaits, and the row may be
             # written by the time it does, so an interrupted write is withdrawn too.
             request = await requests.request(request_id, session_id, host)
+            written = True
             if request is None or wait == 0:
                 return Asked(session_id, request, 0.0)
             with anyio.move_on_after(wait):
@@ -113,12 +115,14 @@ async def ask_to_stop(db: DatabaseURL, schema: Any, session_id: str, host: str,
                     if found is None or found.taken_at is not None:
                         return Asked(session_id, found, anyio.current_time() - start,
                                      cleared=found is None)
-        except BaseException:
+        except BaseException as exc:
             # Interrupted (Ctrl-C) or failed while waiting: the operator has given up, so no
-            # session should take the request later. Best effort, bounded.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(WITHDRAW_LIMIT), \
-                    contextlib.suppress(DrainerError):
-                await requests.withdraw(request_id)
+            # session should take the request later. Best effort, bounded. (A write that
+            # failed by itself wrote nothing: its error is reported at once.)
+            if written or not isinstance(exc, Exception):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(WITHDRAW_LIMIT), \
+                        contextlib.suppress(DrainerError):
+                    await requests.withdraw(request_id)
             raise
         withdrawn = await requests.withdraw(request_id)
         return Asked(session_id, None if withdrawn else await requests.read(request_id),
