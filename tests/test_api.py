@@ -240,3 +240,13 @@ async def test_a_new_session_never_writes_into_another_sessions_files(
     with pytest.raises(SessionError, match="just started by another drainer"):
         late.create(new=True)
     assert journal.read_bytes() == written
+
+
+async def test_a_session_directory_that_is_a_dangling_link_is_said_to_be_one(
+        env: Env) -> None:
+    # Not "just started by another drainer ... start again", which never helps.
+    create_backlog(env.db, [("run-0", "P", 0, "FAILED", None)])
+    link = env.tmp / "sessions-gone"
+    link.symlink_to(env.tmp / "unmounted" / "sessions")
+    with pytest.raises(SessionError, match="sessions-gone is not a directory"):
+        await drain(replace(_config(env, "ok"), session_dir=link))

@@ -175,8 +175,12 @@ class SessionFiles:
         has it)."""
         if new:
             try:
-                self.root.mkdir(parents=True)
+                self.root.parent.mkdir(parents=True, exist_ok=True)
+                self.root.mkdir()
             except FileExistsError:
+                if not os.path.lexists(self.root):  # (the session directory is not one)
+                    raise SessionError(f"cannot create session files in {self.root}: "
+                                       f"{self.root.parent} is not a directory") from None
                 raise SessionError(
                     f"session {self.session_id} was just started by another drainer in "
                     f"{self.root.parent} (same second, same random part); start again"
