@@ -277,8 +277,14 @@ def test_ctrl_c_as_the_request_is_written_still_withdraws_it(
         return written
 
     monkeypatch.setattr(StopRequests, "request", interrupted)
-    code = main(["stop", "--session", "batch-drain-20260101-000000-abcd", "--database-url",
-                 f"sqlite:///{env.db}", "--wait", "60", "--session-dir", str(env.sessions)])
+    # (Python's own Ctrl-C handling, even where pytest was started with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["stop", "--session", "batch-drain-20260101-000000-abcd",
+                     "--database-url", f"sqlite:///{env.db}", "--wait", "60",
+                     "--session-dir", str(env.sessions)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 130
     with contextlib.closing(sqlite3.connect(env.db)) as conn:
         assert conn.execute("SELECT count(*) FROM drainer_stop_requests").fetchone()[0] == 0
