@@ -173,26 +173,23 @@ class SessionFiles:
         """Open the journal (locked: one drainer per session); ``new``: a new session, whose
         directory must not exist yet (a drainer that drew the same id in the same second
         has it)."""
-        if new:
-            try:
+        try:
+            if new:
                 self.root.parent.mkdir(parents=True, exist_ok=True)
                 self.root.mkdir()
-            except FileExistsError:
-                if not os.path.lexists(self.root):  # (the session directory is not one)
-                    raise SessionError(f"cannot create session files in {self.root}: "
-                                       f"{self.root.parent} is not a directory") from None
-                raise SessionError(
-                    f"session {self.session_id} was just started by another drainer in "
-                    f"{self.root.parent} (same second, same random part); start again"
-                ) from None
-            except OSError as exc:
-                raise SessionError(f"cannot create session files in {self.root}: "
-                                   f"{exc}") from exc
-        try:
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             # Unbuffered append: each event reaches the kernel in one write, so a killed
             # drainer loses nothing it journaled (a torn line only on power loss).
             journal = open(self.journal_path, "a+b", buffering=0)  # noqa: SIM115
+        except FileExistsError as exc:
+            if new and os.path.lexists(self.root):
+                raise SessionError(
+                    f"session {self.session_id} was just started by another drainer in "
+                    f"{self.root.parent} (same second, same random part); start again"
+                ) from None
+            where = exc.filename or self.root.parent
+            raise SessionError(f"cannot create session files in {self.root}: {where} is not "
+                               "a directory") from None
         except OSError as exc:
             raise SessionError(f"cannot create session files in {self.root}: {exc}") from exc
         if not _lock(journal.fileno()):
