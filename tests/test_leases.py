@@ -237,7 +237,7 @@ async def test_the_switch_to_wal_waits_for_a_writer_instead_of_failing(tmp_path:
                 tried_twice.set()
 
     async with open_backlog(parse_database_url(f"sqlite:///{db}")) as backlog:
-        event.listen(backlog.engine._engine.sync_engine, "before_cursor_execute", count)
+        event.listen(backlog.engine._engine, "before_cursor_execute", count)
         async with anyio.create_task_group() as tg:
             tg.start_soon(backlog.prepare_for_writes)
             with anyio.fail_after(10):
@@ -432,7 +432,7 @@ async def test_on_postgresql_a_claim_and_an_end_are_one_statement_each_in_autoco
             options = conn.get_execution_options()  # type: ignore[attr-defined]
             seen.append((statement.split()[0], options.get("isolation_level")))
 
-        sync_engine = backlog.engine._engine.sync_engine
+        sync_engine = backlog.engine._engine
         event.listen(sync_engine, "before_cursor_execute", count)
         try:
             claim = await backlog.leases.claim(_lease("run-a", "P2", "me"), ttl=60)

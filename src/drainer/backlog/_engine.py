@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-from sqlalchemy import event, inspect, text
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Engine as SyncEngine
 from sqlalchemy.exc import (
     DBAPIError,
     IntegrityError,
@@ -20,7 +21,7 @@ from sqlalchemy.exc import (
     ProgrammingError,
     SQLAlchemyError,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from ..dburl import DatabaseURL
 from ..errors import DatabaseError
@@ -42,6 +43,56 @@ T = TypeVar("T")
 #: what a round trip's code gets: ``execute(statement, params)`` returns a result with
 #: ``first()``, ``all()``, ``scalar_one()``, ``scalars()`` and ``rowcount``
 Execute = Callable[..., Any]
+
+
+class AsyncConnection:
+    """One pooled connection of an asyncio driver (asyncpg, aiosqlite), driven from the event
+    loop: each call runs the synchronous SQLAlchemy call in a greenlet, whose waits on the
+    driver are the event loop's (as ``sqlalchemy.ext.asyncio`` does, whose import also loads
+    the ORM: about 80 ms of every drainer command's start-up, for four calls)."""
+
+    def __init__(self, sync: Connection) -> None:
+        self.sync = sync
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        """The statement's result, its rows already fetched (the drivers' cursors buffer)."""
+        return await greenlet_spawn(self.sync.execute, statement, parameters)
+
+    async def exec_driver_sql(self, statement: str) -> Any:
+        return await greenlet_spawn(self.sync.exec_driver_sql, statement)
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(sync_connection, *args)``: a plain function, its statements run in turn."""
+        result: T = await greenlet_spawn(fn, self.sync, *args)
+        return result
+
+    def execution_options(self, **options: Any) -> AsyncConnection:
+        self.sync.execution_options(**options)  # in place (SQLAlchemy 2)
+        return self
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction: committed when the block ends, rolled back when it raises."""
+        transaction = await greenlet_spawn(self.sync.begin)
+        try:
+            yield self
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await greenlet_spawn(transaction.rollback)
+            raise
+        with anyio.CancelScope(shield=True):
+            await greenlet_spawn(transaction.commit)
+
+
+@asynccontextmanager
+async def _connect(engine: SyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection from ``engine``'s pool, given back (shielded) when the block ends."""
+    sync = await greenlet_spawn(engine.connect)
+    try:
+        yield AsyncConnection(sync)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await greenlet_spawn(sync.close)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -146,7 +197,7 @@ class Engine:
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A connection for reads: on SQLite each statement runs without a BEGIN."""
         self.check_identity()
-        async with self._engine.connect() as conn:
+        async with _connect(self._engine) as conn:
             yield conn
 
     @asynccontextmanager
@@ -154,9 +205,9 @@ class Engine:
         """A short write transaction (BEGIN IMMEDIATE on SQLite). ``single``: the caller
         runs one statement, atomic by itself, so SQLite needs no explicit BEGIN."""
         self.check_identity()
-        async with self._engine.connect() as conn:
+        async with _connect(self._engine) as conn:
             if self.db.is_sqlite and not single:
-                conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
+                conn.execution_options(sqlite_begin="IMMEDIATE")
             async with conn.begin():
                 yield conn
 
@@ -175,11 +226,11 @@ class Engine:
         self.check_identity()
         if self._raw is not None:
             return await self._raw.run(body, write=write, transaction=transaction)
-        async with self._engine.connect() as conn:
+        async with _connect(self._engine) as conn:
             if transaction:
                 async with conn.begin():
                     return await conn.run_sync(lambda sync: body(sync.execute))
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.execution_options(isolation_level="AUTOCOMMIT")
             return await conn.run_sync(lambda sync: body(sync.execute))
 
     @property
@@ -201,8 +252,8 @@ class Engine:
         with self.errors("switching to WAL mode in"):
             while True:
                 try:
-                    async with self._engine.connect() as conn:
-                        conn = await conn.execution_options(sqlite_begin="NONE")
+                    async with _connect(self._engine) as conn:
+                        conn.execution_options(sqlite_begin="NONE")
                         await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                     return
                 except OperationalError as exc:
@@ -253,13 +304,13 @@ class Engine:
 
     async def run_sync(self, fn: Any) -> Any:
         """Run ``fn(sync_connection)`` (schema inspection) on a read connection."""
-        async with self._engine.connect() as conn:
+        async with _connect(self._engine) as conn:
             return await conn.run_sync(fn)
 
     async def aclose(self) -> None:
         if self._raw is not None:
             self._raw.close()
-        await self._engine.dispose()
+        await greenlet_spawn(self._engine.dispose)
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
@@ -298,13 +349,14 @@ def _import_hint(exc: BaseException) -> str:
     return first_line(exc)
 
 
-def _make_engine(db: DatabaseURL, busy_timeout: float) -> AsyncEngine:
+def _make_engine(db: DatabaseURL, busy_timeout: float) -> SyncEngine:
+    """An engine of the URL's asyncio driver, used through :class:`AsyncConnection`."""
     if db.is_sqlite:
-        engine = create_async_engine(db.async_url, connect_args={"timeout": busy_timeout})
+        engine = create_engine(db.async_url, connect_args={"timeout": busy_timeout})
         _sqlite_transactions(engine)
         return engine
     try:
-        return create_async_engine(
+        return create_engine(
             db.async_url, pool_size=4, max_overflow=8, connect_args={"timeout": 10}
         )
     except ModuleNotFoundError as exc:  # the quick start installs no PostgreSQL driver
@@ -313,7 +365,7 @@ def _make_engine(db: DatabaseURL, busy_timeout: float) -> AsyncEngine:
             "pip install 'drainer[postgres]'") from None
 
 
-def _sqlite_transactions(engine: AsyncEngine) -> None:
+def _sqlite_transactions(engine: SyncEngine) -> None:
     """Let drainer choose how a transaction starts on SQLite.
 
     The driver's own implicit transactions are switched off. Reads are single statements and
@@ -323,7 +375,7 @@ def _sqlite_transactions(engine: AsyncEngine) -> None:
     timeout) at BEGIN. Every BEGIN saved is a round trip to aiosqlite's thread saved.
     """
 
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         try:
             dbapi_connection.isolation_level = None
@@ -340,7 +392,7 @@ def _sqlite_transactions(engine: AsyncEngine) -> None:
             dbapi_connection.close()
             raise
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "NONE")
         if mode != "NONE":

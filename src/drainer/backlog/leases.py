@@ -28,11 +28,10 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import DatabaseError
 from ..models import is_final_state
-from ._engine import Engine, Execute
+from ._engine import AsyncConnection, Engine, Execute
 from .history import Entry, History
 from .phases import Outcome, PhaseRow, Phases
 

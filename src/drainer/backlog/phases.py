@@ -27,14 +27,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import Date, DateTime, String
 
 from ..errors import DatabaseError
 from ..models import NON_FINAL_STATES, Candidates, PhaseState
 from ..reasons import with_note
 from ..schema import Schema
-from ._engine import Engine, Execute
+from ._engine import AsyncConnection, Engine, Execute
 
 LOAD_CHUNK = 1000  #: rows per fetch while loading candidates (bounds the transient memory)
 #: a load of changes reaches this much further back than the previous load's start: slack for
@@ -324,20 +323,23 @@ class Phases:
         # Streamed in chunks into columns, grouped by run (ORDER BY), with one shared string
         # per run id and reason: memory stays proportional to the candidates, not to the
         # driver's rows. The sort runs in the database (SQLite spills it to disk).
-        async def load() -> Candidates:
+        # (Each fetch of a chunk waits on the driver, which lets the event loop run.)
+        def take(sync: Connection) -> Candidates:
             found = Candidates()
-            async with self._engine.read() as conn:
-                result = await conn.stream(
-                    stmt.order_by(self._run).execution_options(yield_per=LOAD_CHUNK))
-                run_id = ""
-                async for chunk in result.partitions():
-                    for run, phase, index, state, reason in chunk:
-                        if run != run_id:
-                            run_id = sys.intern(str(run))
-                        found.add(run_id, str(phase), int(index) if index is not None else 0,
-                                  canonical(state),
-                                  None if reason is None else sys.intern(reason))
+            result = sync.execute(
+                stmt.order_by(self._run).execution_options(yield_per=LOAD_CHUNK))
+            run_id = ""
+            for chunk in result.partitions():
+                for run, phase, index, state, reason in chunk:
+                    if run != run_id:
+                        run_id = sys.intern(str(run))
+                    found.add(run_id, str(phase), int(index) if index is not None else 0,
+                              canonical(state), None if reason is None else sys.intern(reason))
             return found.done()
+
+        async def load() -> Candidates:
+            async with self._engine.read() as conn:
+                return await conn.run_sync(take)
 
         return await self._engine.retry("loading candidates from", load)
 
