@@ -11,8 +11,8 @@ from pathlib import Path
 
 import orjson
 
-from drainer.events import SessionResumed
-from drainer.journal import SessionFiles
+from drainer.events import RunStopped, SessionResumed, SessionStarted
+from drainer.journal import SessionFiles, replay
 
 EVENT = SessionResumed(host="h", pid=1, config={"pad": "x" * 200})
 
@@ -72,3 +72,21 @@ def test_a_journal_write_cut_short_is_undone_and_stops_with_one_line(tmp_path: P
     assert len(journal) == int(size) < 1000
     assert journal.endswith(b"\n") and journal.count(b"\n") == 2  # two whole lines, no torn one
 
+
+
+def test_a_replay_is_read_again_once_the_journal_has_changed(tmp_path: Path) -> None:
+    # A resume replays the journal twice in one process (the command line, for the saved
+    # options, then the session); the second is the first one's copy while the file is
+    # unchanged, and a fresh read once it has grown.
+    files = _files(tmp_path)
+    sid = files.session_id
+    files.append(SessionStarted(session_id=sid, started_at="2026-12-02T00:00:00Z", host="h",
+                                pid=1, drainer_version="0", config={}), "2026-12-02T00:00:00Z")
+    first = replay(files.journal_path)
+    assert first.stopped_runs == {}
+    first.stopped_runs["run-0"] = "changed by its caller"  # a copy: the next replay is not
+    assert replay(files.journal_path).stopped_runs == {}
+    files.append(RunStopped(session_id=sid, run_id="run-1", reason="max_timeouts",
+                            detail="2 timeouts"), "2026-12-02T00:00:01Z")
+    assert replay(files.journal_path).stopped_runs == {"run-1": "max_timeouts"}
+    files.close()

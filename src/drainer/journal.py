@@ -9,6 +9,7 @@ session never holds its attempts in memory; the snapshot (``snapshot``) is built
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import hashlib
@@ -368,10 +369,21 @@ def _walk(
     """The journal's events as (line number, dict), streamed, with one rule applied: an
     ``attempt_finished`` counts only while its ``attempt_started`` is open, so a finish
     written twice, or one without a start, is skipped. Memory holds the open ids only."""
+    for number, data, _attempt in _walk_parsed(path, upto=upto, cursor=cursor, damage=damage):
+        yield number, data
+
+
+def _walk_parsed(
+    path: Path, *, upto: int | None = None, cursor: Cursor | None = None,
+    damage: Damage | None = None,
+) -> Iterator[tuple[int, dict[str, Any], Attempt | None]]:
+    """:func:`_walk`, with each ``attempt_finished``'s record as parsed to check it (None
+    for the other events): a reader that wants the records does not parse them twice."""
     cursor = cursor or Cursor()
     open_ids = cursor.open_ids
     for number, data in _numbered(path, upto=upto, cursor=cursor, damage=damage):
         kind = data["type"]
+        attempt = None
         try:
             if kind == AttemptStarted.kind:
                 open_ids.add(str(data["attempt_id"]))
@@ -380,7 +392,7 @@ def _walk(
                 if attempt_id not in open_ids:
                     continue
                 try:
-                    Attempt.from_json(data)
+                    attempt = Attempt.from_json(data)
                 except (TypeError, ValueError) as exc:  # damage: its attempt stays open
                     _skip(damage, number, _bad_fields(kind, exc))
                     continue
@@ -388,7 +400,7 @@ def _walk(
         except KeyError as exc:
             _skip(damage, number, _bad_fields(kind, exc))
             continue
-        yield number, data
+        yield number, data, attempt
 
 
 def _bad_fields(kind: str, exc: Exception) -> str:
@@ -407,11 +419,11 @@ def iter_outcomes(
     """The finished attempts and the run stops and lifts of a session's journal, in journal
     order, streamed: what a resume replays into the stop rules (a lift resets the rules'
     counts for its run, so the order matters)."""
-    for _number, data in _walk(path, upto=upto):
+    for _number, data, attempt in _walk_parsed(path, upto=upto):
         kind = data["type"]
         try:
-            if kind == AttemptFinished.kind:
-                yield Attempt.from_json(data)
+            if attempt is not None:
+                yield attempt
             elif kind == RunStopped.kind:
                 yield RunStopped.from_journal(data)
             elif kind == RunUnstopped.kind:
@@ -471,7 +483,32 @@ class Replay:
         return self.finished - self.interrupted
 
 
+#: the last few replays, by journal: a resume asks twice (the command line, for the saved
+#: options, then the session), and a long journal takes a second or more to read
+_replays: dict[Path, tuple[tuple[int, int, int, int], Replay]] = {}
+REPLAYS_KEPT = 4
+
+
 def replay(journal_path: Path) -> Replay:
+    """What the journal says (:func:`_replay`); read again only when the file has changed
+    since the last replay of it in this process (device, inode, size, mtime)."""
+    try:
+        st = os.stat(journal_path)
+    except OSError:
+        return _replay(journal_path)  # (which says why it cannot be read)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    kept = _replays.get(journal_path)
+    if kept is not None and kept[0] == key:
+        return copy.deepcopy(kept[1])
+    found = _replay(journal_path)
+    _replays.pop(journal_path, None)
+    _replays[journal_path] = (key, copy.deepcopy(found))
+    while len(_replays) > REPLAYS_KEPT:
+        del _replays[next(iter(_replays))]
+    return found
+
+
+def _replay(journal_path: Path) -> Replay:
     """One streaming pass over a journal. Started attempts are kept as their raw lines
     while open; only those left dangling become typed events."""
     damage = Damage(journal_path)
