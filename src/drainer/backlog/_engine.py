@@ -4,6 +4,7 @@ clock, and the one place lower-level errors become :class:`~drainer.errors.Datab
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -67,7 +68,10 @@ class AsyncConnection:
         return result
 
     def execution_options(self, **options: Any) -> AsyncConnection:
-        self.sync.execution_options(**options)  # in place (SQLAlchemy 2)
+        """Options set in place (SQLAlchemy 2), outside the greenlet: only options that do
+        no I/O then (``sqlite_begin``; ``isolation_level`` on PostgreSQL on a connection with
+        no transaction open; on SQLite it runs a PRAGMA and would fail here)."""
+        self.sync.execution_options(**options)
         return self
 
     @asynccontextmanager
@@ -77,7 +81,7 @@ class AsyncConnection:
         try:
             yield self
         except BaseException:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), _quiet():
                 await greenlet_spawn(transaction.rollback)
             raise
         with anyio.CancelScope(shield=True):
@@ -90,9 +94,20 @@ async def _connect(engine: SyncEngine) -> AsyncIterator[AsyncConnection]:
     sync = await greenlet_spawn(engine.connect)
     try:
         yield AsyncConnection(sync)
-    finally:
-        with anyio.CancelScope(shield=True):
+    except BaseException:
+        with anyio.CancelScope(shield=True), _quiet():
             await greenlet_spawn(sync.close)
+        raise
+    with anyio.CancelScope(shield=True):
+        await greenlet_spawn(sync.close)
+
+
+def _quiet() -> contextlib.AbstractContextManager[None]:
+    """Cleanup after a block that raised: what the block raised is what the caller hears.
+    (A statement cut off by its time limit can leave the driver's connection closed under
+    SQLAlchemy 2.0's feet; the rollback's "no active connection" would otherwise replace
+    the cancellation, and look like a transient fault worth retrying.)"""
+    return contextlib.suppress(Exception)
 
 
 def is_transient(exc: BaseException) -> bool:
