@@ -10,7 +10,9 @@ import textwrap
 from pathlib import Path
 
 import orjson
+import pytest
 
+from drainer import journal
 from drainer.events import RunStopped, SessionResumed, SessionStarted
 from drainer.journal import SessionFiles, replay
 
@@ -74,10 +76,18 @@ def test_a_journal_write_cut_short_is_undone_and_stops_with_one_line(tmp_path: P
 
 
 
-def test_a_replay_is_read_again_once_the_journal_has_changed(tmp_path: Path) -> None:
+def test_a_replay_is_read_again_once_the_journal_has_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A resume replays the journal twice in one process (the command line, for the saved
     # options, then the session); the second is the first one's copy while the file is
     # unchanged, and a fresh read once it has grown.
+    original, reads = journal._replay, []
+
+    def counted(path: Path) -> journal.Replay:
+        reads.append(path)
+        return original(path)
+
+    monkeypatch.setattr(journal, "_replay", counted)
     files = _files(tmp_path)
     sid = files.session_id
     files.append(SessionStarted(session_id=sid, started_at="2026-12-02T00:00:00Z", host="h",
@@ -86,7 +96,9 @@ def test_a_replay_is_read_again_once_the_journal_has_changed(tmp_path: Path) -> 
     assert first.stopped_runs == {}
     first.stopped_runs["run-0"] = "changed by its caller"  # a copy: the next replay is not
     assert replay(files.journal_path).stopped_runs == {}
+    assert len(reads) == 1  # the file had not changed: not read again
     files.append(RunStopped(session_id=sid, run_id="run-1", reason="max_timeouts",
                             detail="2 timeouts"), "2026-12-02T00:00:01Z")
     assert replay(files.journal_path).stopped_runs == {"run-1": "max_timeouts"}
+    assert len(reads) == 2
     files.close()

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -486,6 +487,7 @@ class Replay:
 #: the last few replays, by journal: a resume asks twice (the command line, for the saved
 #: options, then the session), and a long journal takes a second or more to read
 _replays: dict[Path, tuple[tuple[int, int, int, int], Replay]] = {}
+_replays_lock = threading.Lock()  # (an embedding program may run sessions in threads)
 REPLAYS_KEPT = 4
 
 
@@ -497,14 +499,16 @@ def replay(journal_path: Path) -> Replay:
     except OSError:
         return _replay(journal_path)  # (which says why it cannot be read)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    kept = _replays.get(journal_path)
+    with _replays_lock:
+        kept = _replays.get(journal_path)
     if kept is not None and kept[0] == key:
         return copy.deepcopy(kept[1])
     found = _replay(journal_path)
-    _replays.pop(journal_path, None)
-    _replays[journal_path] = (key, copy.deepcopy(found))
-    while len(_replays) > REPLAYS_KEPT:
-        del _replays[next(iter(_replays))]
+    with _replays_lock:
+        _replays.pop(journal_path, None)
+        _replays[journal_path] = (key, copy.deepcopy(found))
+        while len(_replays) > REPLAYS_KEPT:
+            del _replays[next(iter(_replays))]
     return found
 
 
