@@ -138,6 +138,7 @@ async def test_a_statement_past_its_time_limit_fails_once_with_no_answer(
     db = tmp_path / "backlog.db"
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE t (x)")
+    threads_before = set(threading.enumerate())
     engine = Engine(parse_database_url(f"sqlite:///{db}"))
     engine.statement_limit, engine.retry_within = 0.2, 5.0
     slow = text("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
@@ -156,3 +157,13 @@ async def test_a_statement_past_its_time_limit_fails_once_with_no_answer(
         assert tries == 1 and not caught.value.transient
     finally:
         await engine.aclose()
+        # The cut statement runs on in aiosqlite's thread, which then reports to this event
+        # loop: wait for that thread to end while the loop is still open.
+        started = set(threading.enumerate()) - threads_before
+
+        def join() -> None:
+            for thread in started:
+                thread.join(60)
+
+        await anyio.to_thread.run_sync(join)
+        assert not any(thread.is_alive() for thread in started)
