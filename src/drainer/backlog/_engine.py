@@ -78,36 +78,33 @@ class AsyncConnection:
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         """A transaction: committed when the block ends, rolled back when it raises."""
         transaction = await greenlet_spawn(self.sync.begin)
-        try:
+        async with _ending(ok=transaction.commit, failed=transaction.rollback):
             yield self
-        except BaseException:
-            with anyio.CancelScope(shield=True), _quiet():
-                await greenlet_spawn(transaction.rollback)
-            raise
-        with anyio.CancelScope(shield=True):
-            await greenlet_spawn(transaction.commit)
 
 
 @asynccontextmanager
 async def _connect(engine: SyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A connection from ``engine``'s pool, given back (shielded) when the block ends."""
+    """A connection from ``engine``'s pool, given back when the block ends."""
     sync = await greenlet_spawn(engine.connect)
-    try:
+    async with _ending(ok=sync.close, failed=sync.close):
         yield AsyncConnection(sync)
+
+
+@asynccontextmanager
+async def _ending(*, ok: Callable[[], Any], failed: Callable[[], Any]) -> AsyncIterator[None]:
+    """After the block, ``ok`` (or ``failed`` if it raised), shielded from cancellation. An
+    error of ``failed`` never replaces what the block raised: a statement cut off by its time
+    limit can leave the driver's connection closed under SQLAlchemy 2.0's feet, and the
+    rollback's "no active connection" would otherwise hide the cancellation and look like a
+    transient fault worth retrying."""
+    try:
+        yield
     except BaseException:
-        with anyio.CancelScope(shield=True), _quiet():
-            await greenlet_spawn(sync.close)
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await greenlet_spawn(failed)
         raise
     with anyio.CancelScope(shield=True):
-        await greenlet_spawn(sync.close)
-
-
-def _quiet() -> contextlib.AbstractContextManager[None]:
-    """Cleanup after a block that raised: what the block raised is what the caller hears.
-    (A statement cut off by its time limit can leave the driver's connection closed under
-    SQLAlchemy 2.0's feet; the rollback's "no active connection" would otherwise replace
-    the cancellation, and look like a transient fault worth retrying.)"""
-    return contextlib.suppress(Exception)
+        await greenlet_spawn(ok)
 
 
 def is_transient(exc: BaseException) -> bool:
