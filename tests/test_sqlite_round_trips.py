@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-import sqlalchemy
 from sqlalchemy import text
 
 from drainer.backlog._sqlite import RawSqlite
@@ -120,17 +121,14 @@ def test_closing_never_closes_a_connection_a_round_trip_is_using(tmp_path: Path)
     assert len(ended) == 1 and "database is locked" in ended[0]
 
 
-@pytest.mark.skipif(
-    tuple(int(x) for x in sqlalchemy.__version__.split(".")[:2]) >= (2, 1),
-    reason="SQLAlchemy 2.1 with aiosqlite: closing a connection whose statement was cut off "
-    "can hang the event loop's shutdown (a known gap, README); the 2.0 runs of CI test this")
 async def test_a_statement_past_its_time_limit_fails_once_with_no_answer(
     tmp_path: Path,
 ) -> None:
     # The statement limit cuts off a read that runs too long. With SQLAlchemy 2.0 (the lowest
-    # pins, Autopack's 2.0.45) the cut leaves aiosqlite's connection closed; the rollback on
-    # the way out then raised "no active connection", which replaced the cancellation and
-    # was retried as a transient fault, again and again for the whole retry window.
+    # pins, Autopack's 2.0.45) a cut by cancellation left aiosqlite's connection closed; the
+    # rollback on the way out then raised "no active connection", which replaced the
+    # cancellation and was retried as a transient fault, for the whole retry window. Now the
+    # statement is interrupted instead, and its connection stays usable.
     from drainer.backlog._engine import Engine
     from drainer.dburl import parse_database_url
     from drainer.errors import DatabaseError
@@ -155,9 +153,11 @@ async def test_a_statement_past_its_time_limit_fails_once_with_no_answer(
         with pytest.raises(DatabaseError, match=r"no answer within 0\.2s") as caught:
             await engine.retry("reading t from", read)
         assert tries == 1 and not caught.value.transient
+        async with engine.read() as conn:  # the pool's connection still answers
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
     finally:
         await engine.aclose()
-        # The cut statement runs on in aiosqlite's thread, which then reports to this event
+        # Should the statement run on in aiosqlite's thread, it would report to this event
         # loop: wait for that thread to end while the loop is still open.
         started = set(threading.enumerate()) - threads_before
 
@@ -167,3 +167,69 @@ async def test_a_statement_past_its_time_limit_fails_once_with_no_answer(
 
         await anyio.to_thread.run_sync(join)
         assert not any(thread.is_alive() for thread in started)
+
+
+SLOW = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 300000000) "
+        "SELECT count(*) FROM c")  # about a minute of CPU here: it must be cut to end
+
+
+def test_a_process_whose_statement_was_cut_exits(tmp_path: Path) -> None:
+    # With SQLAlchemy 2.1 and aiosqlite 0.22, cancelling the statement left SQLAlchemy's
+    # graceful close of aiosqlite's connection waiting, as a task, for a thread that had
+    # already stopped: asyncio's runner, cancelling that task at the end, then waited for it
+    # forever, and the process never exited. It must exit, with the one-line error, as soon
+    # as the statement is cut.
+    db = tmp_path / "backlog.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    script = f"""
+import anyio
+from sqlalchemy import text
+from drainer.backlog._engine import Engine
+from drainer.dburl import parse_database_url
+from drainer.errors import DatabaseError
+
+async def main():
+    engine = Engine(parse_database_url({f"sqlite:///{db}"!r}))
+    engine.statement_limit, engine.retry_within = 0.2, 5.0
+
+    async def read():
+        async with engine.read() as conn:
+            return (await conn.execute(text({SLOW!r}))).scalar_one()
+
+    try:
+        await engine.retry("reading t from", read)
+    except DatabaseError as exc:
+        print(exc)
+    finally:
+        await engine.aclose()
+
+anyio.run(main)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("failed: no answer within 0.2s")
+
+
+async def test_a_round_trip_past_its_time_limit_is_interrupted(tmp_path: Path) -> None:
+    # The hot path's own connections (engine.run) are cut the same way: the round trip fails
+    # once, and the next one runs on a fresh connection.
+    from drainer.backlog._engine import Engine
+    from drainer.dburl import parse_database_url
+    from drainer.errors import DatabaseError
+
+    db = tmp_path / "backlog.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    engine = Engine(parse_database_url(f"sqlite:///{db}"))
+    engine.statement_limit, engine.retry_within = 0.2, 5.0
+    try:
+        with pytest.raises(DatabaseError, match=r"no answer within 0\.2s"):
+            await engine.retry("reading t from", lambda: engine.run(
+                lambda execute: execute(text(SLOW)).scalar_one()))
+        count = await engine.retry("reading t from", lambda: engine.run(
+            lambda execute: execute(text("SELECT count(*) FROM t")).scalar_one()))
+        assert count == 0
+    finally:
+        await engine.aclose()

@@ -4,6 +4,7 @@ clock, and the one place lower-level errors become :class:`~drainer.errors.Datab
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -26,7 +27,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..dburl import DatabaseURL
 from ..errors import DatabaseError
-from ._sqlite import RawSqlite
+from ._sqlite import IN_USE, RawSqlite
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
@@ -36,6 +37,10 @@ SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
 SQLITE_BUSY_TIMEOUT = 30.0
 RETRY_FIRST_PAUSE = 0.05  #: then doubled per retry, up to RETRY_MAX_PAUSE
 RETRY_MAX_PAUSE = 2.0
+#: SQLite: a statement past its limit is interrupted; if it is still running this much later
+#: (SQLite did not see the interrupt: it came between two statements, or during a wait for
+#: a lock), it is cancelled instead
+INTERRUPT_GRACE = 10.0
 #: PostgreSQL SQLSTATEs that pass by themselves: connection exceptions (class 08), the server
 #: shutting down or starting (57P01-57P03), serialization failure, deadlock, lock not available
 _TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "55P03")
@@ -84,10 +89,22 @@ class AsyncConnection:
 
 @asynccontextmanager
 async def _connect(engine: SyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A connection from ``engine``'s pool, given back when the block ends."""
+    """A connection from ``engine``'s pool, given back when the block ends. On SQLite, inside
+    :meth:`Engine.retry`, its ``interrupt`` is in :data:`IN_USE` meanwhile."""
     sync = await greenlet_spawn(engine.connect)
     async with _ending(ok=sync.close, failed=sync.close):
-        yield AsyncConnection(sync)
+        in_use = IN_USE.get()
+        # aiosqlite's connection, and the sqlite3 connection its thread runs statements on
+        raw = getattr(sync.connection.driver_connection, "_connection", None)
+        if in_use is None or raw is None:
+            yield AsyncConnection(sync)
+            return
+        interrupt = raw.interrupt
+        in_use.append(interrupt)
+        try:
+            yield AsyncConnection(sync)
+        finally:
+            in_use.remove(interrupt)
 
 
 @asynccontextmanager
@@ -189,14 +206,23 @@ class Engine:
         waits for the statement in flight and takes effect at the next pause. Cut half-way,
         SQLAlchemy would invalidate the connection, and with aiosqlite its close could then
         hang the event loop's shutdown forever (seen with SQLAlchemy 2.1 and aiosqlite 0.22
-        when a heartbeat was cancelled while it waited on a write lock)."""
+        when a heartbeat was cancelled while it waited on a write lock). For the same reason
+        a try past :attr:`statement_limit` on SQLite is cut by interrupting its statement
+        (see :meth:`_interrupting`); only on PostgreSQL is it cancelled."""
         deadline = anyio.current_time() + self.retry_within
         pause = RETRY_FIRST_PAUSE
         while True:
             try:
                 with self.errors(action), anyio.CancelScope(shield=True) as scope:
                     scope.deadline = anyio.current_time() + self.statement_limit
-                    return await body()
+                    if self._file is not None:
+                        scope.deadline += INTERRUPT_GRACE
+                    with self._interrupting() as cut:
+                        try:
+                            return await body()
+                        except Exception:
+                            if not cut:
+                                raise
                 raise DatabaseError(f"{action} {self.db.redacted} failed: no answer within "
                                     f"{self.statement_limit:g}s")
             except DatabaseError as exc:
@@ -204,6 +230,34 @@ class Engine:
                     raise
             await anyio.sleep(pause)
             pause = min(pause * 2, RETRY_MAX_PAUSE)
+
+    @contextmanager
+    def _interrupting(self) -> Iterator[list[bool]]:
+        """SQLite: at :attr:`statement_limit`, interrupt the statements of the SQLite
+        connections the block holds (:data:`IN_USE`); they then fail as SQLite's
+        "interrupted", and the connection stays usable. Yields a list that is not empty once
+        that happened. A cancelled statement instead leaves aiosqlite's connection to be
+        closed by SQLAlchemy, which with SQLAlchemy 2.1 could leave a task that never ends,
+        and the event loop's shutdown waiting for it forever."""
+        cut: list[bool] = []
+        if self._file is None:
+            yield cut
+            return
+        in_use: list[Callable[[], None]] = []
+        token = IN_USE.set(in_use)
+
+        def interrupt() -> None:
+            cut.append(True)
+            for each in list(in_use):
+                with contextlib.suppress(Exception):  # (closed meanwhile)
+                    each()
+
+        timer = asyncio.get_running_loop().call_later(self.statement_limit, interrupt)
+        try:
+            yield cut
+        finally:
+            timer.cancel()
+            IN_USE.reset(token)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

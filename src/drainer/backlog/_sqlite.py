@@ -30,6 +30,7 @@ import functools
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +41,11 @@ from sqlalchemy.exc import DBAPIError
 T = TypeVar("T")
 _COMPILED_MAX = 64  #: statements kept compiled (the hot path's few; others compile per use)
 CLOSE_WAIT = 1.0  #: how long closing waits for a round trip it interrupted (seconds)
+#: while set (by :meth:`~drainer.backlog._engine.Engine.retry`), each SQLite connection in
+#: use puts its ``interrupt`` here, and takes it out when done: the statement limit cuts a
+#: statement by interrupting it (it then fails like any error) instead of cancelling it
+IN_USE: ContextVar[list[Callable[[], None]] | None] = ContextVar("drainer_sqlite_in_use",
+                                                                 default=None)
 
 
 class RawResult:
@@ -114,6 +120,18 @@ class RawSqlite:
         conn = self._conns.get(write)
         if conn is None:
             conn = self._conns[write] = self._connect()
+        in_use = IN_USE.get()  # (the caller's context: anyio runs the thread in a copy)
+        if in_use is None:
+            return self._round_trip(conn, body, transaction)
+        interrupt = conn.interrupt
+        in_use.append(interrupt)
+        try:
+            return self._round_trip(conn, body, transaction)
+        finally:
+            in_use.remove(interrupt)
+
+    def _round_trip(self, conn: sqlite3.Connection, body: Callable[[Callable[..., Any]], T],
+                    transaction: bool) -> T:
         execute = functools.partial(self._execute, conn)
         if not transaction:
             return body(execute)
