@@ -82,7 +82,9 @@ attempt (parallel two temporary files, the plain loop none). So the backlogs, se
 and parallel's temporary files live in ``--dir`` (default: the system temporary directory),
 and the JSON records, per backend, the median cost of one ``os.open(O_CREAT)`` of an empty
 file in a fresh subdirectory there (``file_create``: wall and CPU microseconds, 500 calls);
-the table's footer prints it.
+the table's footer prints it. Nothing is deleted from ``--dir`` before the run ends: on ext4,
+files created next to files deleted in the last minutes cost up to 30 times more (see
+``FILE_PROBES``), and the loops would pay for each other's clean-up.
 
 Cost of the defaults: 3 rounds x 200 attempts x 4 loops x (3 workers' start-up + overhead),
 one to two minutes on a 2-core machine (the noop worker dominates); ``--backend postgres``
@@ -145,6 +147,13 @@ TARGET_RATIO = 1.10  #: for a Python worker (noop), SQLite
 TARGET_CPU_MS = 3.0  #: drainer's CPU per attempt with /bin/true (SQLite, one lane)
 TARGET_HISTORY_MS = 1.0  #: what recording each attempt in the history may add (wall)
 PHASE_TIMEOUT = 60.0
+#: Nothing the benchmark creates in --dir (session files, the file probe's files) is deleted
+#: before the run ends. On ext4 a new file does not reuse an inode freed in the last minute
+#: (five more while that inode's table block is unwritten): the allocator checks each such
+#: inode it passes (``recently_deleted()`` in the kernel's ``fs/ext4/ialloc.c``; perf put
+#: 65% of a slow create there). Deleting one loop's 2 x N log files made the next loop's
+#: creates in that directory's block group cost 200 to 700 us of CPU each, not ~20, which
+#: was the benchmark's own doing, not drainer's.
 FILE_PROBES = 500  #: os.open(O_CREAT) calls timed per backend
 WARMUP_ATTEMPTS = 5  #: phases per untimed warm-up loop
 REASON = "Deliverable missing: src/x.py was not created"
@@ -554,9 +563,9 @@ def run_loop(loop: str, pair: Pair, keys: Keys, workdir: Path, tag: str,
             result = plain_loop(template, url, keys, workdir)
         elif loop in ("drainer", "unrecorded"):
             session_dir = workdir / f"sessions-{tag}"
+            # The session's files stay until the whole run ends (see FILE_PROBES).
             result = drainer_loop(template, url, len(keys), session_dir, workdir,
                                   history=loop == "drainer")
-            shutil.rmtree(session_dir, ignore_errors=True)
         else:
             assert parallel is not None
             result = parallel_loop(parallel, template, url, keys, workdir)
@@ -596,21 +605,18 @@ def run_rounds(pairs: Sequence[Pair], loops: Sequence[str], rounds: int, keys: K
 
 def file_create_cost(directory: Path, count: int = FILE_PROBES) -> dict[str, Any]:
     """Median wall and CPU microseconds of one os.open(O_CREAT) of a new empty file, in a
-    fresh subdirectory of ``directory``."""
+    fresh subdirectory of ``directory`` (its files stay until the run ends: see FILE_PROBES)."""
     probe = Path(tempfile.mkdtemp(prefix="create-probe-", dir=directory))
     walls: list[int] = []
     cpus: list[int] = []
-    try:
-        for i in range(count):
-            path = probe / f"f{i}"
-            c0, t0 = time.process_time_ns(), time.perf_counter_ns()
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            t1, c1 = time.perf_counter_ns(), time.process_time_ns()
-            os.close(fd)
-            walls.append(t1 - t0)
-            cpus.append(c1 - c0)
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
+    for i in range(count):
+        path = probe / f"f{i}"
+        c0, t0 = time.process_time_ns(), time.perf_counter_ns()
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        t1, c1 = time.perf_counter_ns(), time.process_time_ns()
+        os.close(fd)
+        walls.append(t1 - t0)
+        cpus.append(c1 - c0)
     return {"dir": str(directory), "calls": count,
             "wall_us": statistics.median(walls) / 1000, "cpu_us": statistics.median(cpus) / 1000}
 
