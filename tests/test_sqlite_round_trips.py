@@ -6,11 +6,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+import sqlalchemy
 from sqlalchemy import text
 
 from drainer.backlog._sqlite import RawSqlite
@@ -121,64 +123,75 @@ def test_closing_never_closes_a_connection_a_round_trip_is_using(tmp_path: Path)
     assert len(ended) == 1 and "database is locked" in ended[0]
 
 
+#: a statement that never ends by itself: only an interrupt (or a cancel) stops it
+ENDLESS = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+           "SELECT count(*) FROM c")
+
+
+def _engine(db: Path, limit: float = 0.2) -> Any:
+    from drainer.backlog._engine import Engine
+    from drainer.dburl import parse_database_url
+
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x UNIQUE)")
+    engine = Engine(parse_database_url(f"sqlite:///{db}"))
+    engine.statement_limit, engine.retry_within = limit, 5.0
+    return engine
+
+
+async def _closed(engine: Any, threads_before: set[threading.Thread]) -> None:
+    """Close ``engine``; should a statement run on in aiosqlite's thread, it would report to
+    this event loop: wait for that thread to end while the loop is still open."""
+    await engine.aclose()
+    started = {thread for thread in set(threading.enumerate()) - threads_before
+               if thread.name != "AnyIO worker thread"}  # (anyio's pool: they idle on)
+
+    def join() -> None:
+        for thread in started:
+            thread.join(60)
+
+    await anyio.to_thread.run_sync(join)
+    assert not any(thread.is_alive() for thread in started)
+
+
 async def test_a_statement_past_its_time_limit_fails_once_with_no_answer(
     tmp_path: Path,
 ) -> None:
-    # The statement limit cuts off a read that runs too long. With SQLAlchemy 2.0 (the lowest
-    # pins, Autopack's 2.0.45) a cut by cancellation left aiosqlite's connection closed; the
-    # rollback on the way out then raised "no active connection", which replaced the
-    # cancellation and was retried as a transient fault, for the whole retry window. Now the
-    # statement is interrupted instead, and its connection stays usable.
-    from drainer.backlog._engine import Engine
-    from drainer.dburl import parse_database_url
+    # The statement limit cuts off a read that would never end. With SQLAlchemy 2.0 (the
+    # lowest pins, Autopack's 2.0.45) a cut by cancellation left aiosqlite's connection
+    # closed; the rollback on the way out then raised "no active connection", which replaced
+    # the cancellation and was retried as a transient fault, for the whole retry window. Now
+    # the statement is interrupted instead, and SQLAlchemy keeps its connection.
     from drainer.errors import DatabaseError
 
-    db = tmp_path / "backlog.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE t (x)")
     threads_before = set(threading.enumerate())
-    engine = Engine(parse_database_url(f"sqlite:///{db}"))
-    engine.statement_limit, engine.retry_within = 0.2, 5.0
-    slow = text("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
-                "LIMIT 3000000) SELECT count(*) FROM c")  # about 0.6 s of CPU here
+    engine = _engine(tmp_path / "backlog.db")
+    invalidated: list[Any] = []
+    sqlalchemy.event.listen(engine._engine, "invalidate",
+                            lambda *args: invalidated.append(args))
     tries = 0
 
     async def read() -> Any:
         nonlocal tries
         tries += 1
         async with engine.read() as conn:
-            return (await conn.execute(slow)).scalar_one()
+            return (await conn.execute(text(ENDLESS))).scalar_one()
 
     try:
         with pytest.raises(DatabaseError, match=r"no answer within 0\.2s") as caught:
             await engine.retry("reading t from", read)
         assert tries == 1 and not caught.value.transient
-        async with engine.read() as conn:  # the pool's connection still answers
-            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+        assert "interrupted" in str(caught.value.__cause__)
+        assert invalidated == []
     finally:
-        await engine.aclose()
-        # Should the statement run on in aiosqlite's thread, it would report to this event
-        # loop: wait for that thread to end while the loop is still open.
-        started = set(threading.enumerate()) - threads_before
-
-        def join() -> None:
-            for thread in started:
-                thread.join(60)
-
-        await anyio.to_thread.run_sync(join)
-        assert not any(thread.is_alive() for thread in started)
-
-
-SLOW = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 300000000) "
-        "SELECT count(*) FROM c")  # about a minute of CPU here: it must be cut to end
+        await _closed(engine, threads_before)
 
 
 def test_a_process_whose_statement_was_cut_exits(tmp_path: Path) -> None:
     # With SQLAlchemy 2.1 and aiosqlite 0.22, cancelling the statement left SQLAlchemy's
     # graceful close of aiosqlite's connection waiting, as a task, for a thread that had
     # already stopped: asyncio's runner, cancelling that task at the end, then waited for it
-    # forever, and the process never exited. It must exit, with the one-line error, as soon
-    # as the statement is cut.
+    # forever, and the process never exited. It must exit, with the one-line error.
     db = tmp_path / "backlog.db"
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE t (x)")
@@ -195,7 +208,7 @@ async def main():
 
     async def read():
         async with engine.read() as conn:
-            return (await conn.execute(text({SLOW!r}))).scalar_one()
+            return (await conn.execute(text({ENDLESS!r}))).scalar_one()
 
     try:
         await engine.retry("reading t from", read)
@@ -213,23 +226,83 @@ anyio.run(main)
 
 
 async def test_a_round_trip_past_its_time_limit_is_interrupted(tmp_path: Path) -> None:
-    # The hot path's own connections (engine.run) are cut the same way: the round trip fails
-    # once, and the next one runs on a fresh connection.
-    from drainer.backlog._engine import Engine
-    from drainer.dburl import parse_database_url
+    # The hot path's own connections (engine.run) are cut the same way (before, nothing cut
+    # them: the wait for the thread cannot be cancelled): the round trip fails once, and the
+    # next one runs on a fresh connection.
     from drainer.errors import DatabaseError
 
-    db = tmp_path / "backlog.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE t (x)")
-    engine = Engine(parse_database_url(f"sqlite:///{db}"))
-    engine.statement_limit, engine.retry_within = 0.2, 5.0
+    engine = _engine(tmp_path / "backlog.db")
     try:
         with pytest.raises(DatabaseError, match=r"no answer within 0\.2s"):
             await engine.retry("reading t from", lambda: engine.run(
-                lambda execute: execute(text(SLOW)).scalar_one()))
+                lambda execute: execute(text(ENDLESS)).scalar_one()))
         count = await engine.retry("reading t from", lambda: engine.run(
             lambda execute: execute(text("SELECT count(*) FROM t")).scalar_one()))
         assert count == 0
+    finally:
+        await engine.aclose()
+
+
+@pytest.mark.parametrize("path", ["sqlalchemy", "round trip"])
+async def test_a_statement_started_after_the_limit_is_cut_too(tmp_path: Path,
+                                                               path: str) -> None:
+    # SQLite ignores an interrupt that comes while no statement runs: here the limit passes
+    # between two statements of one try, and the second would never end. The interrupt is
+    # repeated until the try ends, so the second statement is cut too.
+    from drainer.errors import DatabaseError
+
+    threads_before = set(threading.enumerate())
+    engine = _engine(tmp_path / "backlog.db", limit=0.05)
+
+    async def through_sqlalchemy() -> Any:
+        async with engine.read() as conn:
+            await conn.execute(text("SELECT 1"))
+            await anyio.sleep(0.3)  # past the limit, between two statements
+            return (await conn.execute(text(ENDLESS))).scalar_one()
+
+    def round_trip(execute: Any) -> Any:
+        execute(text("SELECT 1"))
+        time.sleep(0.3)  # past the limit, between two statements
+        return execute(text(ENDLESS)).scalar_one()
+
+    try:
+        with pytest.raises(DatabaseError, match=r"no answer within 0\.05s"):
+            if path == "sqlalchemy":
+                await engine.retry("reading t from", through_sqlalchemy)
+            else:
+                await engine.retry("reading t from", lambda: engine.run(round_trip))
+    finally:
+        await _closed(engine, threads_before)
+
+
+@pytest.mark.parametrize("path", ["sqlalchemy", "round trip"])
+async def test_an_error_after_the_limit_keeps_its_own_message(tmp_path: Path,
+                                                              path: str) -> None:
+    # Only a statement SQLite interrupted becomes "no answer": a real error in a try that ran
+    # past its limit (here a UNIQUE violation) is reported as itself.
+    from drainer.errors import DatabaseError
+
+    engine = _engine(tmp_path / "backlog.db", limit=0.05)
+    insert = text("INSERT INTO t VALUES (1)")
+
+    async def through_sqlalchemy() -> None:
+        async with engine.write() as conn:
+            await conn.execute(insert)
+            await anyio.sleep(0.3)
+            await conn.execute(insert)
+
+    def round_trip(execute: Any) -> None:
+        execute(insert)
+        time.sleep(0.3)
+        execute(insert)
+
+    try:
+        with pytest.raises(DatabaseError, match="UNIQUE constraint failed") as caught:
+            if path == "sqlalchemy":
+                await engine.retry("writing t in", through_sqlalchemy)
+            else:
+                await engine.retry("writing t in", lambda: engine.run(
+                    round_trip, write=True, transaction=True))
+        assert "no answer" not in str(caught.value)
     finally:
         await engine.aclose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -37,9 +38,12 @@ SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
 SQLITE_BUSY_TIMEOUT = 30.0
 RETRY_FIRST_PAUSE = 0.05  #: then doubled per retry, up to RETRY_MAX_PAUSE
 RETRY_MAX_PAUSE = 2.0
-#: SQLite: a statement past its limit is interrupted; if it is still running this much later
-#: (SQLite did not see the interrupt: it came between two statements, or during a wait for
-#: a lock), it is cancelled instead
+#: SQLite: a try past its limit has its statement interrupted, and again this often until it
+#: ends (SQLite ignores an interrupt that comes between two statements or during a wait for
+#: a lock)
+REINTERRUPT_EVERY = 0.1
+#: SQLite: a try still running this long after its limit plus the busy timeout (a statement
+#: stuck in I/O, which no interrupt reaches) is cancelled, as on PostgreSQL
 INTERRUPT_GRACE = 10.0
 #: PostgreSQL SQLSTATEs that pass by themselves: connection exceptions (class 08), the server
 #: shutting down or starting (57P01-57P03), serialization failure, deadlock, lock not available
@@ -95,8 +99,9 @@ async def _connect(engine: SyncEngine) -> AsyncIterator[AsyncConnection]:
     async with _ending(ok=sync.close, failed=sync.close):
         in_use = IN_USE.get()
         # aiosqlite's connection, and the sqlite3 connection its thread runs statements on
-        raw = getattr(sync.connection.driver_connection, "_connection", None)
-        if in_use is None or raw is None:
+        raw = None if in_use is None else getattr(
+            sync.connection.driver_connection, "_connection", None)
+        if in_use is None or not isinstance(raw, sqlite3.Connection):
             yield AsyncConnection(sync)
             return
         interrupt = raw.interrupt
@@ -137,6 +142,12 @@ def is_transient(exc: BaseException) -> bool:
     text = str(orig if orig is not None else exc).lower()
     return "database is locked" in text or "connection is closed" in text \
         or "connection was closed" in text
+
+
+def _interrupted(exc: SQLAlchemyError) -> bool:
+    """Whether SQLite interrupted the statement (``sqlite3_interrupt``)."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_INTERRUPT
 
 
 def first_line(exc: BaseException) -> str:
@@ -216,28 +227,33 @@ class Engine:
                 with self.errors(action), anyio.CancelScope(shield=True) as scope:
                     scope.deadline = anyio.current_time() + self.statement_limit
                     if self._file is not None:
-                        scope.deadline += INTERRUPT_GRACE
+                        scope.deadline += self.busy_timeout + INTERRUPT_GRACE
                     with self._interrupting() as cut:
                         try:
                             return await body()
-                        except Exception:
-                            if not cut:
+                        except SQLAlchemyError as exc:
+                            if not (cut and _interrupted(exc)):
                                 raise
-                raise DatabaseError(f"{action} {self.db.redacted} failed: no answer within "
-                                    f"{self.statement_limit:g}s")
+                            raise self._no_answer(action) from exc
+                raise self._no_answer(action)
             except DatabaseError as exc:
                 if not exc.transient or anyio.current_time() + pause > deadline:
                     raise
             await anyio.sleep(pause)
             pause = min(pause * 2, RETRY_MAX_PAUSE)
 
+    def _no_answer(self, action: str) -> DatabaseError:
+        return DatabaseError(f"{action} {self.db.redacted} failed: no answer within "
+                             f"{self.statement_limit:g}s")
+
     @contextmanager
     def _interrupting(self) -> Iterator[list[bool]]:
-        """SQLite: at :attr:`statement_limit`, interrupt the statements of the SQLite
-        connections the block holds (:data:`IN_USE`); they then fail as SQLite's
-        "interrupted", and the connection stays usable. Yields a list that is not empty once
-        that happened. A cancelled statement instead leaves aiosqlite's connection to be
-        closed by SQLAlchemy, which with SQLAlchemy 2.1 could leave a task that never ends,
+        """SQLite: from :attr:`statement_limit` on, interrupt the statements of the SQLite
+        connections the block holds (:data:`IN_USE`), every :data:`REINTERRUPT_EVERY`
+        seconds until the block ends; an interrupted statement fails as SQLite's
+        "interrupted", and SQLAlchemy keeps the connection. Yields a list that is not empty
+        once the limit passed. A cancelled statement instead leaves aiosqlite's connection to
+        be closed by SQLAlchemy, which with SQLAlchemy 2.1 could leave a task that never ends,
         and the event loop's shutdown waiting for it forever."""
         cut: list[bool] = []
         if self._file is None:
@@ -245,14 +261,18 @@ class Engine:
             return
         in_use: list[Callable[[], None]] = []
         token = IN_USE.set(in_use)
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle
 
         def interrupt() -> None:
+            nonlocal timer
             cut.append(True)
             for each in list(in_use):
                 with contextlib.suppress(Exception):  # (closed meanwhile)
                     each()
+            timer = loop.call_later(REINTERRUPT_EVERY, interrupt)
 
-        timer = asyncio.get_running_loop().call_later(self.statement_limit, interrupt)
+        timer = loop.call_later(self.statement_limit, interrupt)
         try:
             yield cut
         finally:

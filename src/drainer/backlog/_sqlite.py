@@ -94,6 +94,7 @@ class RawSqlite:
         #: one round trip at a time per connection (made on first use, in the event loop)
         self._limiters: dict[bool, anyio.CapacityLimiter] = {}
         self._locks = {True: threading.Lock(), False: threading.Lock()}
+        self._interrupt_guard = threading.Lock()
         self._compiled: dict[int, tuple[Any, str, tuple[str, ...], Any]] = {}
         self._closed = False
 
@@ -123,11 +124,19 @@ class RawSqlite:
         in_use = IN_USE.get()  # (the caller's context: anyio runs the thread in a copy)
         if in_use is None:
             return self._round_trip(conn, body, transaction)
-        interrupt = conn.interrupt
+        mine = True
+
+        def interrupt() -> None:
+            with self._interrupt_guard:  # never a later round trip's statement
+                if mine:
+                    conn.interrupt()
+
         in_use.append(interrupt)
         try:
             return self._round_trip(conn, body, transaction)
         finally:
+            with self._interrupt_guard:
+                mine = False
             in_use.remove(interrupt)
 
     def _round_trip(self, conn: sqlite3.Connection, body: Callable[[Callable[..., Any]], T],
