@@ -219,7 +219,8 @@ class Engine:
         hang the event loop's shutdown forever (seen with SQLAlchemy 2.1 and aiosqlite 0.22
         when a heartbeat was cancelled while it waited on a write lock). For the same reason
         a try past :attr:`statement_limit` on SQLite is cut by interrupting its statement
-        (see :meth:`_interrupting`); only on PostgreSQL is it cancelled."""
+        (see :meth:`_interrupting`), and cancelled only as a last resort
+        (:data:`INTERRUPT_GRACE`); on PostgreSQL it is cancelled."""
         deadline = anyio.current_time() + self.retry_within
         pause = RETRY_FIRST_PAUSE
         while True:
