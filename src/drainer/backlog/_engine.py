@@ -28,7 +28,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..dburl import DatabaseURL
 from ..errors import DatabaseError
-from ._sqlite import IN_USE, RawSqlite
+from ._sqlite import IN_USE, RawSqlite, interruptible
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_CACHE_KIB = 512  #: page cache of each of drainer's SQLite connections
@@ -97,19 +97,14 @@ async def _connect(engine: SyncEngine) -> AsyncIterator[AsyncConnection]:
     :meth:`Engine.retry`, its ``interrupt`` is in :data:`IN_USE` meanwhile."""
     sync = await greenlet_spawn(engine.connect)
     async with _ending(ok=sync.close, failed=sync.close):
-        in_use = IN_USE.get()
         # aiosqlite's connection, and the sqlite3 connection its thread runs statements on
-        raw = None if in_use is None else getattr(
+        raw = None if IN_USE.get() is None else getattr(
             sync.connection.driver_connection, "_connection", None)
-        if in_use is None or not isinstance(raw, sqlite3.Connection):
+        if not isinstance(raw, sqlite3.Connection):
             yield AsyncConnection(sync)
             return
-        interrupt = raw.interrupt
-        in_use.append(interrupt)
-        try:
+        with interruptible(raw):
             yield AsyncConnection(sync)
-        finally:
-            in_use.remove(interrupt)
 
 
 @asynccontextmanager

@@ -29,7 +29,7 @@ import contextlib
 import functools
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +46,33 @@ CLOSE_WAIT = 1.0  #: how long closing waits for a round trip it interrupted (sec
 #: statement by interrupting it (it then fails like any error) instead of cancelling it
 IN_USE: ContextVar[list[Callable[[], None]] | None] = ContextVar("drainer_sqlite_in_use",
                                                                  default=None)
+
+_interrupt_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def interruptible(conn: sqlite3.Connection) -> Iterator[None]:
+    """While the block runs ``conn``'s statements, put its interrupt in :data:`IN_USE` (when
+    set). The interrupt reaches ``conn`` only until the block ends: never a later user's
+    statement on the same connection."""
+    in_use = IN_USE.get()
+    if in_use is None:
+        yield
+        return
+    mine = True
+
+    def interrupt() -> None:
+        with _interrupt_guard:
+            if mine:
+                conn.interrupt()
+
+    in_use.append(interrupt)
+    try:
+        yield
+    finally:
+        with _interrupt_guard:
+            mine = False
+        in_use.remove(interrupt)
 
 
 class RawResult:
@@ -94,7 +121,6 @@ class RawSqlite:
         #: one round trip at a time per connection (made on first use, in the event loop)
         self._limiters: dict[bool, anyio.CapacityLimiter] = {}
         self._locks = {True: threading.Lock(), False: threading.Lock()}
-        self._interrupt_guard = threading.Lock()
         self._compiled: dict[int, tuple[Any, str, tuple[str, ...], Any]] = {}
         self._closed = False
 
@@ -121,23 +147,8 @@ class RawSqlite:
         conn = self._conns.get(write)
         if conn is None:
             conn = self._conns[write] = self._connect()
-        in_use = IN_USE.get()  # (the caller's context: anyio runs the thread in a copy)
-        if in_use is None:
+        with interruptible(conn):  # (the caller's context: anyio runs the thread in a copy)
             return self._round_trip(conn, body, transaction)
-        mine = True
-
-        def interrupt() -> None:
-            with self._interrupt_guard:  # never a later round trip's statement
-                if mine:
-                    conn.interrupt()
-
-        in_use.append(interrupt)
-        try:
-            return self._round_trip(conn, body, transaction)
-        finally:
-            with self._interrupt_guard:
-                mine = False
-            in_use.remove(interrupt)
 
     def _round_trip(self, conn: sqlite3.Connection, body: Callable[[Callable[..., Any]], T],
                     transaction: bool) -> T:
